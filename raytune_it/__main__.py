@@ -1,0 +1,5 @@
+import sys
+
+from raytune_it.cli import main
+
+sys.exit(main())

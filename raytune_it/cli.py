@@ -1,0 +1,133 @@
+"""The ``raytune-it`` command line: thin subcommands over the package.
+
+The CLI holds no logic: it parses arguments, loads the config, calls one function
+and prints. A :class:`UserError` is printed as one clear message (exit 2), never
+as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable, Sequence
+
+from raytune_it.errors import UserError
+
+CONFIG_HELP = ("a bundled preset name (see 'raytune-it config presets') or the path of a YAML job config; "
+               "omitted: the defaults")
+OVERRIDES_HELP = ("dotted overrides with YAML values, applied in order, e.g. lora.rank=32 "
+                  "train.micro_batch_size=8 data.path=/data/alpaca.json 'lora.target_modules=[q_proj,v_proj]'")
+
+
+def _add_config_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("config", nargs=None if required else "?", metavar="CONFIG", help=CONFIG_HELP)
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
+
+
+def _load(args: argparse.Namespace):
+    from raytune_it.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    config = _load(args)
+    print(json.dumps(config.to_dict(), indent=2) if args.json else config.to_yaml(), end="" if not args.json else "\n")
+    return 0
+
+
+def cmd_config_presets(args: argparse.Namespace) -> int:
+    from raytune_it.config import preset_names
+
+    for name in preset_names():
+        print(name)
+    return 0
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    from raytune_it.data.inspect import inspect_dataset
+
+    inspect_dataset(_load(args), as_json=args.json)
+    return 0
+
+
+def cmd_data_generate(args: argparse.Namespace) -> int:
+    from raytune_it.data.synthetic import FAMILIES, generate, write_jsonl
+
+    families = args.families.split(",") if args.families else None
+    known = {f.name for f in FAMILIES}
+    unknown = sorted(set(families or ()) - known)
+    if unknown:
+        raise UserError(f"--families: unknown {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    path = write_jsonl(generate(args.records, seed=args.seed, families=families), args.output)
+    print(f"wrote {args.records} records to {path}")
+    return 0
+
+
+def cmd_model_tiny(args: argparse.Namespace) -> int:
+    from raytune_it.models.tiny import ensure_tiny_model
+
+    print(ensure_tiny_model())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="raytune-it",
+        description="Instruction-tune LLaMA-family models on Ray (DeepSpeed ZeRO-3 full tuning or INT8 LoRA) "
+        "and serve the tuned models. Every job is one validated config: a preset or YAML file plus "
+        "dotted overrides.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    config = sub.add_parser("config", help="show and list job configs").add_subparsers(
+        dest="action", metavar="ACTION", required=True)
+    show = config.add_parser("show", help="print the fully resolved, validated job config",
+                             description="Load CONFIG, apply the overrides, validate, and print the result.")
+    _add_config_args(show, required=False)
+    show.add_argument("--json", action="store_true", help="print JSON instead of YAML")
+    show.set_defaults(func=cmd_config_show)
+    presets = config.add_parser("presets", help="list the bundled presets")
+    presets.set_defaults(func=cmd_config_presets)
+
+    data = sub.add_parser("data", help="inspect or generate instruction data").add_subparsers(
+        dest="action", metavar="ACTION", required=True)
+    inspect = data.add_parser(
+        "inspect", help="dataset statistics and the first example as the model sees it",
+        description="Stream the configured dataset once: records, tokens, mean and max length, truncation at "
+        "train.max_seq_len, bad records skipped; then show the first training example with the masked "
+        "prompt span and the trained response span.")
+    _add_config_args(inspect, required=False)
+    inspect.add_argument("--json", action="store_true", help="print the statistics as JSON only")
+    inspect.set_defaults(func=cmd_data_inspect)
+    gen = data.add_parser("generate", help="write the project's generated instruction data to a JSONL file",
+                          description="Deterministic, seeded Alpaca records from task families in the "
+                          "medicine, law, finance and general domains.")
+    gen.add_argument("output", help="the JSONL file to write")
+    gen.add_argument("--records", type=int, default=2000, help="how many records (default: 2000)")
+    gen.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    gen.add_argument("--families", help="comma-separated task families to include (default: all)")
+    gen.set_defaults(func=cmd_data_generate)
+
+    model = sub.add_parser("model", help="base models").add_subparsers(dest="action", metavar="ACTION", required=True)
+    tiny = model.add_parser("tiny", help="build the built-in tiny-llama (once) and print its directory")
+    tiny.set_defaults(func=cmd_model_tiny)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""Turning a preset name or YAML file plus ``a.b=value`` overrides into a JobConfig.
+
+Overrides take YAML values, so ``lora.target_modules=[q_proj,v_proj]`` and
+``tune.search_space={"lora.rank": [4, 16]}`` work from a shell. Every failure is
+a :class:`ConfigError` naming the key, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from raytune_it.config.schema import JobConfig
+from raytune_it.errors import ConfigError
+
+#: A preset marks a value the user must supply with this (OmegaConf's convention).
+MISSING = "???"
+_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_.]*)*$")
+
+
+def preset_names() -> list[str]:
+    folder = resources.files("raytune_it.config") / "presets"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_source(source: str) -> tuple[dict[str, Any], str]:
+    """Read a YAML file path or a bundled preset name; return (mapping, label)."""
+    path = Path(os.path.expanduser(source))
+    if path.suffix in {".yaml", ".yml"} or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file {source!r} does not exist. Pass a YAML file or one of the presets: "
+                              f"{', '.join(preset_names())}")
+        text, label = path.read_text(encoding="utf-8"), str(path)
+    else:
+        names = preset_names()
+        if source not in names:
+            hint = difflib.get_close_matches(source, names, n=1)
+            did_you_mean = f" Did you mean {hint[0]!r}?" if hint else ""
+            raise ConfigError(f"unknown preset {source!r}.{did_you_mean} Presets: {', '.join(names)}; "
+                              "or pass the path of a YAML file.")
+        text = (resources.files("raytune_it.config") / "presets" / f"{source}.yaml").read_text(encoding="utf-8")
+        label = f"preset {source}"
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{label}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{label}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data, label
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``'lora.rank=32'`` -> (['lora', 'rank'], 32)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not _KEY.match(key):
+        raise ConfigError(f"override {text!r} is not of the form section.key=value (for example lora.rank=32)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML: {exc}") from None
+    return key.split("."), value
+
+
+def apply_override(data: dict[str, Any], path: Sequence[str], value: Any) -> None:
+    node = data
+    for i, part in enumerate(path[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            where = ".".join(path[: i + 1])
+            raise ConfigError(f"override {'.'.join(path)}: {where} is a value ({child!r}), not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _missing_keys(data: Any, prefix: str = "") -> Iterable[str]:
+    if isinstance(data, dict):
+        for key, value in data.items():
+            yield from _missing_keys(value, f"{prefix}{key}.")
+    elif data == MISSING:
+        yield prefix.rstrip(".")
+
+
+def _allowed_keys(loc: Sequence[Any]) -> list[str]:
+    model: type[BaseModel] = JobConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            break
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = [str(p) for p in error["loc"]]
+    key = ".".join(loc)
+    if error["type"] == "extra_forbidden":
+        allowed = _allowed_keys(loc[:-1])
+        hint = difflib.get_close_matches(loc[-1], allowed, n=1)
+        did_you_mean = f" Did you mean {'.'.join(loc[:-1] + [hint[0]])!r}?" if hint else ""
+        section = ".".join(loc[:-1]) or "the top level"
+        allowed_text = ", ".join(allowed) if allowed else "(none yet)"
+        return f"{key}: unknown key.{did_you_mean} Allowed in {section}: {allowed_text}"
+    return f"{key}: got {error.get('input')!r}; {error['msg'][0].lower()}{error['msg'][1:]}"
+
+
+def validate(data: dict[str, Any], label: str = "config") -> JobConfig:
+    """Validate a plain mapping into a JobConfig, or raise ConfigError listing every problem."""
+    missing = list(_missing_keys(data))
+    if missing:
+        lines = [f"{key}: required by {label}; set it, e.g. {key}=..." for key in missing]
+        raise ConfigError("invalid config:\n  " + "\n  ".join(lines))
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = [_describe(e) for e in exc.errors()]
+        raise ConfigError(f"invalid config ({label}):\n  " + "\n  ".join(lines)) from None
+
+
+def load_config(source: str | None = None, overrides: Sequence[str] = (), *, check_paths: bool = True) -> JobConfig:
+    """Load a preset or YAML file, apply dotted overrides, validate.
+
+    ``check_paths`` also checks that model and data paths exist on this machine; the
+    driver does this before launching, workers (which may see other mounts) do not.
+    """
+    data, label = _read_source(source) if source else ({}, "defaults")
+    for text in overrides:
+        path, value = parse_override(text)
+        apply_override(data, path, value)
+    config = validate(data, label)
+    if check_paths:
+        from raytune_it.config.paths import check_paths as _check
+
+        _check(config)
+    return config
+
+
+def load_run_config(path: str | Path) -> JobConfig:
+    """Read back a run's ``config.yaml`` (as written by :func:`save_config`)."""
+    data, label = _read_source(str(path))
+    return validate(data, label)
+
+
+def save_config(config: JobConfig, folder: str | Path) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / "config.yaml"
+    target.write_text(config.to_yaml(), encoding="utf-8")
+    return target

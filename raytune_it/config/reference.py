@@ -1,0 +1,39 @@
+"""The configuration reference table (README), generated from the schema itself.
+
+A test checks that the README holds exactly this table, so the documentation
+cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from raytune_it.config.schema import JobConfig
+
+
+def _default(field) -> str:
+    if field.default_factory is not None:
+        value = field.default_factory()
+        if isinstance(value, BaseModel):
+            return ""
+    else:
+        value = field.default
+    return f"`{value!r}`" if value is not None else "unset"
+
+
+def config_reference_markdown() -> str:
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for name, field in JobConfig.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            if not annotation.model_fields:
+                lines.append(f"| `{name}.*` | | {(annotation.__doc__ or '').strip()} |")
+            for key, sub in annotation.model_fields.items():
+                lines.append(f"| `{name}.{key}` | {_default(sub)} | {sub.description or ''} |")
+        else:
+            lines.append(f"| `{name}` | {_default(field)} | {field.description or ''} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(config_reference_markdown(), end="")

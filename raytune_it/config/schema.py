@@ -1,0 +1,159 @@
+"""The job config: one typed, validated object per job.
+
+Every section forbids unknown keys, so a typo (``lora.rnak=8``) is an error
+instead of a silently ignored setting. The config is the only thing that crosses
+from the CLI into the system, and it is validated on the driver before any Ray
+worker starts; workers rebuild it from the dict the driver sends.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from raytune_it.hardware import ServerTypeChoice
+
+#: Run and adapter names become folder names: keep them to a safe alphabet.
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+PositiveInt = Annotated[int, Field(ge=1)]
+
+
+class Section(BaseModel):
+    """Base of every section: unknown keys are errors, assignments are re-validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class ModelSection(Section):
+    name_or_path: str = Field(
+        "tiny-llama",
+        description="A local Hugging Face model directory, a hub id (where a hub is reachable), "
+        "or the built-in 'tiny-llama' (built locally on first use).",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for a hub id.")
+    trust_remote_code: bool = Field(
+        False, description="Allow model code from the model directory to run. Off: it executes arbitrary code."
+    )
+
+
+class DataSection(Section):
+    path: str = Field(
+        "builtin:tasks",
+        description="Alpaca records: a .json (array), .jsonl or .parquet file, or 'builtin:tasks' "
+        "for the project's generated instruction data.",
+    )
+    format: Literal["alpaca"] = Field("alpaca", description="Record format: instruction / input / output fields.")
+    file_type: Literal["auto", "json", "jsonl", "parquet"] = Field(
+        "auto", description="File type; 'auto' detects it from the file name and first byte."
+    )
+    eval_fraction: float = Field(
+        0.05, ge=0.0, le=0.5, description="Share of records held out for eval loss (deterministic by content hash)."
+    )
+    packing: bool = Field(
+        False, description="Pack several examples into each max_seq_len sequence (no attention across examples)."
+    )
+    skip_bad_records: bool = Field(
+        False, description="Skip and count malformed records instead of stopping at the first one."
+    )
+    max_records: PositiveInt | None = Field(None, description="Read at most this many records (after skipping bad ones).")
+    builtin_records: PositiveInt = Field(
+        2000, description="How many records 'builtin:tasks' generates."
+    )
+
+
+class LoraSection(Section):
+    rank: PositiveInt = Field(16, description="LoRA rank r (the survey uses 16).")
+    alpha: float = Field(32.0, gt=0, description="LoRA scaling alpha; the update is scaled by alpha / rank.")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        min_length=1,
+        description="Names of the linear modules that get LoRA adapters.",
+    )
+    int8: bool = Field(True, description="Load the frozen base weights in INT8 (bitsandbytes); false: bf16 base.")
+    merge: bool = Field(False, description="Also export a full model with the adapter merged in.")
+
+
+class DeepSpeedSection(Section):
+    zero_stage: Literal[0, 1, 2, 3] = Field(3, description="ZeRO stage for method 'full' (the survey uses 3).")
+    bf16: bool = Field(True, description="Train in BF16 mixed precision.")
+    gradient_checkpointing: bool = Field(True, description="Recompute activations in backward to save memory.")
+    offload_optimizer: bool = Field(False, description="Keep optimizer states in CPU memory (ZeRO-Offload).")
+
+
+class ScalingSection(Section):
+    num_workers: PositiveInt = Field(1, description="Data-parallel Ray Train workers (one GPU each with use_gpu).")
+    use_gpu: bool = Field(False, description="One GPU per worker (NCCL); false runs on CPU over gloo.")
+    server_type: ServerTypeChoice = Field(
+        "any", description="Place workers on nodes of this server type (its custom Ray resource), or anywhere."
+    )
+    cpus_per_worker: PositiveInt = Field(1, description="CPUs reserved per worker.")
+
+
+class TrainSection(Section):
+    epochs: PositiveInt = Field(3, description="Passes over the training split (the survey uses 3).")
+    max_steps: PositiveInt | None = Field(None, description="Stop after this many optimizer steps, if set.")
+    max_seq_len: Annotated[int, Field(ge=8, le=1_048_576)] = Field(
+        512, description="Tokens per sequence; longer examples are truncated (the survey uses 512)."
+    )
+    micro_batch_size: PositiveInt = Field(4, description="Sequences per device per forward pass.")
+    gradient_accumulation_steps: PositiveInt = Field(1, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(2e-5, gt=0, le=1.0, description="Peak learning rate.")
+    lr_schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0, description="Share of steps spent warming up linearly.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    seed: int = Field(42, description="Seed for data order, dropout and initialisation.")
+    eval_every_steps: PositiveInt = Field(50, description="Compute eval loss every this many steps (and at the end).")
+
+
+class RunSection(Section):
+    name: str = Field("raytune-it", description="Run folder name: outputs go to run.storage/run.name/.")
+    storage: str = Field("./runs", description="Where runs write their outputs: storage/name/.")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not SAFE_NAME.match(value):
+            raise ValueError("must be 1-128 characters of letters, digits, '.', '_' or '-', starting alphanumeric")
+        return value
+
+
+class TuneSection(Section):
+    """Ray Tune sweep settings; filled in by the sweep capability."""
+
+
+class ServeSection(Section):
+    """Ray Serve settings; filled in by the serving capability."""
+
+
+class JobConfig(Section):
+    """Everything one job needs. Build it with :func:`raytune_it.load_config`."""
+
+    method: Literal["full", "lora"] = Field("lora", description="'full': DeepSpeed ZeRO full tuning; 'lora': LoRA.")
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
+    scaling: ScalingSection = Field(default_factory=ScalingSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    run: RunSection = Field(default_factory=RunSection)
+    tune: TuneSection = Field(default_factory=TuneSection)
+    serve: ServeSection = Field(default_factory=ServeSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+SECTIONS: dict[str, type[Section]] = {
+    name: info.annotation  # type: ignore[misc]
+    for name, info in JobConfig.model_fields.items()
+    if isinstance(info.annotation, type) and issubclass(info.annotation, Section)
+}

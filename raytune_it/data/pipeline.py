@@ -1,0 +1,136 @@
+"""The data pipeline as a job sees it: resolve the source, split, tokenize, pack.
+
+Everything here streams: records are read, split and tokenized in batches, so
+memory stays flat however large the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal
+
+from raytune_it.config.schema import DataSection
+from raytune_it.data.records import ReadReport, iter_records
+from raytune_it.data.synthetic import generate, write_jsonl
+from raytune_it.data.tokenize import TokenizeStats, pack_examples, tokenize_records
+
+Split = Literal["train", "eval"]
+BUILTIN_VERSION = 1
+BATCH = 512
+
+
+def resolve_data_path(data: DataSection) -> Path:
+    """A file path for the configured data; built-in sets are generated into the cache once."""
+    if data.path == "builtin:tasks":
+        from filelock import FileLock
+
+        from raytune_it.cache import cache_dir
+
+        target = cache_dir() / "data" / f"tasks-v{BUILTIN_VERSION}-n{data.builtin_records}-seed0.jsonl"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(target) + ".lock"):
+            if not target.exists():
+                write_jsonl(generate(data.builtin_records, seed=0), target)
+        return target
+    return Path(data.path).expanduser()
+
+
+def split_of(record: dict[str, Any], eval_fraction: float, seed: int) -> Split:
+    """Assign a record to train or eval by a hash of its content.
+
+    Content, not position, decides: a reordered or appended file keeps every
+    record in its split, and exact duplicates never straddle train and eval.
+    """
+    if eval_fraction <= 0:
+        return "train"
+    key = f"{seed}\x00{record['instruction']}\x00{record.get('input', '')}\x00{record['output']}"
+    bucket = int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "big") / 2**64
+    return "eval" if bucket < eval_fraction else "train"
+
+
+def iter_split_records(
+    data: DataSection,
+    split: Split | None,
+    seed: int,
+    report: ReadReport,
+    on_record: Callable[[dict, Split], None] | None = None,
+) -> Iterator[dict]:
+    """Validated records of one split (or all with ``split=None``); ``on_record`` sees every record read."""
+    records = iter_records(resolve_data_path(data), data.file_type, skip_bad_records=data.skip_bad_records,
+                           report=report, limit=data.max_records)
+    for record in records:
+        record_split = split_of(record, data.eval_fraction, seed)
+        if on_record is not None:
+            on_record(record, record_split)
+        if split is None or record_split == split:
+            yield record
+
+
+def iter_examples(
+    data: DataSection,
+    tokenizer: Any,
+    max_seq_len: int,
+    split: Split | None,
+    seed: int,
+    *,
+    report: ReadReport | None = None,
+    stats: TokenizeStats | None = None,
+    on_record: Callable[[dict, Split], None] | None = None,
+) -> Iterator[dict[str, list[int]]]:
+    """Tokenized (and, with ``data.packing``, packed) examples of one split, streamed."""
+    report = report if report is not None else ReadReport()
+    records = iter_split_records(data, split, seed, report, on_record)
+
+    def tokenized() -> Iterator[dict[str, list[int]]]:
+        while batch := list(islice(records, BATCH)):
+            yield from tokenize_records(batch, tokenizer, max_seq_len, stats)
+
+    yield from pack_examples(tokenized(), max_seq_len) if data.packing else tokenized()
+
+
+@dataclass
+class DatasetStats:
+    """What ``raytune-it data inspect`` prints, and what the planner reads."""
+
+    path: str
+    records: int
+    bad_records_skipped: int
+    train_records: int
+    eval_records: int
+    tokens: int
+    trained_tokens: int
+    mean_length: float
+    max_length: int
+    truncated: int
+    dropped_no_response: int
+    sequences: int
+    bad_record_reasons: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def dataset_stats(
+    data: DataSection, tokenizer: Any, max_seq_len: int, seed: int, progress: Callable[[], None] | None = None
+) -> DatasetStats:
+    """One streaming pass over the whole file: counts, token lengths, truncation, packing."""
+    report, stats = ReadReport(), TokenizeStats()
+    split_counts = {"train": 0, "eval": 0}
+
+    def count(record: dict, split: Split) -> None:
+        split_counts[split] += 1
+        if progress is not None:
+            progress()
+
+    examples = iter_examples(data, tokenizer, max_seq_len, None, seed, report=report, stats=stats, on_record=count)
+    sequences = sum(1 for _ in examples)
+    return DatasetStats(
+        path=str(resolve_data_path(data)), records=report.records, bad_records_skipped=report.bad_records,
+        train_records=split_counts["train"], eval_records=split_counts["eval"], tokens=stats.tokens,
+        trained_tokens=stats.trained_tokens, mean_length=round(stats.mean_length, 2), max_length=stats.max_length,
+        truncated=stats.truncated, dropped_no_response=stats.dropped_no_response, sequences=sequences,
+        bad_record_reasons=report.reasons,
+    )

@@ -1,0 +1,151 @@
+"""Reading Alpaca records (instruction / input / output) from JSON, JSONL or Parquet.
+
+Files stream: a JSON array is parsed incrementally (ijson), JSONL line by line and
+Parquet batch by batch (pyarrow), so a file of hundreds of thousands of records
+never sits whole in one process. Every bad record is reported with its file and
+line (JSONL) or record number (JSON, Parquet); with ``skip_bad_records`` it is
+counted and skipped instead.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+from raytune_it.errors import DataError
+
+FileType = Literal["json", "jsonl", "parquet"]
+REQUIRED_TEXT = ("instruction", "output")
+#: How many skipped-record reasons are kept for display; the count is exact.
+KEEP_REASONS = 20
+
+
+@dataclass
+class ReadReport:
+    """What reading a file found: good records, and the bad ones skipped."""
+
+    records: int = 0
+    bad_records: int = 0
+    reasons: list[str] = field(default_factory=list)
+
+    def skip(self, reason: str) -> None:
+        self.bad_records += 1
+        if len(self.reasons) < KEEP_REASONS:
+            self.reasons.append(reason)
+
+
+def detect_file_type(path: Path) -> FileType:
+    suffix = path.suffix.lower()
+    if suffix in {".jsonl", ".ndjson"}:
+        return "jsonl"
+    if suffix in {".parquet", ".pq"}:
+        return "parquet"
+    if suffix == ".json":
+        with path.open("rb") as handle:
+            head = handle.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+        return "jsonl" if head.startswith(b"{") else "json"
+    raise DataError(f"{path}: cannot tell the file type from the name; use .json, .jsonl or .parquet, "
+                    "or set data.file_type")
+
+
+def validate_record(raw: Any) -> dict[str, Any]:
+    """Check one record and normalise it; raises ValueError with the reason."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"expected an object with instruction/input/output, got {type(raw).__name__}")
+    record = dict(raw)
+    for name in REQUIRED_TEXT:
+        if name not in record or record[name] is None:
+            raise ValueError(f"missing field {name!r}")
+        if not isinstance(record[name], str):
+            raise ValueError(f"field {name!r} must be a string, got {type(record[name]).__name__}")
+    if not record["output"].strip():
+        raise ValueError("field 'output' is empty: there is nothing to train on")
+    if not record["instruction"].strip():
+        raise ValueError("field 'instruction' is empty")
+    value = record.get("input")
+    if value is None:
+        record["input"] = ""
+    elif not isinstance(value, str):
+        raise ValueError(f"field 'input' must be a string, got {type(value).__name__}")
+    return record
+
+
+def _jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    with path.open("rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            where = f"{path}:{number}"
+            if not line.strip():
+                continue
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield where, ValueError(f"invalid UTF-8 at byte {exc.start} of the line")
+                continue
+            try:
+                yield where, json.loads(text)
+            except json.JSONDecodeError as exc:
+                yield where, ValueError(f"invalid JSON: {exc.msg} at column {exc.colno}")
+
+
+def _json_array(path: Path) -> Iterator[tuple[str, Any]]:
+    import ijson
+
+    index = 0
+    with path.open("rb") as handle:
+        try:
+            for index, item in enumerate(ijson.items(handle, "item", use_float=True), start=1):
+                yield f"{path}: record {index}", item
+        except ijson.JSONError as exc:
+            detail = exc.args[0].decode("utf-8", "replace") if isinstance(exc.args[0], bytes) else str(exc)
+            detail = detail.strip().splitlines()[0]
+            raise DataError(f"{path}: record {index + 1}: the file is not valid JSON ({detail}). "
+                            f"The {index} records before it were read; fix or truncate the file there. "
+                            "A JSON file must be one array of objects; use .jsonl for one object per line.") from None
+
+
+def _parquet(path: Path) -> Iterator[tuple[str, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises several types for a corrupt footer
+        raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+    index = 0
+    for batch in parquet.iter_batches(batch_size=2048):
+        for row in batch.to_pylist():
+            index += 1
+            yield f"{path}: record {index}", row
+
+
+def iter_records(
+    path: str | Path,
+    file_type: Literal["auto", "json", "jsonl", "parquet"] = "auto",
+    *,
+    skip_bad_records: bool = False,
+    report: ReadReport | None = None,
+    limit: int | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Yield validated records; raise DataError on the first bad one unless skipping."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    kind: FileType = detect_file_type(path) if file_type == "auto" else file_type
+    reader = {"json": _json_array, "jsonl": _jsonl, "parquet": _parquet}[kind]
+    report = report if report is not None else ReadReport()
+    for where, raw in reader(path):
+        try:
+            if isinstance(raw, Exception):
+                raise raw
+            record = validate_record(raw)
+        except ValueError as exc:
+            if not skip_bad_records:
+                raise DataError(f"{where}: {exc}. Fix the record, or set data.skip_bad_records=true "
+                                "to skip and count bad records.") from None
+            report.skip(f"{where}: {exc}")
+            continue
+        report.records += 1
+        yield record
+        if limit is not None and report.records >= limit:
+            return

@@ -1,0 +1,116 @@
+"""Records to training examples: prompt masked, truncated, optionally packed.
+
+An example is ``[BOS] prompt response [EOS]``; the labels are -100 over BOS and
+the prompt, so the loss covers the response and the EOS only. Prompt and response
+are tokenized separately (as the Alpaca recipe does) so the trained span decodes
+to exactly the response text.
+
+Packing concatenates examples into one ``max_seq_len`` row with ``position_ids``
+restarting at 0 for each example and no attention mask. transformers turns such
+position ids into a block-diagonal causal mask (``find_packed_sequence_indices``
+in ``masking_utils``), so no token attends across an example boundary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+from raytune_it.data.templates import render_prompt
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TokenizeStats:
+    examples: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    max_length: int = 0
+    truncated: int = 0
+    #: Examples whose whole response fell past max_seq_len: nothing left to train on.
+    dropped_no_response: int = 0
+
+    @property
+    def mean_length(self) -> float:
+        return self.tokens / self.examples if self.examples else 0.0
+
+    def add(self, length: int, trained: int, truncated: bool) -> None:
+        self.examples += 1
+        self.tokens += length
+        self.trained_tokens += trained
+        self.max_length = max(self.max_length, length)
+        self.truncated += int(truncated)
+
+
+def tokenize_records(
+    records: Sequence[Mapping[str, Any]],
+    tokenizer: Any,
+    max_seq_len: int,
+    stats: TokenizeStats | None = None,
+) -> list[dict[str, list[int]]]:
+    """Tokenize a batch of records at once (the fast tokenizer runs the batch in Rust threads)."""
+    prompts = [render_prompt(r) for r in records]
+    responses = [r["output"] for r in records]
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id]
+    out = []
+    for prompt, response in zip(prompt_ids, response_ids):
+        input_ids = bos + prompt + response + eos
+        labels = [IGNORE_INDEX] * (len(bos) + len(prompt)) + response + eos
+        truncated = len(input_ids) > max_seq_len
+        input_ids, labels = input_ids[:max_seq_len], labels[:max_seq_len]
+        trained = sum(1 for label in labels if label != IGNORE_INDEX)
+        if trained == 0:
+            if stats is not None:
+                stats.dropped_no_response += 1
+            continue
+        if stats is not None:
+            stats.add(len(input_ids), trained, truncated)
+        out.append({"input_ids": input_ids, "labels": labels})
+    return out
+
+
+def pack_examples(examples: Iterable[Mapping[str, list[int]]], max_seq_len: int) -> Iterator[dict[str, list[int]]]:
+    """Greedily fill rows of up to max_seq_len tokens; each example keeps its own positions."""
+    row: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
+    for example in examples:
+        length = len(example["input_ids"])
+        if row["input_ids"] and len(row["input_ids"]) + length > max_seq_len:
+            yield row
+            row = {"input_ids": [], "labels": [], "position_ids": []}
+        row["input_ids"].extend(example["input_ids"])
+        row["labels"].extend(example["labels"])
+        row["position_ids"].extend(range(length))
+    if row["input_ids"]:
+        yield row
+
+
+def collate(batch: Sequence[Mapping[str, Sequence[int]]], pad_token_id: int, pad_to_multiple_of: int = 8) -> dict:
+    """Right-pad a batch into tensors.
+
+    Packed rows (with position_ids) get padding as one more segment and no
+    attention mask; plain rows get an attention mask.
+    """
+    import torch
+
+    longest = max(len(item["input_ids"]) for item in batch)
+    width = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    packed = "position_ids" in batch[0]
+    input_ids, labels, positions, mask = [], [], [], []
+    for item in batch:
+        pad = width - len(item["input_ids"])
+        input_ids.append(list(item["input_ids"]) + [pad_token_id] * pad)
+        labels.append(list(item["labels"]) + [IGNORE_INDEX] * pad)
+        if packed:
+            positions.append(list(item["position_ids"]) + list(range(pad)))
+        else:
+            mask.append([1] * len(item["input_ids"]) + [0] * pad)
+    out = {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels)}
+    if packed:
+        out["position_ids"] = torch.tensor(positions)
+    else:
+        out["attention_mask"] = torch.tensor(mask)
+    return out

@@ -1,0 +1,67 @@
+"""The two GPU server types of the survey's Table 8, defined once.
+
+Ray's accelerator detection knows neither the A800 nor the RTX 3090, so each node
+of a type advertises a custom resource named here. Ray Train placement, Serve
+placement, the planner, ``cluster/`` and ``infra/`` all read these names and
+numbers from this module, and a test checks that the YAMLs agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+ServerTypeName = Literal["a800-80g", "rtx3090-24g"]
+ServerTypeChoice = Literal["a800-80g", "rtx3090-24g", "any"]
+
+
+@dataclass(frozen=True)
+class ServerType:
+    """One kind of GPU server: what a node of it offers and how fast it is."""
+
+    name: ServerTypeName
+    gpu_model: str
+    gpus_per_node: int
+    gpu_memory_gib: float
+    #: HBM/GDDR bandwidth, bytes/s: bounds batch-1 decoding (weights read once per token).
+    memory_bandwidth: float
+    #: Dense BF16 tensor-core peak, FLOP/s.
+    peak_bf16_flops: float
+    #: Node-to-node network, bytes/s (ZeRO-3 gathers cross it).
+    interconnect_bandwidth: float
+
+    @property
+    def resource(self) -> str:
+        """The Ray custom resource each GPU of this type carries (one unit per GPU)."""
+        return f"server_type:{self.name}"
+
+
+SERVER_TYPES: dict[str, ServerType] = {
+    "a800-80g": ServerType(
+        name="a800-80g",
+        gpu_model="NVIDIA A800-SXM4-80GB",
+        gpus_per_node=8,
+        gpu_memory_gib=80.0,
+        memory_bandwidth=2.039e12,
+        peak_bf16_flops=312e12,
+        interconnect_bandwidth=25e9,
+    ),
+    "rtx3090-24g": ServerType(
+        name="rtx3090-24g",
+        gpu_model="NVIDIA GeForce RTX 3090",
+        gpus_per_node=8,
+        gpu_memory_gib=24.0,
+        memory_bandwidth=936e9,
+        peak_bf16_flops=71e12,
+        interconnect_bandwidth=12.5e9,
+    ),
+}
+
+
+def server_type(name: str) -> ServerType:
+    """Look a server type up by name, with an error that lists the known ones."""
+    try:
+        return SERVER_TYPES[name]
+    except KeyError:
+        known = ", ".join(sorted(SERVER_TYPES))
+        raise KeyError(f"unknown server type {name!r}; known: {known}") from None

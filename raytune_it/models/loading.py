@@ -1,0 +1,64 @@
+"""Loading a base model and tokenizer by name or path, as every stage does.
+
+``tiny-llama`` resolves to the locally built directory; anything else goes to
+transformers as a local directory or hub id. Weights load from safetensors only
+(``use_safetensors=True``): a pickled ``.bin`` is never unpickled.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from raytune_it.models.tiny import TINY_NAME, ensure_tiny_model
+
+Precision = Literal["float32", "bfloat16", "float16"]
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A path or hub id transformers can load; builds the tiny model if asked for it."""
+    if name_or_path == TINY_NAME:
+        return str(ensure_tiny_model())
+    path = Path(name_or_path).expanduser()
+    return str(path) if path.exists() else name_or_path
+
+
+def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        resolve_model_path(name_or_path), revision=revision, trust_remote_code=trust_remote_code
+    )
+    if tokenizer.pad_token_id is None:
+        # LLaMA tokenizers ship without a pad token; padding is masked out of the loss anyway.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(
+    name_or_path: str,
+    *,
+    precision: Precision = "float32",
+    int8: bool = False,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    device_map: Any = None,
+) -> Any:
+    """Load a causal LM; ``int8`` quantizes the linear layers with bitsandbytes."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {}
+    if int8:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    return AutoModelForCausalLM.from_pretrained(
+        resolve_model_path(name_or_path),
+        dtype=getattr(torch, precision),
+        revision=revision,
+        trust_remote_code=trust_remote_code,
+        use_safetensors=True,
+        device_map=device_map,
+        **kwargs,
+    )

@@ -1,0 +1,68 @@
+import subprocess
+import sys
+
+import yaml
+
+from raytune_it.config import load_config
+
+
+def run(*args, check=False):
+    return subprocess.run([sys.executable, "-m", "raytune_it", *args], capture_output=True, text=True, check=check)
+
+
+def test_console_script_and_module_are_the_same_cli():
+    from pathlib import Path
+
+    script = Path(sys.executable).with_name("raytune-it")
+    assert script.is_file(), "the raytune-it console script is installed beside the interpreter"
+    via_script = subprocess.run([script, "--help"], capture_output=True, text=True, check=True).stdout
+    assert via_script == run("--help", check=True).stdout
+    for words in (["config", "show", "--help"], ["data", "inspect", "--help"], ["data", "generate", "--help"]):
+        text = run(*words, check=True).stdout
+        assert "KEY=VALUE" in text or "--records" in text
+
+
+def test_config_show_prints_the_resolved_config():
+    out = run("config", "show", "tiny-lora", "lora.rank=8", "train.max_steps=3", check=True).stdout
+    shown = yaml.safe_load(out)
+    assert shown["lora"]["rank"] == 8 and shown["train"]["max_steps"] == 3
+    assert shown == load_config("tiny-lora", ["lora.rank=8", "train.max_steps=3"]).to_dict()
+
+
+def test_bad_config_exits_nonzero_with_the_key_and_no_traceback():
+    result = run("config", "show", "tiny-lora", "lora.rank=0", "train.max_seq_len=-1")
+    assert result.returncode == 2
+    assert "lora.rank: got 0" in result.stderr and "train.max_seq_len: got -1" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = run("data", "inspect", "no-such-preset")
+    assert result.returncode == 2 and "unknown preset 'no-such-preset'" in result.stderr
+
+
+def test_data_inspect_shows_stats_and_the_two_spans(tmp_path):
+    result = run("data", "inspect", "tiny-lora", "data.builtin_records=200", check=True)
+    out = result.stdout
+    assert "records" in out and "200" in out and "truncated at max_seq_len=512" in out
+    assert "prompt: masked from the loss (labels = -100)" in out and "response: trained" in out
+    assert "### Instruction:" in out and "</s>" in out
+    stats = yaml.safe_load(run("data", "inspect", "tiny-lora", "data.builtin_records=200", "--json",
+                               check=True).stdout)
+    assert stats["records"] == 200 and stats["train_records"] + stats["eval_records"] == 200
+
+
+def test_data_inspect_on_a_bad_file_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"instruction": "a", "input": "", "output": "b"}\n{"instruction": "a"}\n')
+    result = run("data", "inspect", "tiny-lora", f"data.path={path}")
+    assert result.returncode == 2 and f"{path}:2: missing field 'output'" in result.stderr
+    assert "Traceback" not in result.stderr
+    ok = run("data", "inspect", "tiny-lora", f"data.path={path}", "data.skip_bad_records=true", "--json", check=True)
+    assert yaml.safe_load(ok.stdout)["bad_records_skipped"] == 1
+
+
+def test_data_generate_writes_deterministic_jsonl(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    run("data", "generate", str(a), "--records", "50", "--seed", "3", check=True)
+    run("data", "generate", str(b), "--records", "50", "--seed", "3", check=True)
+    assert a.read_text() == b.read_text() and len(a.read_text().splitlines()) == 50
+    bad = run("data", "generate", str(a), "--families", "nope")
+    assert bad.returncode == 2 and "unknown nope" in bad.stderr
