@@ -65,6 +65,13 @@ def cmd_data_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from raytune_it.train.driver import train
+
+    train(_load(args))
+    return 0
+
+
 def cmd_model_tiny(args: argparse.Namespace) -> int:
     from raytune_it.models.tiny import ensure_tiny_model
 
@@ -109,6 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     gen.add_argument("--families", help="comma-separated task families to include (default: all)")
     gen.set_defaults(func=cmd_data_generate)
+
+    train = sub.add_parser(
+        "train", help="run (or resume) a Ray Train tuning job: ZeRO-3 full tuning or LoRA",
+        description="Run a Ray Train TorchTrainer on the cluster in RAY_ADDRESS, or on a local Ray started for "
+        "the run. Outputs go to run.storage/run.name/: config.yaml, metrics.jsonl, checkpoints/, summary.json "
+        "and export/ (a Hugging Face model directory for method=full, a peft adapter for method=lora). "
+        "Running again with the same run.name resumes from the latest checkpoint.")
+    _add_config_args(train)
+    train.set_defaults(func=cmd_train)
 
     model = sub.add_parser("model", help="base models").add_subparsers(dest="action", metavar="ACTION", required=True)
     tiny = model.add_parser("tiny", help="build the built-in tiny-llama (once) and print its directory")

@@ -92,6 +92,10 @@ class ScalingSection(Section):
         "any", description="Place workers on nodes of this server type (its custom Ray resource), or anywhere."
     )
     cpus_per_worker: PositiveInt = Field(1, description="CPUs reserved per worker.")
+    placement_timeout_s: float = Field(
+        60.0, ge=0, description="How long to wait for nodes of scaling.server_type to join (an autoscaler adding "
+        "them) before failing; 0 fails at once.",
+    )
 
 
 class TrainSection(Section):
@@ -108,12 +112,21 @@ class TrainSection(Section):
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     seed: int = Field(42, description="Seed for data order, dropout and initialisation.")
-    eval_every_steps: PositiveInt = Field(50, description="Compute eval loss every this many steps (and at the end).")
+    eval_every_steps: PositiveInt = Field(
+        50, description="Compute eval loss and save a checkpoint every this many steps (and at the end)."
+    )
 
 
 class RunSection(Section):
-    name: str = Field("raytune-it", description="Run folder name: outputs go to run.storage/run.name/.")
-    storage: str = Field("./runs", description="Where runs write their outputs: storage/name/.")
+    name: str = Field("raytune-it", description="Run folder name; re-running with the same name resumes the run.")
+    storage: str = Field(
+        "./runs", description="Where runs write their outputs: storage/name/. Shared storage (NFS) on multi-node clusters."
+    )
+    keep_checkpoints: PositiveInt = Field(2, description="Checkpoints kept: the best N by eval loss (CheckpointConfig).")
+    max_failures: int = Field(
+        2, ge=-1, description="Restarts of the worker group after a worker dies, from the last checkpoint "
+        "(FailureConfig); -1: no limit.",
+    )
 
     @field_validator("name")
     @classmethod

@@ -1,0 +1,156 @@
+"""``raytune-it train``: one Ray Train job from a validated config to a run folder.
+
+config -> preflight checks (no worker yet) -> run folder with config.yaml ->
+tokenized data as Ray Datasets -> TorchTrainer on the server type's resource ->
+progress while it runs -> summary.json and the export.
+
+The run folder ``run.storage/run.name/`` holds ``config.yaml``, ``data/``,
+``checkpoints/`` (Ray Train's, best N by eval loss), ``metrics.jsonl`` (every
+step), ``summary.json`` and ``export/``. Running again with the same name
+resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from raytune_it.config.loading import load_run_config, save_config
+from raytune_it.config.schema import JobConfig
+from raytune_it.errors import ConfigError
+from raytune_it.hardware import SERVER_TYPES
+from raytune_it.train.state import StepPlan
+from raytune_it.train.summary import RunSummary, build_summary, print_summary
+
+#: Keys that may differ when a run is resumed; anything else changes what is being trained.
+RESUMABLE_CHANGES = {"train.max_steps", "train.eval_every_steps", "run.storage", "run.keep_checkpoints",
+                     "run.max_failures", "scaling.placement_timeout_s", "train.epochs"}
+
+
+def run_dir_of(config: JobConfig) -> Path:
+    return Path(config.run.storage).expanduser().resolve() / config.run.name
+
+
+def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_resume_compatible(config: JobConfig, run_dir: Path) -> None:
+    previous_path = run_dir / "config.yaml"
+    if not previous_path.is_file():
+        return
+    before, now = _flatten(load_run_config(previous_path).to_dict()), _flatten(config.to_dict())
+    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k) and k not in RESUMABLE_CHANGES)
+    if changed:
+        raise ConfigError(
+            f"run {config.run.name!r} already exists in {run_dir.parent} with a different config "
+            f"({', '.join(f'{k}: {before.get(k)!r} -> {now.get(k)!r}' for k in changed)}). "
+            "Re-running a name resumes it; choose another run.name for a new run.")
+
+
+def plan_steps(config: JobConfig, train_rows: int) -> StepPlan:
+    per_step = config.train.micro_batch_size * config.train.gradient_accumulation_steps
+    rows_per_worker = train_rows // config.scaling.num_workers
+    steps_per_epoch = rows_per_worker // per_step
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"train.micro_batch_size x train.gradient_accumulation_steps x scaling.num_workers = "
+            f"{per_step * config.scaling.num_workers} sequences per step, but the training split has only "
+            f"{train_rows}. Lower the batch size or the number of workers, or add data.")
+    total = steps_per_epoch * config.train.epochs
+    return StepPlan(steps_per_epoch=steps_per_epoch, total_steps=min(total, config.train.max_steps or total))
+
+
+def read_history(metrics_path: Path) -> list[dict]:
+    """Every step's metrics; a step reported twice (re-run after a restart) keeps its latest."""
+    if not metrics_path.is_file():
+        return []
+    by_step: dict[int, dict] = {}
+    for line in metrics_path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            item = json.loads(line)
+            by_step[item["step"]] = item
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def scaling_config(config: JobConfig) -> Any:
+    from ray.train import ScalingConfig
+
+    resources: dict[str, float] = {"CPU": config.scaling.cpus_per_worker}
+    if config.scaling.use_gpu:
+        resources["GPU"] = 1
+    if config.scaling.server_type != "any":
+        resources[SERVER_TYPES[config.scaling.server_type].resource] = 1
+    return ScalingConfig(num_workers=config.scaling.num_workers, use_gpu=config.scaling.use_gpu,
+                         resources_per_worker=resources)
+
+
+def train(config: JobConfig, *, console: Any = None) -> RunSummary:
+    """Run (or resume) one training job and return its summary."""
+    from rich.console import Console
+
+    from raytune_it.cluster import ray_session, wait_for_server_type
+    from raytune_it.models.loading import load_tokenizer
+    from raytune_it.train.data import prepare_data, ray_datasets
+    from raytune_it.train.preflight import preflight
+
+    console = console or Console()
+    preflight(config)
+    run_dir = run_dir_of(config)
+    check_resume_compatible(config, run_dir)
+    save_config(config, run_dir)
+    tokenizer = load_tokenizer(config.model.name_or_path, revision=config.model.revision,
+                               trust_remote_code=config.model.trust_remote_code)
+    with console.status("tokenizing the dataset"):
+        prepared = prepare_data(config, tokenizer, run_dir)
+    plan = plan_steps(config, prepared.train_rows)
+    console.print(f"run {config.run.name}: {prepared.train_rows:,} train / {prepared.eval_rows:,} eval sequences, "
+                  f"{plan.steps_per_epoch} steps/epoch, {plan.total_steps} steps, "
+                  f"{config.scaling.num_workers} worker(s), folder {run_dir}", markup=False, highlight=False)
+
+    started = time.perf_counter()
+    with ray_session(min_cpus=config.scaling.num_workers * config.scaling.cpus_per_worker):
+        import ray.train
+        from ray.train.torch import TorchConfig, TorchTrainer
+        from ray.util.queue import Queue
+
+        from raytune_it.train.loop import train_loop
+        from raytune_it.train.progress import ProgressMonitor
+
+        wait_for_server_type(config.scaling.server_type, config.scaling.num_workers,
+                             config.scaling.placement_timeout_s)
+        queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config={
+                "config": config.to_dict(), "plan": plan.__dict__, "progress": queue,
+                "export_dir": str(run_dir / "export"), "has_eval": prepared.eval_rows > 0,
+            },
+            scaling_config=scaling_config(config),
+            torch_config=TorchConfig(backend="nccl" if config.scaling.use_gpu else "gloo"),
+            run_config=ray.train.RunConfig(
+                name="checkpoints",
+                storage_path=str(run_dir),
+                checkpoint_config=ray.train.CheckpointConfig(
+                    num_to_keep=config.run.keep_checkpoints, checkpoint_score_attribute="eval_loss",
+                    checkpoint_score_order="min"),
+                failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
+            ),
+            datasets=ray_datasets(prepared),
+        )
+        with ProgressMonitor(queue, plan.total_steps, run_dir / "metrics.jsonl", console):
+            trainer.fit()
+    history = read_history(run_dir / "metrics.jsonl")
+    summary = build_summary(config, history, plan.steps_per_epoch, time.perf_counter() - started,
+                            run_dir / "export")
+    summary.write(run_dir)
+    print_summary(summary, console)
+    return summary

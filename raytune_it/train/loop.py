@@ -1,0 +1,153 @@
+"""The training loop every Ray Train worker runs, for both methods, read top to bottom.
+
+set up the strategy -> restore the last checkpoint, if any -> for each step:
+take ``gradient_accumulation_steps`` micro-batches from this worker's shard, step,
+report metrics -> every ``eval_every_steps`` and at the end: eval loss and a
+checkpoint -> export the tuned model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import tempfile
+import time
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+from raytune_it.train.state import StepPlan, TrainState
+
+
+def peak_memory_bytes(device: Any) -> int:
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _all_reduce(values: list[float], device: Any, op: str = "sum") -> list[float]:
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return tensor.tolist()
+
+
+def evaluate(strategy: Any, shard: Any, micro_batch_size: int, pad_id: int, device: Any) -> float | None:
+    from raytune_it.train.data import iter_micro_batches
+
+    if shard is None:
+        return None
+    loss_sum, tokens = 0.0, 0
+    for batch in iter_micro_batches(shard, micro_batch_size, pad_id, drop_last=False):
+        batch_loss, batch_tokens = strategy.eval_batch(batch)
+        loss_sum, tokens = loss_sum + batch_loss, tokens + batch_tokens
+    loss_sum, tokens = _all_reduce([loss_sum, tokens], device)
+    return loss_sum / tokens if tokens else None
+
+
+def quiet_worker_logs() -> None:
+    """Per-step INFO lines from Ray Train and a per-call bitsandbytes notice would drown the progress output."""
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    try:  # Ray Train names these loggers by file path
+        from ray.train.v2._internal.execution import context, storage
+
+        for module in (context, storage):
+            logging.getLogger(module.__file__).setLevel(logging.WARNING)
+    except ImportError:
+        pass
+
+
+def train_loop(loop_config: dict) -> None:
+    import torch
+
+    import ray.train
+    import ray.train.torch
+    from raytune_it.config.schema import JobConfig
+    from raytune_it.models.loading import load_tokenizer
+    from raytune_it.train.data import iter_micro_batches
+    from raytune_it.train.strategies.base import make_strategy
+
+    quiet_worker_logs()
+    config = JobConfig.model_validate(loop_config["config"])
+    plan = StepPlan(**loop_config["plan"])
+    progress = loop_config.get("progress")
+    export_dir = Path(loop_config["export_dir"])
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(config.train.seed)
+
+    tokenizer = load_tokenizer(config.model.name_or_path, revision=config.model.revision,
+                               trust_remote_code=config.model.trust_remote_code)
+    pad_id = tokenizer.pad_token_id
+    strategy = make_strategy(config, plan.total_steps, device)
+    state = TrainState()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            strategy.load_checkpoint(Path(folder))
+            state = TrainState.load(Path(folder))
+        state.restarts += 1
+    train_shard = ray.train.get_dataset_shard("train")
+    eval_shard = ray.train.get_dataset_shard("eval") if loop_config["has_eval"] else None
+    micro, accumulation = config.train.micro_batch_size, config.train.gradient_accumulation_steps
+
+    def report(metrics: dict, with_checkpoint: bool) -> None:
+        if progress is not None and rank == 0:
+            try:
+                progress.put_nowait(dict(metrics, pid=os.getpid()))
+            except Exception:  # a full or gone progress queue must never stop training
+                pass
+        if not with_checkpoint:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory(prefix="raytune-it-ckpt-") as folder:
+            wrote = strategy.save_checkpoint(Path(folder))
+            if rank == 0:
+                state.save(Path(folder))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if wrote else None,
+                             checkpoint_dir_name=f"step_{state.step:07d}")
+
+    def eval_metrics() -> dict:
+        eval_loss = evaluate(strategy, eval_shard, micro, pad_id, device)
+        [peak] = _all_reduce([float(peak_memory_bytes(device))], device, op="max")
+        return {"eval_loss": eval_loss if eval_loss is not None else float("nan"), "peak_memory_bytes": int(peak)}
+
+    while state.step < plan.total_steps:
+        batches = iter_micro_batches(train_shard, micro, pad_id, seed=config.train.seed + state.epoch)
+        # Resume at the data position: skip what this epoch already consumed.
+        for _ in islice(batches, state.batches_in_epoch):
+            pass
+        while state.step < plan.total_steps and state.batches_in_epoch < plan.steps_per_epoch * accumulation:
+            micro_batches = list(islice(batches, accumulation))
+            started = time.perf_counter()
+            loss = strategy.step(micro_batches)
+            tokens = sum(int((b["input_ids"] != pad_id).sum()) for b in micro_batches)
+            loss, tokens = _all_reduce([loss, tokens], device)
+            seconds = time.perf_counter() - started
+            state.step += 1
+            state.batches_in_epoch += accumulation
+            state.tokens += int(tokens)
+            state.train_seconds += seconds
+            metrics = {
+                "step": state.step, "epoch": state.epoch, "total_steps": plan.total_steps,
+                "loss": loss / context.get_world_size(), "learning_rate": strategy.learning_rate(),
+                "tokens": state.tokens, "tokens_per_second": tokens / seconds if seconds else 0.0,
+                "train_seconds": state.train_seconds, "restarts": state.restarts,
+            }
+            at_eval = state.step % config.train.eval_every_steps == 0 or state.step == plan.total_steps
+            if at_eval:
+                metrics.update(eval_metrics())
+            report(metrics, with_checkpoint=at_eval)
+        if state.step < plan.total_steps:
+            state.epoch += 1
+            state.batches_in_epoch = 0
+
+    strategy.export(export_dir, tokenizer)

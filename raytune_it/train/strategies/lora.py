@@ -1,0 +1,143 @@
+"""LoRA over a frozen base, INT8 (bitsandbytes) by default, data parallel with DDP.
+
+Across workers this is plain DDP, not ZeRO-3: 8-bit bitsandbytes weights and
+ZeRO-3 parameter partitioning do not mix (ZeRO-3 flattens and re-partitions
+parameters, which breaks ``Int8Params`` and their quantization state), and the
+trainable LoRA weights are small enough that replicating them costs little. Only
+the adapter's gradients cross the network.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from raytune_it.config.schema import JobConfig
+from raytune_it.train.strategies.base import trained_tokens
+
+
+class LoraStrategy:
+    def __init__(self, config: JobConfig, total_steps: int, device: Any) -> None:
+        import torch
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+        from transformers import get_scheduler
+
+        import ray.train.torch
+        from raytune_it.models.loading import load_causal_lm
+
+        self.config = config
+        self.device = device
+        # GPUs compute in bf16; most CPUs lack fast bf16 matmuls, so the CPU keeps fp32 activations.
+        precision = "bfloat16" if device.type == "cuda" or not config.lora.int8 else "float32"
+        base = load_causal_lm(
+            config.model.name_or_path, precision=precision, int8=config.lora.int8,
+            revision=config.model.revision, trust_remote_code=config.model.trust_remote_code,
+            device_map={"": device} if config.lora.int8 else None,
+        )
+        base.config.use_cache = False
+        checkpointing = config.deepspeed.gradient_checkpointing
+        if config.lora.int8:
+            base = prepare_model_for_kbit_training(
+                base, use_gradient_checkpointing=checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            base.enable_input_require_grads()
+        peft_config = LoraConfig(
+            r=config.lora.rank, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
+            target_modules=list(config.lora.target_modules), task_type="CAUSAL_LM",
+        )
+        self.peft_model = get_peft_model(base, peft_config)
+        self.model = ray.train.torch.prepare_model(self.peft_model, parallel_strategy="ddp")
+        params = [p for p in self.peft_model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=config.train.learning_rate,
+                                           weight_decay=config.train.weight_decay)
+        self.scheduler = get_scheduler(config.train.lr_schedule, self.optimizer,
+                                       int(config.train.warmup_ratio * total_steps), total_steps)
+        self.params = params
+
+    def _to_device(self, batch: dict) -> dict:
+        return {key: value.to(self.device) for key, value in batch.items()}
+
+    def step(self, micro_batches: Sequence[dict]) -> float:
+        import contextlib
+
+        import torch
+
+        self.model.train()
+        total = 0.0
+        for index, batch in enumerate(micro_batches):
+            last = index == len(micro_batches) - 1
+            # DDP all-reduces gradients on the last micro-batch of the step only.
+            sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
+            with sync:
+                loss = self.model(**self._to_device(batch), use_cache=False).loss
+                (loss / len(micro_batches)).backward()
+            total += float(loss.detach())
+        torch.nn.utils.clip_grad_norm_(self.params, self.config.train.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total / len(micro_batches)
+
+    def eval_batch(self, batch: dict) -> tuple[float, int]:
+        import torch
+
+        self.model.eval()
+        with torch.no_grad():
+            loss = self.model(**self._to_device(batch), use_cache=False).loss
+        tokens = trained_tokens(batch["labels"])
+        return float(loss) * tokens, tokens
+
+    def learning_rate(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    def save_checkpoint(self, folder: Path) -> bool:
+        import torch
+        import torch.distributed as dist
+
+        if dist.is_initialized() and dist.get_rank() != 0:
+            return False  # the replicas are identical: rank 0 writes for all
+        self.peft_model.save_pretrained(folder / "adapter", safe_serialization=True)
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                   folder / "optimizer.pt")
+        return True
+
+    def load_checkpoint(self, folder: Path) -> None:
+        import torch
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        weights = load_file(folder / "adapter" / "adapter_model.safetensors", device=str(self.device))
+        set_peft_model_state_dict(self.peft_model, weights)
+        # weights_only: optimizer state is tensors and numbers; nothing else is unpickled.
+        state = torch.load(folder / "optimizer.pt", map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def export(self, folder: Path, tokenizer: Any) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized() and dist.get_rank() != 0:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        self.peft_model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+        if self.config.lora.merge:
+            merge_adapter(self.config, folder, folder / "merged")
+
+
+def merge_adapter(config: JobConfig, adapter_dir: Path, target: Path) -> None:
+    """Merge into a 16-bit reload of the base: merging into INT8 weights would round the update away."""
+    from peft import PeftModel
+
+    from raytune_it.models.loading import load_causal_lm, load_tokenizer
+
+    base = load_causal_lm(config.model.name_or_path, precision="bfloat16", revision=config.model.revision,
+                          trust_remote_code=config.model.trust_remote_code)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged.config.use_cache = True
+    merged.save_pretrained(target, safe_serialization=True)
+    load_tokenizer(str(adapter_dir)).save_pretrained(target)
+    (target / "raytune_it_merge.json").write_text(json.dumps({"adapter": str(adapter_dir)}))

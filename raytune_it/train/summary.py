@@ -1,0 +1,108 @@
+"""The run summary in the survey's Table 8 columns: printed, and written as summary.json."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from raytune_it.config.schema import JobConfig
+
+SUMMARY_FILE = "summary.json"
+
+
+@dataclass
+class RunSummary:
+    run_name: str
+    method: str
+    server_type: str
+    device: str
+    num_workers: int
+    per_device_batch_size: int
+    gradient_accumulation_steps: int
+    steps: int
+    epochs_completed: float
+    tuning_seconds: float
+    wall_seconds: float
+    train_tokens: int
+    tokens_per_second: float
+    peak_memory_bytes: int
+    final_train_loss: float | None
+    final_eval_loss: float | None
+    initial_train_loss: float | None
+    restarts: int
+    export_dir: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def write(self, run_dir: Path) -> Path:
+        path = run_dir / SUMMARY_FILE
+        path.write_text(json.dumps(self.to_dict(), indent=2))
+        return path
+
+
+def _finite(value: Any) -> float | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+
+
+def build_summary(config: JobConfig, history: list[dict], steps_per_epoch: int, wall_seconds: float,
+                  export_dir: Path) -> RunSummary:
+    last = history[-1]
+    evals = [m for m in history if _finite(m.get("eval_loss")) is not None]
+    peaks = [m["peak_memory_bytes"] for m in history if "peak_memory_bytes" in m]
+    return RunSummary(
+        run_name=config.run.name,
+        method=f"{config.method} (ZeRO-{config.deepspeed.zero_stage})" if config.method == "full"
+        else f"lora ({'INT8' if config.lora.int8 else 'bf16'} base, r={config.lora.rank})",
+        server_type=config.scaling.server_type,
+        device="gpu" if config.scaling.use_gpu else "cpu",
+        num_workers=config.scaling.num_workers,
+        per_device_batch_size=config.train.micro_batch_size,
+        gradient_accumulation_steps=config.train.gradient_accumulation_steps,
+        steps=last["step"],
+        epochs_completed=round(last["step"] / steps_per_epoch, 3),
+        tuning_seconds=round(last["train_seconds"], 3),
+        wall_seconds=round(wall_seconds, 3),
+        train_tokens=int(last["tokens"]),
+        tokens_per_second=round(last["tokens"] / last["train_seconds"], 1) if last["train_seconds"] else 0.0,
+        peak_memory_bytes=int(max(peaks)) if peaks else 0,
+        final_train_loss=_finite(last["loss"]),
+        final_eval_loss=_finite(evals[-1]["eval_loss"]) if evals else None,
+        initial_train_loss=_finite(history[0]["loss"]) if history[0]["step"] == 1 else None,
+        restarts=int(last.get("restarts", 0)),
+        export_dir=str(export_dir),
+    )
+
+
+def summary_rows(summary: RunSummary) -> list[tuple[str, str]]:
+    def loss(value: float | None) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
+    return [
+        ("method", summary.method), ("server type", summary.server_type), ("device", summary.device),
+        ("workers / GPUs", str(summary.num_workers)), ("per-device batch size", str(summary.per_device_batch_size)),
+        ("gradient accumulation", str(summary.gradient_accumulation_steps)),
+        ("steps (epochs)", f"{summary.steps} ({summary.epochs_completed:g})"),
+        ("tuning time", f"{summary.tuning_seconds:.1f} s (wall {summary.wall_seconds:.1f} s)"),
+        ("tokens processed", f"{summary.train_tokens:,}"), ("tokens / s", f"{summary.tokens_per_second:,.0f}"),
+        ("peak memory / worker", f"{summary.peak_memory_bytes / 2**30:.2f} GiB"),
+        ("train loss (first -> final)", f"{loss(summary.initial_train_loss)} -> {loss(summary.final_train_loss)}"),
+        ("eval loss (final)", loss(summary.final_eval_loss)),
+        ("restarts", str(summary.restarts)), ("export", summary.export_dir),
+    ]
+
+
+def print_summary(summary: RunSummary, console: Any = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    table = Table(title=f"run {summary.run_name}: summary (the survey's Table 8 columns)", show_header=False)
+    table.add_column("", style="bold")
+    table.add_column("", overflow="fold")
+    for name, value in summary_rows(summary):
+        table.add_row(name, value)
+    console.print(table)
