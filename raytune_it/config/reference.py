@@ -35,5 +35,24 @@ def config_reference_markdown() -> str:
     return "\n".join(lines) + "\n"
 
 
+START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
+
+
+def update_file(path: str) -> None:
+    """Replace the table between the reference markers in a Markdown file."""
+    from pathlib import Path
+
+    target = Path(path)
+    text = target.read_text(encoding="utf-8")
+    head, _, rest = text.partition(START)
+    _, _, tail = rest.partition(END)
+    target.write_text(f"{head}{START}\n{config_reference_markdown()}{END}{tail}", encoding="utf-8")
+
+
 if __name__ == "__main__":
-    print(config_reference_markdown(), end="")
+    import sys
+
+    if len(sys.argv) == 3 and sys.argv[1] == "--update":
+        update_file(sys.argv[2])
+    else:
+        print(config_reference_markdown(), end="")

@@ -9,7 +9,6 @@ checkpoint -> export the tuned model.
 from __future__ import annotations
 
 import logging
-import os
 import resource
 import tempfile
 import time
@@ -59,9 +58,24 @@ def quiet_worker_logs() -> None:
         from ray.train.v2._internal.execution import context, storage
 
         for module in (context, storage):
-            logging.getLogger(module.__file__).setLevel(logging.WARNING)
+            for name in (module.__file__, module.__name__):
+                logging.getLogger(name).setLevel(logging.WARNING)
     except ImportError:
         pass
+
+
+def worker_nodes() -> list[str]:
+    """The Ray node id of every rank, in rank order: where the job actually landed."""
+    import torch.distributed as dist
+
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [node]
+    nodes: list[str] = [""] * dist.get_world_size()
+    dist.all_gather_object(nodes, node)
+    return nodes
 
 
 def train_loop(loop_config: dict) -> None:
@@ -99,10 +113,15 @@ def train_loop(loop_config: dict) -> None:
     eval_shard = ray.train.get_dataset_shard("eval") if loop_config["has_eval"] else None
     micro, accumulation = config.train.micro_batch_size, config.train.gradient_accumulation_steps
 
+    # Sent with the first step of each attempt: where the workers run and what was built.
+    first_report: dict[str, Any] = {"worker_nodes": worker_nodes(), "strategy": strategy.describe()}
+
     def report(metrics: dict, with_checkpoint: bool) -> None:
+        nonlocal first_report
         if progress is not None and rank == 0:
             try:
-                progress.put_nowait(dict(metrics, pid=os.getpid()))
+                progress.put_nowait(dict(metrics, **first_report))
+                first_report = {}
             except Exception:  # a full or gone progress queue must never stop training
                 pass
         if not with_checkpoint:
@@ -125,13 +144,14 @@ def train_loop(loop_config: dict) -> None:
         # Resume at the data position: skip what this epoch already consumed.
         for _ in islice(batches, state.batches_in_epoch):
             pass
+        # Tuning time is wall time between step ends: data loading, reporting, eval and checkpoints count.
+        tick = time.perf_counter()
         while state.step < plan.total_steps and state.batches_in_epoch < plan.steps_per_epoch * accumulation:
             micro_batches = list(islice(batches, accumulation))
-            started = time.perf_counter()
             loss = strategy.step(micro_batches)
             tokens = sum(int((b["input_ids"] != pad_id).sum()) for b in micro_batches)
             loss, tokens = _all_reduce([loss, tokens], device)
-            seconds = time.perf_counter() - started
+            seconds, tick = time.perf_counter() - tick, time.perf_counter()
             state.step += 1
             state.batches_in_epoch += accumulation
             state.tokens += int(tokens)

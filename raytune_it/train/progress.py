@@ -24,7 +24,6 @@ class ProgressMonitor:
         self.metrics_path = metrics_path
         self.console = console or Console(stderr=False)
         self.history: list[dict] = []
-        self.worker_pids: set[int] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="raytune-it-progress", daemon=True)
 
@@ -46,7 +45,6 @@ class ProgressMonitor:
         if items:
             with self.metrics_path.open("a", encoding="utf-8") as handle:
                 for item in items:
-                    self.worker_pids.add(item.pop("pid", 0))
                     handle.write(json.dumps(item) + "\n")
             self.history.extend(items)
         return items

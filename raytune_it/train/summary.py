@@ -34,6 +34,10 @@ class RunSummary:
     initial_train_loss: float | None
     restarts: int
     export_dir: str
+    #: Ray node id of each worker (rank order) in the last attempt.
+    worker_nodes: list[str]
+    #: The set-up as the workers built it (precision, ZeRO partitioning, parameter counts).
+    strategy: dict[str, Any]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,6 +78,8 @@ def build_summary(config: JobConfig, history: list[dict], steps_per_epoch: int, 
         initial_train_loss=_finite(history[0]["loss"]) if history[0]["step"] == 1 else None,
         restarts=int(last.get("restarts", 0)),
         export_dir=str(export_dir),
+        worker_nodes=next((m["worker_nodes"] for m in reversed(history) if "worker_nodes" in m), []),
+        strategy=next((m["strategy"] for m in reversed(history) if "strategy" in m), {}),
     )
 
 

@@ -22,6 +22,9 @@ class Strategy(Protocol):
 
     def learning_rate(self) -> float: ...
 
+    def describe(self) -> dict[str, Any]:
+        """Facts about the set-up as built (precision, sharding, parameter counts), for the summary."""
+
     def save_checkpoint(self, folder: Path) -> bool:
         """Write this rank's part of a checkpoint into ``folder``; False if this rank writes nothing."""
 

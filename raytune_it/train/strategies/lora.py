@@ -93,6 +93,17 @@ class LoraStrategy:
     def learning_rate(self) -> float:
         return float(self.scheduler.get_last_lr()[0])
 
+    def describe(self) -> dict[str, Any]:
+        base_dtypes = sorted({str(module.base_layer.weight.dtype).removeprefix("torch.")
+                              for module in self.peft_model.modules() if hasattr(module, "base_layer")})
+        return {
+            "base_weight_dtype": ",".join(base_dtypes),
+            "lora_rank": self.config.lora.rank,
+            "trainable_parameters": sum(p.numel() for p in self.params),
+            "total_parameters": sum(p.numel() for p in self.peft_model.parameters()),
+            "gradient_checkpointing": bool(self.peft_model.base_model.model.is_activation_checkpointing),
+        }
+
     def save_checkpoint(self, folder: Path) -> bool:
         import torch
         import torch.distributed as dist

@@ -112,6 +112,18 @@ class ZeRO3Strategy:
     def learning_rate(self) -> float:
         return float(self.scheduler.get_last_lr()[0])
 
+    def describe(self) -> dict[str, Any]:
+        params = list(self.engine.module.parameters())
+        partitioned = all(hasattr(p, "ds_tensor") for p in params)
+        return {
+            "zero_stage": self.engine.zero_optimization_stage(),
+            "bf16": self.engine.bfloat16_enabled(),
+            "gradient_checkpointing": bool(self.engine.module.is_activation_checkpointing),
+            "total_parameters": sum(p.ds_numel if partitioned else p.numel() for p in params),
+            # What this rank actually holds: about total / world_size under ZeRO-3.
+            "parameters_on_rank": sum(p.ds_tensor.numel() if partitioned else p.numel() for p in params),
+        }
+
     def save_checkpoint(self, folder: Path) -> bool:
         # Every rank writes its own partition of parameters and optimizer states.
         self.engine.save_checkpoint(str(folder), tag=CHECKPOINT_TAG)

