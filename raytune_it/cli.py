@@ -33,7 +33,7 @@ def _load(args: argparse.Namespace):
 
 def cmd_config_show(args: argparse.Namespace) -> int:
     config = _load(args)
-    print(json.dumps(config.to_dict(), indent=2) if args.json else config.to_yaml(), end="" if not args.json else "\n")
+    print(json.dumps(config.to_dict(redact=True), indent=2) if args.json else config.to_yaml(), end="" if not args.json else "\n")
     return 0
 
 
@@ -70,6 +70,38 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     train(_load(args))
     return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from raytune_it.tune.sweep import sweep
+
+    sweep(_load(args))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from raytune_it.serving.run import serve_forever
+
+    serve_forever(_load(args))
+    return 0
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from raytune_it.serving.bench_client import bench
+
+    numbers = bench(args.url, args.model, args.n, args.prompt, args.max_tokens, args.concurrency, args.api_key)
+    if args.json:
+        print(json.dumps(numbers, indent=2))
+        return 0 if not numbers["errors"] else 1
+    table = Table(title=f"{args.url} model {args.model}: {args.n} requests, concurrency {args.concurrency}",
+                  show_header=False)
+    for key, value in numbers.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    Console().print(table)
+    return 0 if not numbers["errors"] else 1
 
 
 def cmd_model_tiny(args: argparse.Namespace) -> int:
@@ -125,6 +157,40 @@ def build_parser() -> argparse.ArgumentParser:
         "Running again with the same run.name resumes from the latest checkpoint.")
     _add_config_args(train)
     train.set_defaults(func=cmd_train)
+
+    sweep = sub.add_parser(
+        "sweep", help="sweep LoRA rank, batch size or any config path with Ray Tune (ASHA early stopping)",
+        description="Run one Ray Train job per trial under Ray Tune. The search space is tune.search_space: config "
+        "paths mapped to lists of values or distributions, e.g. 'tune.search_space={\"lora.rank\": [4, 16], "
+        "\"train.micro_batch_size\": [1, 2]}'. Every trial is validated before any starts; combinations "
+        "estimated not to fit in memory are skipped. Outputs in run.storage/run.name/: results.csv, "
+        "results.parquet, plots and best/ (the best adapter and its config.yaml). Re-running the same name "
+        "resumes an interrupted sweep.")
+    _add_config_args(sweep)
+    sweep.set_defaults(func=cmd_sweep)
+
+    serve = sub.add_parser(
+        "serve", help="serve the base model and its adapters with Ray Serve (OpenAI-compatible HTTP)",
+        description="Deploy a Ray Serve application on the cluster in RAY_ADDRESS, or on a local Ray, from the "
+        "config's serve section (serve.base_model, serve.adapters, serve.host, serve.port, serve.api_key, ...). "
+        "Routes: /v1/models, /v1/completions, /v1/chat/completions, /v1/latency, /metrics. Serves until Ctrl-C.")
+    _add_config_args(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    bench_serve = sub.add_parser(
+        "bench-serve", help="measure a running endpoint from outside: latency, time to first token, tokens/s",
+        description="Send N streamed completions and report p50/p95 latency and time to first token, the "
+        "generation rate seen by the client and reported by the server, and errors.")
+    bench_serve.add_argument("--url", default="http://127.0.0.1:8000", help="endpoint base URL (default: %(default)s)")
+    bench_serve.add_argument("--model", required=True, help="model or adapter name to query")
+    bench_serve.add_argument("-n", type=int, default=20, help="number of requests (default: %(default)s)")
+    bench_serve.add_argument("--max-tokens", type=int, default=64, help="max_tokens per request (default: %(default)s)")
+    bench_serve.add_argument("--prompt", default="### Instruction:\nConvert 5 kilometers to meters.\n\n### Response:\n",
+                             help="prompt text")
+    bench_serve.add_argument("--concurrency", type=int, default=1, help="requests in flight (default: 1, batch size 1)")
+    bench_serve.add_argument("--api-key", default=None, help="API key, if the endpoint has one")
+    bench_serve.add_argument("--json", action="store_true", help="print JSON")
+    bench_serve.set_defaults(func=cmd_bench_serve)
 
     model = sub.add_parser("model", help="base models").add_subparsers(dest="action", metavar="ACTION", required=True)
     tiny = model.add_parser("tiny", help="build the built-in tiny-llama (once) and print its directory")

@@ -40,3 +40,28 @@ def generate_text(model, tokenizer, prompt: str = "### Instruction:\nConvert 4 h
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     assert out.shape[1] > inputs["input_ids"].shape[1]
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:])
+
+
+def train_tiny_adapter(folder: Path, families: list[str], steps: int = 12, seed: int = 0, rank: int = 8) -> Path:
+    """A short LoRA run on some task families, in-process: enough to make two adapters differ."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from raytune_it.data.synthetic import generate
+    from raytune_it.data.tokenize import collate, tokenize_records
+    from raytune_it.models.loading import load_causal_lm, load_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = load_tokenizer("tiny-llama")
+    model = get_peft_model(load_causal_lm("tiny-llama"), LoraConfig(
+        r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    examples = tokenize_records(list(generate(steps * 8, seed=seed, families=families)), tokenizer, 256)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    for start in range(0, len(examples), 8):
+        loss = model(**collate(examples[start:start + 8], tokenizer.pad_token_id)).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -137,11 +137,69 @@ class RunSection(Section):
 
 
 class TuneSection(Section):
-    """Ray Tune sweep settings; filled in by the sweep capability."""
+    """Ray Tune sweep settings (``raytune-it sweep``)."""
+
+    search_space: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Config paths to sweep: a list of values (e.g. lora.rank: [4, 8, 16]), or "
+        "{loguniform: [low, high]}, {uniform: [low, high]}, {choice: [...]} for random search.",
+    )
+    search: Literal["grid", "random"] = Field("grid", description="Grid: every combination; random: num_samples draws.")
+    num_samples: PositiveInt = Field(8, description="Trials drawn by random search (grid ignores it).")
+    seed: int = Field(0, description="Seed for random search draws.")
+    scheduler: Literal["asha", "none"] = Field("asha", description="ASHA stops weak trials early on eval loss.")
+    grace_period_steps: PositiveInt | None = Field(
+        None, description="Steps every trial runs before ASHA may stop it; default: train.eval_every_steps.")
+    reduction_factor: float = Field(2.0, gt=1.0, description="ASHA keeps 1 / reduction_factor of trials per rung.")
+    max_concurrent_trials: PositiveInt | None = Field(
+        None, description="Trials at once; default: as many as the cluster's CPUs and GPUs allow.")
+    memory_budget_gib: float | None = Field(
+        None, gt=0, description="Per-device memory a trial may use; default: the server type's GPU memory "
+        "(no limit for server_type any on CPU). Combinations estimated above it are skipped.")
+
+
+class AutoscalingSection(Section):
+    min_replicas: Annotated[int, Field(ge=0)] = Field(1, description="Fewest replicas.")
+    max_replicas: PositiveInt = Field(2, description="Most replicas.")
+    target_ongoing_requests: float = Field(2.0, gt=0, description="Requests per replica the autoscaler aims for.")
 
 
 class ServeSection(Section):
-    """Ray Serve settings; filled in by the serving capability."""
+    """Ray Serve settings (``raytune-it serve``)."""
+
+    base_model: str = Field("tiny-llama", description="Base (or merged full) model: a HF model directory, hub id "
+                            "or tiny-llama.")
+    model_name: str | None = Field(None, description="Name clients use for the base model; default: its folder name.")
+    adapters: dict[str, str] = Field(default_factory=dict, description="Adapter name -> peft adapter directory; "
+                                     "one replica hosts all and picks per request.")
+    host: str = Field("127.0.0.1", description="HTTP bind address; 0.0.0.0 exposes it to the network.")
+    port: Annotated[int, Field(ge=1, le=65535)] = Field(8000, description="HTTP port.")
+    api_key: str | None = Field(None, description="If set, requests need 'Authorization: Bearer <key>' "
+                                "(also read from RAYTUNE_IT_API_KEY).")
+    engine: Literal["auto", "transformers", "vllm"] = Field(
+        "auto", description="Inference engine; auto: vllm where installed and a GPU exists, else transformers.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype; auto: bfloat16 on GPU, float32 on CPU.")
+    use_gpu: bool = Field(False, description="One GPU per replica.")
+    num_replicas: PositiveInt = Field(1, description="Replicas, when autoscaling is not set.")
+    autoscaling: AutoscalingSection | None = Field(None, description="Autoscale replicas on ongoing requests.")
+    max_ongoing_requests: PositiveInt = Field(4, description="Requests one replica holds at once; more queue.")
+    max_queued_requests: int = Field(64, ge=-1, description="Requests queued per deployment before clients get "
+                                     "503; -1: unbounded.")
+    server_type: ServerTypeChoice = Field("any", description="Place replicas on nodes of this server type.")
+    max_model_len: PositiveInt = Field(2048, description="Prompt plus completion tokens, at most.")
+    max_tokens_limit: PositiveInt = Field(1024, description="Largest max_tokens a request may ask for.")
+    max_body_bytes: PositiveInt = Field(1_000_000, description="Largest request body; bigger gets 413.")
+    app_name: str = Field("raytune-it", description="Ray Serve application name.")
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapter_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not SAFE_NAME.match(name):
+                raise ValueError(f"adapter name {name!r} must be letters, digits, '.', '_' or '-', "
+                                 "starting alphanumeric")
+        return value
 
 
 class JobConfig(Section):
@@ -158,11 +216,15 @@ class JobConfig(Section):
     tune: TuneSection = Field(default_factory=TuneSection)
     serve: ServeSection = Field(default_factory=ServeSection)
 
-    def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+    def to_dict(self, redact: bool = False) -> dict[str, Any]:
+        data = self.model_dump(mode="json")
+        if redact and data["serve"].get("api_key"):
+            data["serve"]["api_key"] = "<redacted>"
+        return data
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+    def to_yaml(self, redact: bool = True) -> str:
+        """YAML for people and run folders: secrets are redacted (set them again, or by environment)."""
+        return yaml.safe_dump(self.to_dict(redact=redact), sort_keys=False)
 
 
 SECTIONS: dict[str, type[Section]] = {

@@ -85,16 +85,35 @@ def ray_datasets(prepared: PreparedData) -> dict[str, Any]:
     return datasets
 
 
+def _collate_class():
+    from ray.data.collate_fn import ArrowBatchCollateFn
+
+    class PadCollate(ArrowBatchCollateFn):
+        """Pads an Arrow batch into tensors; Ray Data runs it in its prefetch threads."""
+
+        def __init__(self, pad_token_id: int) -> None:
+            super().__init__()
+            self.pad_token_id = pad_token_id
+
+        def __call__(self, batch: Any) -> dict:
+            return collate(batch.to_pylist(), self.pad_token_id)
+
+    return PadCollate
+
+
 def iter_micro_batches(
     shard: Any, micro_batch_size: int, pad_token_id: int, *, seed: int | None = None, drop_last: bool = True
 ) -> Iterator[dict]:
-    """Collated micro-batches from a worker's shard, in a reproducible order for a given seed."""
-    batches = shard.iter_batches(
+    """Collated micro-batches (on the worker's device) from its shard, reproducible for a given seed.
+
+    Collation and the host-to-device copy happen in Ray Data's prefetch threads,
+    off the training step's critical path.
+    """
+    return iter(shard.iter_torch_batches(
         batch_size=micro_batch_size,
-        batch_format="pyarrow",
+        collate_fn=_collate_class()(pad_token_id),
+        prefetch_batches=2,
         drop_last=drop_last,
         local_shuffle_buffer_size=None if seed is None else 1024,
         local_shuffle_seed=seed,
-    )
-    for table in batches:
-        yield collate(table.to_pylist(), pad_token_id)
+    ))

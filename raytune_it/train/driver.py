@@ -48,7 +48,8 @@ def check_resume_compatible(config: JobConfig, run_dir: Path) -> None:
     if not previous_path.is_file():
         return
     before, now = _flatten(load_run_config(previous_path).to_dict()), _flatten(config.to_dict())
-    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k) and k not in RESUMABLE_CHANGES)
+    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k)
+                     and k not in RESUMABLE_CHANGES and not k.startswith(("tune.", "serve.")))
     if changed:
         raise ConfigError(
             f"run {config.run.name!r} already exists in {run_dir.parent} with a different config "
@@ -67,6 +68,21 @@ def plan_steps(config: JobConfig, train_rows: int) -> StepPlan:
             f"{train_rows}. Lower the batch size or the number of workers, or add data.")
     total = steps_per_epoch * config.train.epochs
     return StepPlan(steps_per_epoch=steps_per_epoch, total_steps=min(total, config.train.max_steps or total))
+
+
+def memory_warning(config: JobConfig) -> str | None:
+    """The memory model's verdict for the configured server type, before anything launches."""
+    if config.scaling.server_type == "any":
+        return None
+    from raytune_it.plan.memory import GIB, estimate_for_config
+
+    estimate = estimate_for_config(config)
+    budget = SERVER_TYPES[config.scaling.server_type].gpu_memory_gib * GIB
+    if estimate.total <= budget:
+        return None
+    return (f"this job needs about {estimate.describe()} per GPU, more than a {config.scaling.server_type} GPU's "
+            f"{budget / GIB:.0f} GiB; lower train.micro_batch_size, raise scaling.num_workers (ZeRO-3 shards over "
+            "them) or enable deepspeed.gradient_checkpointing / lora.int8")
 
 
 def read_history(metrics_path: Path) -> list[dict]:
@@ -93,8 +109,11 @@ def scaling_config(config: JobConfig) -> Any:
                          resources_per_worker=resources)
 
 
-def train(config: JobConfig, *, console: Any = None) -> RunSummary:
-    """Run (or resume) one training job and return its summary."""
+def train(config: JobConfig, *, console: Any = None, callbacks: list | None = None) -> RunSummary:
+    """Run (or resume) one training job and return its summary.
+
+    ``callbacks`` are Ray Train ``UserCallback``s (a sweep passes Tune's report callback).
+    """
     from rich.console import Console
 
     from raytune_it.cluster import ray_session, wait_for_server_type
@@ -104,6 +123,9 @@ def train(config: JobConfig, *, console: Any = None) -> RunSummary:
 
     console = console or Console()
     preflight(config)
+    warning = memory_warning(config)
+    if warning:
+        console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False)
     run_dir = run_dir_of(config)
     check_resume_compatible(config, run_dir)
     save_config(config, run_dir)
@@ -143,6 +165,7 @@ def train(config: JobConfig, *, console: Any = None) -> RunSummary:
                     num_to_keep=config.run.keep_checkpoints, checkpoint_score_attribute="eval_loss",
                     checkpoint_score_order="min"),
                 failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
+                callbacks=callbacks or [],
             ),
             datasets=ray_datasets(prepared),
         )

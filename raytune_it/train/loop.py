@@ -2,8 +2,8 @@
 
 set up the strategy -> restore the last checkpoint, if any -> for each step:
 take ``gradient_accumulation_steps`` micro-batches from this worker's shard, step,
-report metrics -> every ``eval_every_steps`` and at the end: eval loss and a
-checkpoint -> export the tuned model.
+send metrics to the driver -> every ``eval_every_steps`` and at the end: eval loss
+and a checkpoint, reported to Ray Train -> export the tuned model.
 """
 
 from __future__ import annotations
@@ -38,13 +38,9 @@ def _all_reduce(values: list[float], device: Any, op: str = "sum") -> list[float
     return tensor.tolist()
 
 
-def evaluate(strategy: Any, shard: Any, micro_batch_size: int, pad_id: int, device: Any) -> float | None:
-    from raytune_it.train.data import iter_micro_batches
-
-    if shard is None:
-        return None
+def evaluate(strategy: Any, batches: list[dict], device: Any) -> float | None:
     loss_sum, tokens = 0.0, 0
-    for batch in iter_micro_batches(shard, micro_batch_size, pad_id, drop_last=False):
+    for batch in batches:
         batch_loss, batch_tokens = strategy.eval_batch(batch)
         loss_sum, tokens = loss_sum + batch_loss, tokens + batch_tokens
     loss_sum, tokens = _all_reduce([loss_sum, tokens], device)
@@ -115,17 +111,28 @@ def train_loop(loop_config: dict) -> None:
 
     # Sent with the first step of each attempt: where the workers run and what was built.
     first_report: dict[str, Any] = {"worker_nodes": worker_nodes(), "strategy": strategy.describe()}
+    pending: list[dict] = []
+    last_flush = time.monotonic()
 
     def report(metrics: dict, with_checkpoint: bool) -> None:
-        nonlocal first_report
+        """Every step's metrics go to the driver's queue; Ray Train gets eval steps with a checkpoint.
+
+        ``ray.train.report`` is a barrier that waits for the controller's next poll
+        (every 2 s), so calling it every step would cap training at one step per poll.
+        """
+        nonlocal first_report, last_flush
         if progress is not None and rank == 0:
-            try:
-                progress.put_nowait(dict(metrics, **first_report))
-                first_report = {}
-            except Exception:  # a full or gone progress queue must never stop training
-                pass
+            pending.append(dict(metrics, **first_report))
+            first_report = {}
+            # One queue call per second, not per step: each call is a round trip to the queue actor.
+            if with_checkpoint or time.monotonic() - last_flush > 1.0 or metrics["step"] == plan.total_steps:
+                try:
+                    progress.put_nowait_batch(pending)
+                except Exception:  # a full or gone progress queue must never stop training
+                    pass
+                pending.clear()
+                last_flush = time.monotonic()
         if not with_checkpoint:
-            ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory(prefix="raytune-it-ckpt-") as folder:
             wrote = strategy.save_checkpoint(Path(folder))
@@ -134,8 +141,16 @@ def train_loop(loop_config: dict) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if wrote else None,
                              checkpoint_dir_name=f"step_{state.step:07d}")
 
+    eval_batches: list[dict] | None = None
+
     def eval_metrics() -> dict:
-        eval_loss = evaluate(strategy, eval_shard, micro, pad_id, device)
+        nonlocal eval_batches
+        if eval_batches is None:
+            # The eval split is small: read this worker's shard once and keep it, instead of paying
+            # Ray Data's start-up at every evaluation.
+            eval_batches = [] if eval_shard is None else list(
+                iter_micro_batches(eval_shard, micro, pad_id, drop_last=False))
+        eval_loss = evaluate(strategy, eval_batches, device)
         [peak] = _all_reduce([float(peak_memory_bytes(device))], device, op="max")
         return {"eval_loss": eval_loss if eval_loss is not None else float("nan"), "peak_memory_bytes": int(peak)}
 
@@ -144,10 +159,13 @@ def train_loop(loop_config: dict) -> None:
         # Resume at the data position: skip what this epoch already consumed.
         for _ in islice(batches, state.batches_in_epoch):
             pass
-        # Tuning time is wall time between step ends: data loading, reporting, eval and checkpoints count.
+        # Tuning time is wall time between step ends: data loading, reporting, eval and checkpoints count;
+        # the data pipeline's start-up (the first batch of an epoch) does not, like model loading.
+        upcoming = list(islice(batches, accumulation))
         tick = time.perf_counter()
         while state.step < plan.total_steps and state.batches_in_epoch < plan.steps_per_epoch * accumulation:
-            micro_batches = list(islice(batches, accumulation))
+            micro_batches = upcoming or list(islice(batches, accumulation))
+            upcoming = []
             loss = strategy.step(micro_batches)
             tokens = sum(int((b["input_ids"] != pad_id).sum()) for b in micro_batches)
             loss, tokens = _all_reduce([loss, tokens], device)

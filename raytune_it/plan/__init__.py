@@ -1,0 +1,1 @@
+"""Sizing: a first-principles memory model of a tuning job per device."""

@@ -1,0 +1,1 @@
+"""Ray Serve: an OpenAI-compatible endpoint over an inference engine (transformers or vLLM)."""

@@ -1,0 +1,33 @@
+"""Inference engines behind one protocol; the HTTP layer knows neither implementation."""
+
+from __future__ import annotations
+
+from raytune_it.serving.engines.base import Engine, EngineError, GenerationRequest, GenerationResult
+
+
+def engine_choice(name: str, use_gpu: bool) -> str:
+    """'auto' picks vLLM only where it is importable and a GPU exists."""
+    if name != "auto":
+        return name
+    import importlib.util
+
+    if use_gpu and importlib.util.find_spec("vllm") is not None:
+        import torch
+
+        if torch.cuda.is_available():
+            return "vllm"
+    return "transformers"
+
+
+def create_engine(serve_config: dict) -> Engine:
+    choice = engine_choice(serve_config["engine"], serve_config["use_gpu"])
+    if choice == "vllm":
+        from raytune_it.serving.engines.vllm_engine import VLLMEngine  # imported only where vLLM exists
+
+        return VLLMEngine(serve_config)
+    from raytune_it.serving.engines.transformers_engine import TransformersEngine
+
+    return TransformersEngine(serve_config)
+
+
+__all__ = ["Engine", "EngineError", "GenerationRequest", "GenerationResult", "create_engine", "engine_choice"]

@@ -1,0 +1,1 @@
+"""Ray Tune sweeps over config paths: search space, the sweep driver, results."""

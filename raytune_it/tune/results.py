@@ -1,0 +1,161 @@
+"""A sweep's results: one row per trial, as CSV, Parquet, a printed table, plots and ``best/``."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+from raytune_it.config.schema import JobConfig
+from raytune_it.train.driver import read_history
+from raytune_it.tune.space import Trial
+
+STATUS_FINISHED, STATUS_STOPPED, STATUS_SKIPPED, STATUS_FAILED = "finished", "stopped early", "skipped", "failed"
+
+
+def _trial_metrics(trial_dir: Path) -> dict[str, Any]:
+    summary_path = trial_dir / "summary.json"
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+        return {"final_eval_loss": summary["final_eval_loss"], "tokens_per_second": summary["tokens_per_second"],
+                "peak_memory_bytes": summary["peak_memory_bytes"], "wall_seconds": summary["wall_seconds"],
+                "steps": summary["steps"]}
+    history = read_history(trial_dir / "metrics.jsonl")
+    if not history:
+        return {}
+    last = history[-1]
+    evals = [m["eval_loss"] for m in history if "eval_loss" in m and not math.isnan(m["eval_loss"])]
+    peaks = [m["peak_memory_bytes"] for m in history if "peak_memory_bytes" in m]
+    return {"final_eval_loss": evals[-1] if evals else None,
+            "tokens_per_second": last["tokens"] / last["train_seconds"] if last["train_seconds"] else None,
+            "peak_memory_bytes": max(peaks) if peaks else None, "wall_seconds": last["train_seconds"],
+            "steps": last["step"]}
+
+
+def collect_rows(config: JobConfig, trials: list[Trial], grid: Any, trials_dir: Path) -> list[dict]:
+    results = {}
+    if grid is not None:
+        for result in grid:
+            results[result.config["trial"]] = result
+    rows = []
+    for trial in trials:
+        row: dict[str, Any] = {"trial": trial.index, **trial.params, "status": "", "reason": "",
+                               "final_eval_loss": None, "tokens_per_second": None, "peak_memory_bytes": None,
+                               "wall_seconds": None, "steps": 0,
+                               "estimated_memory_gib": round(trial.memory_bytes / 2**30, 2)
+                               if trial.memory_bytes else None}
+        if trial.skipped_reason:
+            row.update(status=STATUS_SKIPPED, reason=trial.skipped_reason)
+            rows.append(row)
+            continue
+        trial_dir = trials_dir / f"trial-{trial.index:03d}"
+        row.update(_trial_metrics(trial_dir))
+        result = results.get(trial.index)
+        if result is not None and result.error is not None:
+            row.update(status=STATUS_FAILED, reason=str(result.error).strip().splitlines()[-1][:300])
+        elif (trial_dir / "summary.json").is_file():
+            row["status"] = STATUS_FINISHED
+        else:
+            # The trial was stopped mid-run: Tune's last result is more current than its metrics file.
+            last = (result.metrics or {}) if result is not None else {}
+            if last.get("step"):
+                row["steps"] = last["step"]
+            if last.get("eval_loss") is not None and math.isfinite(last["eval_loss"]):
+                row["final_eval_loss"] = last["eval_loss"]
+            row.update(status=STATUS_STOPPED, reason=f"ASHA stopped it after step {row['steps']}")
+        rows.append(row)
+    return rows
+
+
+def best_row(rows: list[dict]) -> dict | None:
+    finished = [r for r in rows if r["status"] == STATUS_FINISHED and r["final_eval_loss"] is not None]
+    return min(finished, key=lambda r: r["final_eval_loss"]) if finished else None
+
+
+def _plot(rows: list[dict], swept: list[str], folder: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    done = [r for r in rows if r["final_eval_loss"] is not None]
+    x_key = "lora.rank" if "lora.rank" in swept else swept[0]
+    group_key = "train.micro_batch_size" if "train.micro_batch_size" in swept and x_key != \
+        "train.micro_batch_size" else None
+    written = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for group in sorted({r.get(group_key) for r in done}, key=str):
+        points = sorted((r[x_key], r["final_eval_loss"]) for r in done if r.get(group_key) == group)
+        if points:
+            ax.plot(*zip(*points), marker="o", label=f"{group_key}={group}" if group_key else "trials")
+    ax.set_xlabel(x_key)
+    ax.set_ylabel("final eval loss")
+    if x_key == "lora.rank":
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({r[x_key] for r in done}))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.set_title("Eval loss by " + x_key)
+    ax.legend()
+    fig.tight_layout()
+    written.append(folder / "eval_loss_vs_rank.png" if x_key == "lora.rank" else folder / "eval_loss.png")
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+
+    batch_key = "train.micro_batch_size"
+    fig, ax = plt.subplots(figsize=(6, 4))
+    rated = [r for r in rows if r["tokens_per_second"]]
+    key = batch_key if batch_key in swept else x_key
+    ax.scatter([r[key] for r in rated], [r["tokens_per_second"] for r in rated])
+    for r in rated:
+        ax.annotate(f"#{r['trial']}", (r[key], r["tokens_per_second"]), fontsize=7)
+    ax.set_xlabel(key)
+    ax.set_ylabel("training tokens / s")
+    ax.set_title("Throughput by " + key)
+    fig.tight_layout()
+    written.append(folder / "throughput_vs_batch_size.png")
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+    return written
+
+
+def write_outputs(config: JobConfig, rows: list[dict], folder: Path, console: Any) -> dict | None:
+    import pandas as pd
+    from rich.table import Table
+
+    swept = list(config.tune.search_space)
+    frame = pd.DataFrame(rows)
+    frame.to_csv(folder / "results.csv", index=False)
+    frame.to_parquet(folder / "results.parquet", index=False)
+    if any(r["final_eval_loss"] is not None for r in rows):
+        _plot(rows, swept, folder)
+    best = best_row(rows)
+    target = folder / "best"
+    if best is not None:
+        if target.exists():
+            shutil.rmtree(target)
+        trial_dir = folder / "trials" / f"trial-{best['trial']:03d}"
+        shutil.copytree(trial_dir / "export", target)
+        shutil.copy2(trial_dir / "config.yaml", target / "config.yaml")
+        (target / "best.json").write_text(json.dumps(best, indent=2, default=str))
+
+    table = Table(title=f"sweep {config.run.name}: {len(rows)} trials")
+    columns = ["trial", *swept, "status", "final_eval_loss", "tokens_per_second", "steps", "reason"]
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        cells = []
+        for column in columns:
+            value = row.get(column)
+            cells.append("-" if value is None else f"{value:.4f}" if isinstance(value, float) and
+                         column == "final_eval_loss" else f"{value:,.0f}" if isinstance(value, float) else str(value))
+        style = "bold green" if best is not None and row["trial"] == best["trial"] else None
+        table.add_row(*cells, style=style)
+    console.print(table)
+    if best is not None:
+        console.print(f"best: trial {best['trial']} (eval loss {best['final_eval_loss']:.4f}) -> {target}",
+                      markup=False, highlight=False)
+    console.print(f"results: {folder / 'results.csv'}", markup=False, highlight=False)
+    return best

@@ -1,0 +1,179 @@
+"""``raytune-it sweep``: Ray Tune over the Ray Train job, the Ray 2.60 (Train V2) way.
+
+Each Tune trial runs the same driver as ``raytune-it train`` (its own
+TorchTrainer) with the trial's overrides; ``TuneReportCallback`` forwards the
+Train reports (eval steps) to Tune, where ASHA compares trials on eval loss.
+Trials are enumerated and validated up front (``space.py``); those the memory
+model says cannot fit are skipped with the reason and never launched.
+
+Layout: ``run.storage/run.name/`` holds ``config.yaml``, ``tune/`` (Tune's
+state; a re-run with the same name restores it), ``trials/trial-NNN/`` (each a
+normal run folder, so an interrupted trial resumes from its checkpoint),
+``results.csv``, ``results.parquet``, the plots and ``best/``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from raytune_it.config.loading import save_config
+from raytune_it.config.schema import JobConfig
+from raytune_it.hardware import SERVER_TYPES
+from raytune_it.tune.space import Trial, expand_trials
+
+TRIAL_NAME = "trial-{index:03d}"
+GIB = 2**30
+
+
+def memory_budget_bytes(config: JobConfig) -> float | None:
+    if config.tune.memory_budget_gib is not None:
+        return config.tune.memory_budget_gib * GIB
+    if config.scaling.server_type != "any":
+        return SERVER_TYPES[config.scaling.server_type].gpu_memory_gib * GIB
+    return None
+
+
+def mark_infeasible(trials: list[Trial], budget: float | None) -> None:
+    """Skip trials the memory model says exceed the per-device budget, with the numbers as the reason."""
+    from raytune_it.plan.memory import estimate_for_config, shape_of_config
+
+    shape = shape_of_config(trials[0].config)
+    for trial in trials:
+        estimate = estimate_for_config(trial.config, shape)
+        trial.memory_bytes = estimate.total
+        if budget is not None and estimate.total > budget:
+            trial.skipped_reason = (f"needs about {estimate.describe()} per device, more than the "
+                                    f"{budget / GIB:.1f} GiB budget")
+
+
+class _SweepReportCallback:
+    """Tune's report callback, with the latest eval loss carried on every report for ASHA."""
+
+    def __new__(cls) -> Any:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        class Carry(TuneReportCallback):
+            def __init__(self) -> None:
+                super().__init__()
+                self.last_eval = math.inf
+
+            def after_report(self, run_context: Any, metrics: list, checkpoint: Any) -> None:
+                value = metrics[0].get("eval_loss")
+                if value is not None and not math.isnan(value):
+                    self.last_eval = value
+                super().after_report(run_context, [dict(metrics[0], eval_loss=self.last_eval)] + metrics[1:],
+                                     checkpoint)
+
+        return Carry()
+
+
+def run_trial(params: dict, trial_configs: dict, trials_dir: str) -> None:
+    """One Tune trial: the ordinary training driver on this trial's config."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from raytune_it.train.driver import train
+
+    index = params["trial"]
+    config = JobConfig.model_validate(trial_configs[index])
+    config.run.storage = trials_dir
+    config.run.name = TRIAL_NAME.format(index=index)
+    train(config, console=Console(file=StringIO()), callbacks=[_SweepReportCallback()])
+
+
+@dataclass
+class SweepOutcome:
+    folder: Path
+    rows: list[dict]
+    best: dict | None
+
+
+def default_concurrency(config: JobConfig) -> int:
+    import ray
+
+    resources = ray.cluster_resources()
+    # Each trial's workers, plus one CPU for its Ray Data readers (they run throughout training: a trial
+    # whose readers cannot get a CPU waits forever); a trial's driver itself needs almost nothing.
+    per_trial_cpus = config.scaling.num_workers * config.scaling.cpus_per_worker + 1
+    limit = max(1, int(resources.get("CPU", 1) // per_trial_cpus))
+    if config.scaling.use_gpu:
+        limit = min(limit, int(resources.get("GPU", 0) // config.scaling.num_workers) or 1)
+    return limit
+
+
+def sweep(config: JobConfig, *, console: Any = None) -> SweepOutcome:
+    from rich.console import Console
+
+    from raytune_it.cluster import ray_session
+    from raytune_it.train.driver import run_dir_of
+    from raytune_it.train.preflight import preflight
+    from raytune_it.tune.results import collect_rows, write_outputs
+
+    console = console or Console()
+    trials = expand_trials(config)
+    preflight(trials[0].config)
+    mark_infeasible(trials, memory_budget_bytes(config))
+    folder = run_dir_of(config)
+    save_config(config, folder)
+    runnable = [t for t in trials if t.skipped_reason is None]
+    for trial in trials:
+        if trial.skipped_reason:
+            console.print(f"skipping trial {trial.index} ({', '.join(trial.overrides)}): {trial.skipped_reason}",
+                          markup=False, highlight=False)
+    grid = None
+    if runnable:
+        per_trial = config.scaling.num_workers * config.scaling.cpus_per_worker
+        with ray_session(min_cpus=2 * per_trial):
+            grid = _run_tuner(config, runnable, folder, console)
+    rows = collect_rows(config, trials, grid, folder / "trials")
+    best = write_outputs(config, rows, folder, console)
+    return SweepOutcome(folder=folder, rows=rows, best=best)
+
+
+def _run_tuner(config: JobConfig, runnable: list[Trial], folder: Path, console: Any) -> Any:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    trial_configs = {t.index: t.config.to_dict() for t in runnable}
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, trial_configs=trial_configs, trials_dir=str(folder / "trials")),
+        # The trial only drives its TorchTrainer; the workers reserve the real resources.
+        {"CPU": 0.01},
+    )
+    # Past every trial's last step: at max_t ASHA stops a trial, which would cut off its export.
+    max_steps = max(_total_steps_cap(t.config) for t in runnable) + 1
+    if config.tune.scheduler == "asha":
+        scheduler = ASHAScheduler(time_attr="step", max_t=max_steps,
+                                  grace_period=config.tune.grace_period_steps or config.train.eval_every_steps,
+                                  reduction_factor=config.tune.reduction_factor)
+    else:
+        scheduler = FIFOScheduler()
+    tune_dir = folder / "tune"
+    concurrency = config.tune.max_concurrent_trials or default_concurrency(config)
+    console.print(f"sweep {config.run.name}: {len(runnable)} trial(s), up to {concurrency} at once, "
+                  f"scheduler {config.tune.scheduler}, folder {folder}", markup=False, highlight=False)
+    if tune.Tuner.can_restore(str(tune_dir)):
+        console.print("resuming the interrupted sweep", markup=False, highlight=False)
+        tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"trial": tune.grid_search([t.index for t in runnable])},
+            tune_config=tune.TuneConfig(metric="eval_loss", mode="min", scheduler=scheduler,
+                                        max_concurrent_trials=concurrency),
+            run_config=tune.RunConfig(name="tune", storage_path=str(folder),
+                                      failure_config=tune.FailureConfig(max_failures=0),
+                                      verbose=1 if os.environ.get("RAYTUNE_IT_TUNE_VERBOSE") else 0),
+        )
+    return tuner.fit()
+
+
+def _total_steps_cap(config: JobConfig) -> int:
+    return config.train.max_steps or 10**9
+

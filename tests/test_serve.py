@@ -1,0 +1,208 @@
+"""A real Ray Serve HTTP endpoint on 127.0.0.1: the tiny model and two adapters trained here."""
+
+import json
+import secrets
+import threading
+
+import httpx
+import pytest
+
+from helpers import free_port, train_tiny_adapter
+from raytune_it.config import load_config
+
+pytestmark = pytest.mark.integration
+API_KEY = secrets.token_hex(16)
+PROMPT = "### Instruction:\nWhat is the total dose for 40 kg at 5 mg per kg?\n\n### Response:\n"
+
+
+@pytest.fixture(scope="module")
+def endpoint(tmp_path_factory):
+    import ray
+    from ray import serve
+
+    from raytune_it.serving.run import start
+
+    folder = tmp_path_factory.mktemp("adapters")
+    medicine = train_tiny_adapter(folder / "medicine", ["dosage", "bmi"], seed=1)
+    law = train_tiny_adapter(folder / "law", ["clause_type", "deadline"], seed=2)
+    port = free_port()
+    config = load_config("tiny-lora", [
+        f"serve.adapters={json.dumps({'medicine': str(medicine), 'law': str(law)})}", f"serve.port={port}",
+        f"serve.api_key={API_KEY}", "serve.model_name=tiny-llama", "serve.max_model_len=256",
+        "serve.max_tokens_limit=64", "serve.max_body_bytes=20000"])
+    ray.init(num_cpus=4)
+    url = start(config)
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120) as client:
+        yield client
+    serve.shutdown()
+    ray.shutdown()
+
+
+def complete(client, **body):
+    return client.post("/v1/completions", json={"model": "tiny-llama", "prompt": PROMPT, "max_tokens": 12,
+                                                "temperature": 0, **body})
+
+
+def test_models_lists_base_and_adapters(endpoint):
+    response = endpoint.get("/v1/models")
+    assert response.status_code == 200
+    assert [m["id"] for m in response.json()["data"]] == ["tiny-llama", "medicine", "law"]
+
+
+def test_completion_usage_and_adapter_routing(endpoint):
+    texts = {}
+    for model in ("tiny-llama", "medicine", "law"):
+        response = complete(endpoint, model=model)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        usage = body["usage"]
+        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+        assert usage["completion_tokens"] >= 1 and usage["prompt_tokens"] > 10
+        assert 0 < usage["time_to_first_token_s"] <= usage["latency_s"] and usage["tokens_per_second"] > 0
+        texts[model] = body["choices"][0]["text"]
+        # temperature 0 is deterministic
+        assert complete(endpoint, model=model).json()["choices"][0]["text"] == texts[model]
+    assert texts["medicine"] != texts["law"], "the two adapters answer differently"
+    assert texts["medicine"] != texts["tiny-llama"]
+
+
+def test_chat_and_stop_and_seed(endpoint):
+    response = endpoint.post("/v1/chat/completions", json={
+        "model": "medicine", "max_tokens": 10, "temperature": 0,
+        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Dose for 30 kg?"}]})
+    assert response.status_code == 200, response.text
+    message = response.json()["choices"][0]["message"]
+    assert message["role"] == "assistant" and isinstance(message["content"], str)
+    sampled = [complete(endpoint, temperature=0.9, top_p=0.9, seed=7).json()["choices"][0]["text"] for _ in range(2)]
+    assert sampled[0] == sampled[1], "the same seed gives the same sample"
+    full = complete(endpoint, model="medicine", max_tokens=20).json()["choices"][0]["text"]
+    if len(full) > 3:
+        stop = full[2:4]
+        stopped = complete(endpoint, model="medicine", max_tokens=20, stop=[stop]).json()["choices"][0]
+        assert stopped["text"] == full[:full.find(stop)] and stopped["finish_reason"] == "stop"
+
+
+def _stream(client, path, body):
+    chunks, usage = [], None
+    with client.stream("POST", path, json=dict(body, stream=True)) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    for line in lines[:-1]:
+        payload = json.loads(line[6:])
+        choice = payload["choices"][0]
+        chunks.append(choice.get("text") or choice.get("delta", {}).get("content") or "")
+        usage = payload.get("usage") or usage
+    return "".join(chunks), usage
+
+
+def test_streamed_chunks_join_into_the_non_streamed_text(endpoint):
+    body = {"model": "law", "prompt": PROMPT, "max_tokens": 16, "temperature": 0}
+    whole = endpoint.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    joined, usage = _stream(endpoint, "/v1/completions", body)
+    assert joined == whole and usage["completion_tokens"] >= 1
+    chat = {"model": "law", "messages": [{"role": "user", "content": "Classify: The tenant shall pay."}],
+            "max_tokens": 12, "temperature": 0}
+    chat_whole = endpoint.post("/v1/chat/completions", json=chat).json()["choices"][0]["message"]["content"]
+    assert _stream(endpoint, "/v1/chat/completions", chat)[0] == chat_whole
+
+
+def test_openai_client_unchanged(endpoint):
+    openai = pytest.importorskip("openai", reason="the openai SDK is a test extra")
+    client = openai.OpenAI(base_url=f"{endpoint.base_url}/v1", api_key=API_KEY)
+    assert {m.id for m in client.models.list()} == {"tiny-llama", "medicine", "law"}
+    completion = client.completions.create(model="medicine", prompt=PROMPT, max_tokens=8, temperature=0)
+    assert completion.choices[0].text == complete(endpoint, model="medicine", max_tokens=8).json()["choices"][0]["text"]
+    assert completion.usage.completion_tokens >= 1
+    chat = client.chat.completions.create(model="law", max_tokens=8, temperature=0,
+                                          messages=[{"role": "user", "content": "Hello"}])
+    assert chat.choices[0].message.role == "assistant"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="medicine", prompt=PROMPT, max_tokens=8, temperature=0, stream=True) if c.choices)
+    assert streamed == completion.choices[0].text
+    chat_stream = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="law", max_tokens=8, temperature=0, stream=True, messages=[{"role": "user", "content": "Hello"}])
+        if c.choices)
+    assert chat_stream == chat.choices[0].message.content
+
+
+@pytest.mark.parametrize(
+    "request_kwargs,status,code",
+    [
+        ({"content": b"{not json"}, 400, "invalid_json"),
+        ({"json": {"model": "tiny-llama"}}, 400, "invalid_request"),  # no prompt
+        ({"json": {"model": "tiny-llama", "prompt": "hi", "max_tokens": "many"}}, 400, "invalid_request"),
+        ({"json": {"model": "no-such-adapter", "prompt": "hi"}}, 404, "model_not_found"),
+        ({"json": {"model": "../../etc/passwd", "prompt": "hi"}}, 404, "model_not_found"),
+        ({"json": {"model": "tiny-llama", "prompt": "word " * 400}}, 400, "context_length_exceeded"),
+        ({"json": {"model": "tiny-llama", "prompt": "hi", "max_tokens": 0}}, 400, "invalid_request"),
+        ({"json": {"model": "tiny-llama", "prompt": "hi", "max_tokens": 65}}, 400, "invalid_request"),
+        ({"json": {"model": "tiny-llama", "prompt": "hi", "temperature": -1}}, 400, "invalid_request"),
+        ({"json": {"model": "tiny-llama", "prompt": "x" * 30000}}, 413, "request_too_large"),
+    ],
+)
+def test_bad_input_gets_a_json_4xx_and_the_replica_keeps_serving(endpoint, request_kwargs, status, code):
+    response = endpoint.post("/v1/completions", **request_kwargs)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and error["message"]
+    assert complete(endpoint, max_tokens=2).status_code == 200
+
+
+def test_api_key_is_required(endpoint):
+    url = str(endpoint.base_url)
+    assert httpx.get(f"{url}/v1/models").status_code == 401
+    wrong = httpx.post(f"{url}/v1/completions", headers={"Authorization": "Bearer nope"},
+                       json={"model": "tiny-llama", "prompt": "hi"})
+    assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_latency_endpoint_reports_batch_one_runs(endpoint):
+    response = endpoint.post("/v1/latency", json={"model": "medicine", "prompt_tokens": 16, "max_tokens": 8,
+                                                  "repeats": 3})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["engine"] == "transformers" and body["device"] == "cpu" and body["dtype"] == "float32"
+    assert body["batch_size"] == 1 and len(body["runs"]) == 3
+    assert all(run["completion_tokens"] == 8 and run["prompt_tokens"] == 16 for run in body["runs"])
+    median = body["median"]
+    assert median["tokens_per_second"] > 0 and median["time_to_first_token_s"] < median["latency_s"]
+    assert median["time_per_output_token_s"] == pytest.approx(
+        sorted(r["time_per_output_token_s"] for r in body["runs"])[1])
+    assert endpoint.post("/v1/latency", json={"model": "medicine", "max_tokens": 4}).status_code == 400
+
+
+def test_sixteen_concurrent_clients_and_metrics_count_them(endpoint):
+    def before(status):
+        text = endpoint.get("/metrics").text
+        line = [l for l in text.splitlines()
+                if l.startswith(f'raytune_it_requests_total{{model="medicine",status="{status}"}}')]
+        return float(line[0].split()[-1]) if line else 0.0
+
+    start_ok = before("200")
+    failures, done = [], []
+
+    def client_thread():
+        with httpx.Client(base_url=endpoint.base_url, headers=endpoint.headers, timeout=300) as client:
+            for _ in range(5):
+                response = complete(client, model="medicine", max_tokens=6)
+                if response.status_code != 200:
+                    failures.append(response.text)
+                    continue
+                choice = response.json()["choices"][0]
+                if choice["finish_reason"] not in ("stop", "length") or response.json()["usage"]["completion_tokens"] < 1:
+                    failures.append(response.text)
+                done.append(1)
+
+    threads = [threading.Thread(target=client_thread) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures and len(done) == 80
+    metrics = endpoint.get("/metrics").text
+    assert before("200") - start_ok == 80
+    assert "raytune_it_request_latency_seconds_bucket" in metrics and "raytune_it_tokens_per_second" in metrics
+    assert 'raytune_it_requests_total{model="-",status="400"}' in metrics

@@ -1,0 +1,139 @@
+"""Ray Tune sweeps on a real local Ray: a 2x2 grid, ASHA early stopping, bad spaces, resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+from raytune_it.config import load_config
+from raytune_it.errors import ConfigError
+from raytune_it.tune.space import expand_trials
+from raytune_it.tune.sweep import mark_infeasible, sweep
+
+
+# --- search space validation: no Ray needed, every error before any trial ------------------------
+
+@pytest.mark.parametrize(
+    "space,needle",
+    [
+        ({"lora.rnak": [4, 8]}, "'lora.rnak' is not a config path; keys in lora: rank"),
+        ({"nothing.here": [1]}, "'nothing.here' is not a config path; keys in the top level"),
+        ({"lora.rank": []}, "tune.search_space.lora.rank: the list of values is empty"),
+        ({"lora.rank": [4, 0]}, "trial 1 (lora.rank=0) is not a valid config"),
+        ({"train.micro_batch_size": ["big"]}, "train.micro_batch_size: got 'big'"),
+        ({"lora": [1]}, "'lora' is a section"),
+        ({"run.name": ["a", "b"]}, "'run.name' cannot be swept"),
+        ({"train.learning_rate": {"lognormal": [1, 2]}}, "unknown distribution 'lognormal'"),
+        ({"train.learning_rate": {"loguniform": [0, 1e-3]}}, "loguniform bounds must be > 0"),
+    ],
+)
+def test_bad_search_space_fails_naming_the_key(space, needle):
+    config = load_config("tiny-sweep", [f"tune.search_space={json.dumps(space)}"])
+    with pytest.raises(ConfigError) as err:
+        expand_trials(config)
+    assert needle in str(err.value)
+
+
+def test_empty_space_and_continuous_grid_are_rejected():
+    with pytest.raises(ConfigError, match="tune.search_space is empty"):
+        expand_trials(load_config("tiny-lora"))
+    config = load_config("tiny-sweep", ['tune.search_space={"train.learning_rate": {"loguniform": [1e-5, 1e-3]}}'])
+    with pytest.raises(ConfigError, match="continuous distributions need tune.search=random"):
+        expand_trials(config)
+
+
+def test_grid_and_random_trials_are_validated_configs():
+    grid = expand_trials(load_config("tiny-sweep"))
+    assert [(t.config.lora.rank, t.config.train.micro_batch_size) for t in grid] == [(4, 2), (4, 4), (16, 2), (16, 4)]
+    assert all(t.config.tune.search_space == {} for t in grid)
+    random_space = load_config("tiny-sweep", [
+        'tune.search_space={"train.learning_rate": {"loguniform": [1e-5, 1e-3]}, "lora.rank": [4, 8]}',
+        "tune.search=random", "tune.num_samples=5", "tune.seed=3"])
+    drawn = expand_trials(random_space)
+    assert len(drawn) == 5 and all(1e-5 <= t.config.train.learning_rate <= 1e-3 for t in drawn)
+    assert [t.params for t in drawn] == [t.params for t in expand_trials(random_space)], "seeded"
+
+
+def test_combinations_that_cannot_fit_are_skipped_with_the_reason():
+    config = load_config("tiny-sweep", ['tune.search_space={"train.micro_batch_size": [1, 4096]}',
+                                        "tune.memory_budget_gib=3"])
+    trials = expand_trials(config)
+    mark_infeasible(trials, 3 * 2**30)
+    assert trials[0].skipped_reason is None
+    assert "more than the 3.0 GiB budget" in trials[1].skipped_reason and "activations" in trials[1].skipped_reason
+
+
+# --- real sweeps ---------------------------------------------------------------------------
+
+@pytest.mark.integration
+def test_two_by_two_sweep_writes_results_plots_and_best(tmp_path, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    config = load_config("tiny-sweep", [f"run.storage={tmp_path}", "train.max_steps=8", "train.eval_every_steps=4",
+                                        "tune.scheduler=none"])
+    outcome = sweep(config)
+    folder = outcome.folder
+    table = pd.read_csv(folder / "results.csv")
+    assert len(table) == 4 and set(table["status"]) == {"finished"}
+    assert sorted(zip(table["lora.rank"], table["train.micro_batch_size"])) == [(4, 2), (4, 4), (16, 2), (16, 4)]
+    assert (table["steps"] == 8).all() and (table["tokens_per_second"] > 0).all()
+    assert pd.read_parquet(folder / "results.parquet").shape == table.shape
+    for plot in ("eval_loss_vs_rank.png", "throughput_vs_batch_size.png"):
+        assert (folder / plot).stat().st_size > 1000
+    best = table.loc[table["final_eval_loss"].idxmin()]
+    best_dir = folder / "best"
+    assert json.loads((best_dir / "best.json").read_text())["trial"] == best["trial"]
+    assert json.loads((best_dir / "adapter_config.json").read_text())["r"] == best["lora.rank"]
+    assert "micro_batch_size: %d" % best["train.micro_batch_size"] in (best_dir / "config.yaml").read_text()
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), best_dir)
+
+
+@pytest.mark.integration
+def test_asha_stops_weak_trials_early(tmp_path):
+    # a good learning rate first, then two that barely move: ASHA stops those at its first rung
+    config = load_config("tiny-sweep", [
+        f"run.storage={tmp_path}", 'tune.search_space={"train.learning_rate": [3e-3, 1e-7, 1e-7]}',
+        "train.max_steps=24", "train.eval_every_steps=4", "tune.grace_period_steps=4", "tune.reduction_factor=2",
+        "tune.max_concurrent_trials=1", "train.micro_batch_size=4"])
+    outcome = sweep(config)
+    rows = {r["trial"]: r for r in outcome.rows}
+    assert rows[0]["status"] == "finished" and rows[0]["steps"] == 24
+    stopped = [r for r in outcome.rows if r["status"] == "stopped early"]
+    assert stopped, outcome.rows
+    assert all(r["steps"] < 24 and "ASHA stopped it" in r["reason"] for r in stopped)
+    table = pd.read_csv(outcome.folder / "results.csv")
+    assert (table["status"] == "stopped early").sum() == len(stopped)
+
+
+@pytest.mark.integration
+def test_interrupted_sweep_resumes(tmp_path):
+    command = [sys.executable, "-m", "raytune_it", "sweep", "tiny-sweep", f"run.storage={tmp_path}",
+               "train.max_steps=8", "train.eval_every_steps=4", "tune.scheduler=none", "tune.max_concurrent_trials=1",
+               'tune.search_space={"lora.rank": [4, 8, 16]}']
+    folder = tmp_path / "tiny-sweep"
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 400
+    try:
+        while not (folder / "trials" / "trial-000" / "summary.json").is_file():
+            assert time.monotonic() < deadline and first.poll() is None, "the first trial did not finish"
+            time.sleep(0.5)
+        os.killpg(first.pid, signal.SIGINT)
+        first.wait(timeout=120)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    assert not (folder / "results.csv").exists(), "the first sweep was interrupted before it finished"
+    trial0_metrics = (folder / "trials" / "trial-000" / "metrics.jsonl").read_text()
+    second = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming the interrupted sweep" in second.stdout
+    table = pd.read_csv(folder / "results.csv")
+    assert len(table) == 3 and set(table["status"]) == {"finished"}
+    # the finished trial was not trained again
+    assert (folder / "trials" / "trial-000" / "metrics.jsonl").read_text() == trial0_metrics
