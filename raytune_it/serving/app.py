@@ -9,7 +9,6 @@ status; nothing a client sends takes the replica down.
 the import path for ``serve run`` / ``serve deploy`` (see ``serve/*.yaml``).
 """
 
-from __future__ import annotations
 
 import hmac
 import json
