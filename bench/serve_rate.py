@@ -12,6 +12,7 @@ client sees it) and the ratio HTTP / in-process.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -44,8 +45,11 @@ def over_http(max_tokens: int, repeats: int) -> tuple[float, float]:
     from raytune_it.config import load_config
     from raytune_it.serving.run import start
 
-    config = load_config("tiny-lora", ["serve.model_name=tiny-llama", "serve.port=8123"])
-    ray.init(num_cpus=2)
+    # The replica gets the machine's cores, as the in-process run has them.
+    cores = os.cpu_count() or 1
+    config = load_config("tiny-lora", ["serve.model_name=tiny-llama", "serve.port=8123",
+                                       f"serve.cpus_per_replica={cores}"])
+    ray.init(num_cpus=cores + 1)
     try:
         url = start(config)
         rates, engine_rates = [], []

@@ -181,6 +181,8 @@ class ServeSection(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights dtype; auto: bfloat16 on GPU, float32 on CPU.")
     use_gpu: bool = Field(False, description="One GPU per replica.")
+    cpus_per_replica: PositiveInt = Field(1, description="CPUs per replica (Ray sets the replica's torch threads "
+                                          "to this: raise it for CPU inference).")
     num_replicas: PositiveInt = Field(1, description="Replicas, when autoscaling is not set.")
     autoscaling: AutoscalingSection | None = Field(None, description="Autoscale replicas on ongoing requests.")
     max_ongoing_requests: PositiveInt = Field(4, description="Requests one replica holds at once; more queue.")

@@ -222,7 +222,7 @@ class OpenAIServer:
 
 def deployment_options(config: JobConfig) -> dict[str, Any]:
     serve_config = config.serve
-    actor: dict[str, Any] = {"num_cpus": 1}
+    actor: dict[str, Any] = {"num_cpus": serve_config.cpus_per_replica}
     if serve_config.use_gpu:
         actor["num_gpus"] = 1
     if serve_config.server_type != "any":

@@ -176,6 +176,9 @@ class TransformersEngine:
                     finish = "stop"
                     break
                 tokens.append(token)
+                inputs = torch.tensor([[token]], device=self.device)
+                if emit is None and not request.stop:
+                    continue  # nothing to look at mid-way: decode once at the end
                 new_text = self.tokenizer.decode(tokens, skip_special_tokens=True)
                 cut = min((new_text.find(s) for s in request.stop if s and s in new_text), default=-1)
                 if cut >= 0:
@@ -187,7 +190,6 @@ class TransformersEngine:
                     text = new_text
                 if finish == "stop":
                     break
-                inputs = torch.tensor([[token]], device=self.device)
             ended = time.perf_counter()
         final = self.tokenizer.decode(tokens, skip_special_tokens=True)
         cut = min((final.find(s) for s in request.stop if s and s in final), default=-1)
