@@ -104,6 +104,14 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     return 0 if not numbers["errors"] else 1
 
 
+def cmd_node_resources(args: argparse.Namespace) -> int:
+    from raytune_it.hardware import local_gpu_names, node_resources
+
+    names = args.gpu_name or local_gpu_names()
+    print(json.dumps(node_resources(names)))
+    return 0
+
+
 def cmd_model_tiny(args: argparse.Namespace) -> int:
     from raytune_it.models.tiny import ensure_tiny_model
 
@@ -191,6 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench_serve.add_argument("--api-key", default=None, help="API key, if the endpoint has one")
     bench_serve.add_argument("--json", action="store_true", help="print JSON")
     bench_serve.set_defaults(func=cmd_bench_serve)
+
+    node = sub.add_parser(
+        "node-resources", help="print this node's server-type resources as JSON, for ray start --resources",
+        description="Detect the node's GPUs and print the custom Ray resources its server type carries, e.g. "
+        '{"server_type:a800-80g": 8}. The cluster/ start commands use it: ray start --resources="$(raytune-it '
+        'node-resources)".')
+    node.add_argument("--gpu-name", action="append", help="use these GPU names instead of detecting (repeatable)")
+    node.set_defaults(func=cmd_node_resources)
 
     model = sub.add_parser("model", help="base models").add_subparsers(dest="action", metavar="ACTION", required=True)
     tiny = model.add_parser("tiny", help="build the built-in tiny-llama (once) and print its directory")

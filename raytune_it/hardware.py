@@ -29,6 +29,8 @@ class ServerType:
     peak_bf16_flops: float
     #: Node-to-node network, bytes/s (ZeRO-3 gathers cross it).
     interconnect_bandwidth: float
+    #: Substrings of the CUDA device name that identify this type's GPU.
+    gpu_name_patterns: tuple[str, ...] = ()
 
     @property
     def resource(self) -> str:
@@ -45,6 +47,7 @@ SERVER_TYPES: dict[str, ServerType] = {
         memory_bandwidth=2.039e12,
         peak_bf16_flops=312e12,
         interconnect_bandwidth=25e9,
+        gpu_name_patterns=("A800",),
     ),
     "rtx3090-24g": ServerType(
         name="rtx3090-24g",
@@ -54,6 +57,7 @@ SERVER_TYPES: dict[str, ServerType] = {
         memory_bandwidth=936e9,
         peak_bf16_flops=71e12,
         interconnect_bandwidth=12.5e9,
+        gpu_name_patterns=("3090",),
     ),
 }
 
@@ -65,3 +69,26 @@ def server_type(name: str) -> ServerType:
     except KeyError:
         known = ", ".join(sorted(SERVER_TYPES))
         raise KeyError(f"unknown server type {name!r}; known: {known}") from None
+
+
+def node_resources(gpu_names: list[str]) -> dict[str, float]:
+    """The custom resources a node with these GPUs advertises (``ray start --resources``).
+
+    Used by the start commands in ``cluster/`` so that each server, whatever list
+    it was started from, announces its own type.
+    """
+    resources: dict[str, float] = {}
+    for name in gpu_names:
+        for kind in SERVER_TYPES.values():
+            if any(pattern in name for pattern in kind.gpu_name_patterns):
+                resources[kind.resource] = resources.get(kind.resource, 0) + 1
+    return resources
+
+
+def local_gpu_names() -> list[str]:
+    try:
+        import torch
+
+        return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # no CUDA build or no driver: no GPUs to announce
+        return []
