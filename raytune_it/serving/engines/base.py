@@ -21,6 +21,18 @@ class EngineError(Exception):
         self.status, self.code, self.param = status, code, param
 
 
+def check_request(model: str, names: list[str], prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
+    """The checks every engine makes before generating: a served model, and room in the context."""
+    if model not in names:
+        raise EngineError(f"model {model!r} does not exist; available: {', '.join(names)}",
+                          status=404, code="model_not_found", param="model")
+    if prompt_tokens == 0:
+        raise EngineError("the prompt is empty", param="prompt")
+    if prompt_tokens + max_tokens > max_model_len:
+        raise EngineError(f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds the "
+                          f"context of {max_model_len} tokens", code="context_length_exceeded", param="prompt")
+
+
 @dataclass
 class GenerationRequest:
     model: str

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
-from raytune_it.serving.engines.base import EngineError, GenerationRequest, GenerationResult, StreamChunk
+from raytune_it.serving.engines.base import GenerationRequest, GenerationResult, StreamChunk, check_request
 
 
 def check_adapter_dir(name: str, path: str) -> Path:
@@ -115,21 +115,12 @@ class TransformersEngine:
 
     # --- generation ------------------------------------------------------------------------
 
-    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
-        ids = list(prompt) if isinstance(prompt, list) else self.tokenizer(prompt)["input_ids"]
-        if not ids:
-            raise EngineError("the prompt is empty", param="prompt")
-        return ids
-
     def check(self, request: GenerationRequest) -> list[int]:
-        if request.model not in self.model_names():
-            raise EngineError(f"model {request.model!r} does not exist; available: {', '.join(self.model_names())}",
-                              status=404, code="model_not_found", param="model")
-        ids = self._prompt_ids(request.prompt)
-        if len(ids) + request.max_tokens > self.max_model_len:
-            raise EngineError(f"the prompt ({len(ids)} tokens) plus max_tokens ({request.max_tokens}) exceeds the "
-                              f"context of {self.max_model_len} tokens", code="context_length_exceeded",
-                              param="prompt")
+        if request.model not in self.model_names():  # before tokenizing anything
+            check_request(request.model, self.model_names(), 1, 0, self.max_model_len)
+        prompt = request.prompt
+        ids = list(prompt) if isinstance(prompt, list) else self.tokenizer(prompt)["input_ids"]
+        check_request(request.model, self.model_names(), len(ids), request.max_tokens, self.max_model_len)
         return ids
 
     def _select(self, name: str) -> Any:

@@ -14,7 +14,7 @@ import uuid
 from pathlib import Path
 from typing import AsyncIterator
 
-from raytune_it.serving.engines.base import EngineError, GenerationRequest, GenerationResult, StreamChunk
+from raytune_it.serving.engines.base import GenerationRequest, GenerationResult, StreamChunk, check_request
 from raytune_it.serving.engines.transformers_engine import check_adapter_dir
 
 
@@ -61,14 +61,8 @@ class VLLMEngine:
     def _prepare(self, request: GenerationRequest):
         from vllm import SamplingParams, TokensPrompt
 
-        if request.model not in self.model_names():
-            raise EngineError(f"model {request.model!r} does not exist; available: {', '.join(self.model_names())}",
-                              status=404, code="model_not_found", param="model")
         ids = list(request.prompt) if isinstance(request.prompt, list) else self.tokenizer(request.prompt)["input_ids"]
-        if len(ids) + request.max_tokens > self.max_model_len:
-            raise EngineError(f"the prompt ({len(ids)} tokens) plus max_tokens ({request.max_tokens}) exceeds the "
-                              f"context of {self.max_model_len} tokens", code="context_length_exceeded",
-                              param="prompt")
+        check_request(request.model, self.model_names(), len(ids), request.max_tokens, self.max_model_len)
         params = SamplingParams(max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
                                 stop=request.stop or None, seed=request.seed, ignore_eos=request.ignore_eos)
         return TokensPrompt(prompt_token_ids=ids), params, self.loras.get(request.model), len(ids)
