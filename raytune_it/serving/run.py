@@ -25,17 +25,17 @@ def serve_forever(config: JobConfig, console: Any = None) -> None:
     from raytune_it.cluster import ray_session
 
     console = console or Console()
-    with ray_session(min_cpus=config.serve.num_replicas + 1):
+    with ray_session(min_cpus=config.serve.num_replicas * config.serve.cpus_per_replica + 1):
         from ray import serve
 
-        with console.status("starting the Serve application (loading the model)"):
-            url = start(config)
-        names = [config.serve.model_name or config.serve.base_model.rstrip("/").split("/")[-1],
-                 *config.serve.adapters]
-        console.print(f"serving {', '.join(names)} at {url}/v1 (OpenAI-compatible); "
-                      f"latency endpoint {url}/v1/latency, metrics {url}/metrics. Ctrl-C stops.",
-                      markup=False, highlight=False)
-        try:
+        try:  # Ctrl-C at any point, deploying included, shuts the application down cleanly
+            with console.status("starting the Serve application (loading the model)"):
+                url = start(config)
+            names = [config.serve.model_name or config.serve.base_model.rstrip("/").split("/")[-1],
+                     *config.serve.adapters]
+            console.print(f"serving {', '.join(names)} at {url}/v1 (OpenAI-compatible); "
+                          f"latency endpoint {url}/v1/latency, metrics {url}/metrics. Ctrl-C stops.",
+                          markup=False, highlight=False)
             while True:
                 time.sleep(1)
         except KeyboardInterrupt:
