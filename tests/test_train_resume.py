@@ -15,7 +15,7 @@ pytestmark = pytest.mark.integration
 
 def _train(storage, *extra):
     return [sys.executable, "-m", "raytune_it", "train", "tiny-lora", f"run.storage={storage}",
-            "train.max_steps=24", "train.eval_every_steps=6", *extra]
+            "train.max_steps=120", "train.eval_every_steps=6", "scaling.num_workers=1", *extra]
 
 
 def test_interrupted_run_resumes_step_data_position_and_optimizer(tmp_path):
@@ -34,7 +34,7 @@ def test_interrupted_run_resumes_step_data_position_and_optimizer(tmp_path):
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
     interrupted = raw_metrics(run_dir)
-    assert interrupted[-1]["step"] < 24, "the first run was stopped before the end"
+    assert interrupted[-1]["step"] < 120, "the first run was stopped before the end"
     resume_from = max(resume_from, latest_checkpoint_step(run_dir))
 
     second = subprocess.run(_train(tmp_path), capture_output=True, text=True, timeout=600)
@@ -43,10 +43,10 @@ def test_interrupted_run_resumes_step_data_position_and_optimizer(tmp_path):
     history = raw_metrics(run_dir)
     resumed = history[len(interrupted):]
     assert resumed[0]["step"] == resume_from + 1 > 1, "it continued from the checkpoint, not from step 1"
-    assert resumed[-1]["step"] == 24 and all(m["restarts"] == 1 for m in resumed)
-    assert resumed[0]["tokens"] > resumed[0]["tokens_per_second"] * 0  # tokens counted across both runs
-    # Same data position and optimizer state: the re-run step reproduces the loss the first run had
+    assert resumed[-1]["step"] == 120 and all(m["restarts"] == 1 for m in resumed)
+    # One worker reads its shard in a fixed order: the same data position and optimizer state make the
+    # re-run step reproduce the loss the first run had at that step.
     before = {m["step"]: m["loss"] for m in interrupted}
     assert resumed[0]["step"] in before
-    assert resumed[0]["loss"] == pytest.approx(before[resumed[0]["step"]], abs=0.02)
+    assert resumed[0]["loss"] == pytest.approx(before[resumed[0]["step"]], abs=1e-3)
     assert resumed[0]["loss"] < interrupted[0]["loss"] - 0.3

@@ -130,6 +130,11 @@ def sweep(config: JobConfig, *, console: Any = None) -> SweepOutcome:
         per_trial = config.scaling.num_workers * config.scaling.cpus_per_worker
         with ray_session(min_cpus=2 * per_trial):
             grid = _run_tuner(config, runnable, folder, console)
+        if grid.num_terminated + grid.num_errors < len(grid):
+            # Tune handles Ctrl-C by saving its state and returning early: no results for a partial sweep.
+            console.print("sweep interrupted; run the same command again to resume it", markup=False,
+                          highlight=False)
+            raise KeyboardInterrupt
     rows = collect_rows(config, trials, grid, folder / "trials")
     best = write_outputs(config, rows, folder, console)
     return SweepOutcome(folder=folder, rows=rows, best=best)
