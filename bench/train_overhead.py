@@ -4,7 +4,9 @@ and steps, measured in one run.
 
     python bench/train_overhead.py [--steps 40] [--micro-batch-size 8] [--int8 | --no-int8]
 
-It prints tokens/s for each and the ratios against the bare loop. Every variant
+It prints tokens/s for each and the ratios against the bare loop. A fourth
+variant runs the bare loop as a Ray task with the same CPUs, which separates
+what Ray's runtime costs on this machine from what raytune-it's loop adds. Every variant
 times its whole step loop (data loading included; model loading and worker
 start-up excluded) and counts the same non-padding tokens. The Ray worker gets
 all of the machine's cores, like the other two.
@@ -103,6 +105,23 @@ def hf_trainer(config, tokenizer, steps, folder):
     return tokens / (time.perf_counter() - started)
 
 
+def bare_loop_in_ray_worker(config, steps):
+    """The bare loop again, as a Ray task with the same CPUs: what the Ray runtime alone costs here."""
+    import ray
+
+    from raytune_it.cluster import ray_session
+
+    cpus = config.scaling.cpus_per_worker
+    with ray_session(min_cpus=cpus):
+        return ray.get(ray.remote(num_cpus=cpus)(_bare_loop_task).remote(config, steps))
+
+
+def _bare_loop_task(config, steps):
+    from raytune_it.models.loading import load_tokenizer
+
+    return bare_loop(config, load_tokenizer(config.model.name_or_path), steps)
+
+
 def raytune_it_run(config, folder):
     from raytune_it.train.driver import train
 
@@ -123,6 +142,7 @@ def main() -> None:
         results = {
             "bare PyTorch + peft loop": bare_loop(config, tokenizer, args.steps),
             "transformers Trainer": hf_trainer(config, tokenizer, args.steps, folder / "hf"),
+            "bare loop in a Ray worker": bare_loop_in_ray_worker(config, args.steps),
             "raytune-it (Ray Train)": raytune_it_run(config, folder / "runs"),
         }
     finally:
@@ -135,6 +155,9 @@ def main() -> None:
         print(f"{name:<28}{rate:>10,.0f}{rate / base:>13.2f}x")
     ours, trainer = results["raytune-it (Ray Train)"], results["transformers Trainer"]
     print(f"raytune-it / Trainer: {ours / trainer:.2f}x")
+    in_ray = results["bare loop in a Ray worker"]
+    print(f"raytune-it / bare loop in a Ray worker: {ours / in_ray:.2f}x (the loop's own overhead, Ray's runtime "
+          "cost factored out)")
 
 
 if __name__ == "__main__":

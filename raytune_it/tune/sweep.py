@@ -128,13 +128,16 @@ def sweep(config: JobConfig, *, console: Any = None) -> SweepOutcome:
     grid = None
     if runnable:
         per_trial = config.scaling.num_workers * config.scaling.cpus_per_worker
-        with ray_session(min_cpus=2 * per_trial):
-            grid = _run_tuner(config, runnable, folder, console)
-        if grid.num_terminated + grid.num_errors < len(grid):
-            # Tune handles Ctrl-C by saving its state and returning early: no results for a partial sweep.
+        # Tune's own Ctrl-C handler returns a partial result grid that looks finished; let Ctrl-C raise
+        # instead, so an interrupted sweep writes no results. Tune's saved state is what a re-run restores.
+        os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+        try:
+            with ray_session(min_cpus=2 * per_trial):
+                grid = _run_tuner(config, runnable, folder, console)
+        except KeyboardInterrupt:
             console.print("sweep interrupted; run the same command again to resume it", markup=False,
                           highlight=False)
-            raise KeyboardInterrupt
+            raise
     rows = collect_rows(config, trials, grid, folder / "trials")
     best = write_outputs(config, rows, folder, console)
     return SweepOutcome(folder=folder, rows=rows, best=best)
