@@ -19,7 +19,7 @@ def run(scheduler: str, steps: int, folder: str) -> list[dict]:
     from raytune_it.config import load_config
     from raytune_it.tune.sweep import sweep
 
-    space = {"train.learning_rate": [3e-3, 1e-3, 1e-4, 1e-6], "lora.rank": [4, 16]}
+    space = {"train.learning_rate": [3e-3, 1e-3, 1e-5, 1e-7], "lora.rank": [4, 16]}
     config = load_config("tiny-sweep", [
         f"run.storage={folder}", f"run.name=asha-{scheduler}", f"tune.scheduler={scheduler}",
         f"tune.search_space={json.dumps(space)}", f"train.max_steps={steps}", "train.eval_every_steps=4",
