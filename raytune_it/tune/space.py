@@ -135,9 +135,18 @@ def expand_trials(base: JobConfig) -> list[Trial]:
         except ConfigError as exc:
             raise ConfigError(f"tune.search_space: trial {index} ({_label(params)}) is not a valid config: "
                               f"{exc}") from None
+        # Report the validated, typed values (YAML reads 1e-3 as a string; the config holds a float).
+        params = {path: _lookup(config, path) for path in params}
         trials.append(Trial(index=index, params=params, config=config,
                             overrides=[f"{k}={json.dumps(v)}" for k, v in params.items()]))
     return trials
+
+
+def _lookup(config: JobConfig, path: str) -> Any:
+    node: Any = config
+    for part in path.split("."):
+        node = getattr(node, part)
+    return node
 
 
 def _label(params: dict[str, Any]) -> str:
