@@ -140,11 +140,29 @@ def test_killed_worker_resumes_from_last_checkpoint(local_ray, tmp_path):
     first_after = restarted[0]
     # the step count continues from a checkpoint at or after the one committed before the kill
     assert first_after["step"] >= killed_after + 1 > 10
-    # no reset to the initial loss: the restarted run picks up the trained adapter and optimizer
-    # (exact per-step losses differ: two workers' streaming split assigns blocks dynamically)
+    # no reset to the initial loss: the restarted run picks up the trained adapter and optimizer,
+    # and steps the killed group had already taken are replayed exactly
+    before = {m["step"]: m["loss"] for m in history if m["restarts"] == 0}
+    assert all(m["loss"] == before[m["step"]] for m in restarted if m["step"] in before)
     initial = history[0]["loss"]
     assert first_after["loss"] < initial - 0.3
     assert min(m["loss"] for m in restarted[:3]) < initial - 0.3
+
+
+def test_resumed_run_replays_the_uninterrupted_run_exactly(local_ray, tmp_path):
+    """Two workers with LoRA dropout: a run stopped at step 6 and continued to 12 takes exactly the steps of a
+    run that went straight to 12 (same shard order, data position, adapter, optimizer and dropout RNG)."""
+    # A constant schedule, so that the continued run's longer max_steps does not change the learning rates.
+    common = ["train.eval_every_steps=3", "train.lr_schedule=constant", "train.warmup_ratio=0", "lora.dropout=0.1"]
+    train(load_config("tiny-lora", [f"run.storage={tmp_path}", "run.name=resumed", "train.max_steps=6", *common]))
+    train(load_config("tiny-lora", [f"run.storage={tmp_path}", "run.name=resumed", "train.max_steps=12", *common]))
+    train(load_config("tiny-lora", [f"run.storage={tmp_path}", "run.name=straight", "train.max_steps=12", *common]))
+    resumed = raw_metrics(tmp_path / "resumed")
+    straight = raw_metrics(tmp_path / "straight")
+    assert [m["step"] for m in resumed] == list(range(1, 13)) and resumed[6]["restarts"] == 1
+    assert [m["loss"] for m in resumed] == [m["loss"] for m in straight]
+    assert [m["eval_loss"] for m in resumed if "eval_loss" in m] == [
+        m["eval_loss"] for m in straight if "eval_loss" in m]
 
 
 def test_server_type_the_cluster_lacks_fails_in_bounded_time(local_ray, tmp_path):

@@ -109,6 +109,16 @@ def scaling_config(config: JobConfig) -> Any:
                          resources_per_worker=resources)
 
 
+def deterministic_ingest():
+    """Ray Train's ingest options with ``preserve_order``: blocks reach the shards in the same order and to
+    the same workers on every run, so a resumed run skips to exactly the batches it had not yet trained on."""
+    import ray.train
+
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
+
+
 def train(config: JobConfig, *, console: Any = None, callbacks: list | None = None) -> RunSummary:
     """Run (or resume) one training job and return its summary.
 
@@ -168,6 +178,7 @@ def train(config: JobConfig, *, console: Any = None, callbacks: list | None = No
                 callbacks=callbacks or [],
             ),
             datasets=ray_datasets(prepared),
+            dataset_config=ray.train.DataConfig(execution_options=deterministic_ingest()),
         )
         with ProgressMonitor(queue, plan.total_steps, run_dir / "metrics.jsonl", console):
             trainer.fit()

@@ -16,7 +16,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from raytune_it.train.state import StepPlan, TrainState
+from raytune_it.train.state import StepPlan, TrainState, load_rng_state, save_rng_state
 
 
 def peak_memory_bytes(device: Any) -> int:
@@ -104,6 +104,7 @@ def train_loop(loop_config: dict) -> None:
         with checkpoint.as_directory() as folder:
             strategy.load_checkpoint(Path(folder))
             state = TrainState.load(Path(folder))
+            load_rng_state(Path(folder), rank)
         state.restarts += 1
     train_shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard("eval") if loop_config["has_eval"] else None
@@ -135,10 +136,12 @@ def train_loop(loop_config: dict) -> None:
         if not with_checkpoint:
             return
         with tempfile.TemporaryDirectory(prefix="raytune-it-ckpt-") as folder:
-            wrote = strategy.save_checkpoint(Path(folder))
+            # Every rank writes its RNG state; the strategy decides which ranks write model state.
+            strategy.save_checkpoint(Path(folder))
+            save_rng_state(Path(folder), rank)
             if rank == 0:
                 state.save(Path(folder))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if wrote else None,
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
                              checkpoint_dir_name=f"step_{state.step:07d}")
 
     eval_batches: list[dict] | None = None

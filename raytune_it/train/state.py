@@ -34,3 +34,36 @@ class StepPlan:
 
     steps_per_epoch: int
     total_steps: int
+
+
+def rng_file(folder: Path, rank: int) -> Path:
+    return folder / "rng" / f"rank_{rank:05d}.safetensors"
+
+
+def save_rng_state(folder: Path, rank: int) -> None:
+    """Each rank's torch RNG state (CPU and its GPU): dropout draws from it, so a resumed run
+    that restores it replays exactly the steps an uninterrupted run would have taken."""
+    import torch
+    from safetensors.torch import save_file
+
+    states = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()
+    target = rng_file(folder, rank)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    save_file(states, str(target))
+
+
+def load_rng_state(folder: Path, rank: int) -> bool:
+    """Restore this rank's RNG state; False when the checkpoint has none for it (older run, other world size)."""
+    import torch
+    from safetensors.torch import load_file
+
+    source = rng_file(folder, rank)
+    if not source.is_file():
+        return False
+    states = load_file(str(source))
+    torch.set_rng_state(states["cpu"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+    return True

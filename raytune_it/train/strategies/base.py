@@ -25,8 +25,8 @@ class Strategy(Protocol):
     def describe(self) -> dict[str, Any]:
         """Facts about the set-up as built (precision, sharding, parameter counts), for the summary."""
 
-    def save_checkpoint(self, folder: Path) -> bool:
-        """Write this rank's part of a checkpoint into ``folder``; False if this rank writes nothing."""
+    def save_checkpoint(self, folder: Path) -> None:
+        """Write this rank's part of a checkpoint into ``folder`` (a replica rank may write nothing)."""
 
     def load_checkpoint(self, folder: Path) -> None: ...
 

@@ -104,16 +104,15 @@ class LoraStrategy:
             "gradient_checkpointing": bool(self.peft_model.base_model.model.is_activation_checkpointing),
         }
 
-    def save_checkpoint(self, folder: Path) -> bool:
+    def save_checkpoint(self, folder: Path) -> None:
         import torch
         import torch.distributed as dist
 
         if dist.is_initialized() and dist.get_rank() != 0:
-            return False  # the replicas are identical: rank 0 writes for all
+            return  # the replicas are identical: rank 0 writes for all
         self.peft_model.save_pretrained(folder / "adapter", safe_serialization=True)
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
                    folder / "optimizer.pt")
-        return True
 
     def load_checkpoint(self, folder: Path) -> None:
         import torch

@@ -124,11 +124,10 @@ class ZeRO3Strategy:
             "parameters_on_rank": sum(p.ds_tensor.numel() if partitioned else p.numel() for p in params),
         }
 
-    def save_checkpoint(self, folder: Path) -> bool:
+    def save_checkpoint(self, folder: Path) -> None:
         # Every rank writes its own partition of parameters and optimizer states.
         self.engine.save_checkpoint(str(folder), tag=CHECKPOINT_TAG)
         (folder / "deepspeed_config.json").write_text(json.dumps(self.ds_config, indent=2))
-        return True
 
     def load_checkpoint(self, folder: Path) -> None:
         path, _ = self.engine.load_checkpoint(str(folder), tag=CHECKPOINT_TAG)
