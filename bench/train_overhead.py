@@ -4,9 +4,10 @@ and steps, measured in one run.
 
     python bench/train_overhead.py [--steps 40] [--micro-batch-size 8] [--int8 | --no-int8]
 
-It prints tokens/s for each and the ratios against the bare loop. A fourth
-variant runs the bare loop as a Ray task with the same CPUs, which separates
-what Ray's runtime costs on this machine from what raytune-it's loop adds. Every variant
+It prints tokens/s for each and the ratios against the bare loop. Two more
+variants run the same bare loop as a Ray task and as the training function of a
+one-worker Ray Train job, with the same CPUs: they split the gap into what Ray's
+runtime costs, what Ray Train's worker costs, and what raytune-it's loop adds. Every variant
 times its whole step loop (data loading included; model loading and worker
 start-up excluded) and counts the same non-padding tokens. The Ray worker gets
 all of the machine's cores, like the other two.
@@ -116,6 +117,28 @@ def bare_loop_in_ray_worker(config, steps):
         return ray.get(ray.remote(num_cpus=cpus)(_bare_loop_task).remote(config, steps))
 
 
+def bare_loop_in_ray_train_worker(config, steps, folder):
+    """The bare loop again, as the training function of a one-worker TorchTrainer: Ray Train's own cost."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from raytune_it.cluster import ray_session
+
+    cpus = config.scaling.cpus_per_worker
+    folder.mkdir(parents=True, exist_ok=True)
+    rate_file = folder / "tokens_per_second.txt"
+
+    def train_fn(_):
+        # Train V2 keeps only checkpointed metrics in its Result: the rate comes back through a file.
+        rate_file.write_text(str(_bare_loop_task(config, steps)))
+
+    with ray_session(min_cpus=cpus):
+        TorchTrainer(train_fn, scaling_config=ray.train.ScalingConfig(
+            num_workers=1, resources_per_worker={"CPU": cpus}),
+            run_config=ray.train.RunConfig(storage_path=str(folder))).fit()
+    return float(rate_file.read_text())
+
+
 def _bare_loop_task(config, steps):
     from raytune_it.models.loading import load_tokenizer
 
@@ -131,33 +154,49 @@ def raytune_it_run(config, folder):
 
 
 def main() -> None:
+    import statistics
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=40, help="optimizer steps for each variant")
+    parser.add_argument("--steps", type=int, default=200,
+                        help="optimizer steps for each variant (the default stays inside one epoch)")
     parser.add_argument("--micro-batch-size", type=int, default=8, help="sequences per step")
     parser.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True, help="INT8 base weights")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="rounds; each round runs every variant once, interleaved, and the median is reported")
     args = parser.parse_args()
     config, tokenizer = setup(args)
     folder = Path(tempfile.mkdtemp(prefix="raytune-it-bench-"))
+    variants = {
+        "bare PyTorch + peft loop": lambda i: bare_loop(config, tokenizer, args.steps),
+        "transformers Trainer": lambda i: hf_trainer(config, tokenizer, args.steps, folder / f"hf{i}"),
+        "bare loop in a Ray task": lambda i: bare_loop_in_ray_worker(config, args.steps),
+        "bare loop in Ray Train": lambda i: bare_loop_in_ray_train_worker(config, args.steps, folder / f"rt{i}"),
+        "raytune-it (Ray Train)": lambda i: raytune_it_run(config, folder / f"runs{i}"),
+    }
+    samples: dict[str, list[float]] = {name: [] for name in variants}
     try:
-        results = {
-            "bare PyTorch + peft loop": bare_loop(config, tokenizer, args.steps),
-            "transformers Trainer": hf_trainer(config, tokenizer, args.steps, folder / "hf"),
-            "bare loop in a Ray worker": bare_loop_in_ray_worker(config, args.steps),
-            "raytune-it (Ray Train)": raytune_it_run(config, folder / "runs"),
-        }
+        # Interleaved rounds: a slow spell on this shared machine hits every variant, not one.
+        for round_index in range(args.repeats):
+            for name, run in variants.items():
+                samples[name].append(run(round_index))
+                print(f"round {round_index + 1}/{args.repeats} {name}: {samples[name][-1]:,.0f} tokens/s", flush=True)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+    results = {name: statistics.median(rates) for name, rates in samples.items()}
     base = results["bare PyTorch + peft loop"]
     print(f"\nLoRA ({'INT8' if args.int8 else 'bf16'} base), tiny-llama, {args.steps} steps x "
-          f"{args.micro_batch_size} sequences, one worker")
-    print(f"{'':<28}{'tokens/s':>10}{'vs bare loop':>14}")
+          f"{args.micro_batch_size} sequences, one worker, median of {args.repeats} interleaved rounds")
+    print(f"{'':<30}{'tokens/s':>10}{'vs bare loop':>14}   all rounds")
     for name, rate in results.items():
-        print(f"{name:<28}{rate:>10,.0f}{rate / base:>13.2f}x")
+        rounds = ", ".join(f"{r:,.0f}" for r in samples[name])
+        print(f"{name:<30}{rate:>10,.0f}{rate / base:>13.2f}x   {rounds}")
     ours, trainer = results["raytune-it (Ray Train)"], results["transformers Trainer"]
     print(f"raytune-it / Trainer: {ours / trainer:.2f}x")
-    in_ray = results["bare loop in a Ray worker"]
-    print(f"raytune-it / bare loop in a Ray worker: {ours / in_ray:.2f}x (the loop's own overhead, Ray's runtime "
-          "cost factored out)")
+    in_task, in_train = results["bare loop in a Ray task"], results["bare loop in Ray Train"]
+    print(f"bare loop in a Ray task / bare loop: {in_task / base:.2f}x (the Ray runtime beside the loop)")
+    print(f"bare loop in Ray Train / in a Ray task: {in_train / in_task:.2f}x (Ray Train's worker and controller)")
+    print(f"raytune-it / bare loop in Ray Train: {ours / in_train:.2f}x (raytune-it's loop: Ray Data ingest, "
+          "metrics, checkpoints)")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import sys
 from typing import Callable, Sequence
 
 from raytune_it.errors import UserError
+from raytune_it.hardware import SERVER_TYPES
 
 CONFIG_HELP = ("a bundled preset name (see 'raytune-it config presets') or the path of a YAML job config; "
                "omitted: the defaults")
@@ -102,6 +103,46 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     Console().print(table)
     return 0 if not numbers["errors"] else 1
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from raytune_it.plan.inputs import resolve_workload
+    from raytune_it.plan.planner import calibrate, measured_throughput, plan
+    from raytune_it.plan.render import print_plan, print_survey_table, survey_markdown, survey_table
+
+    # Piped output gets room for the wide table instead of rich's 80-column default.
+    console = Console(width=None if sys.stdout.isatty() else 180)
+    if args.table:
+        options = {key: value for key, value in (("seq_len", args.seq_len), ("epochs", args.epochs),
+                                                 ("records", args.records), ("mean_tokens", args.mean_tokens),
+                                                 ("global_batch", args.global_batch)) if value is not None}
+        if args.calibrate:
+            options["sustained_flops"], options["calibrated_from"] = measured_throughput(Path(args.calibrate))
+        plans = survey_table(**options)
+        if args.json:
+            print(json.dumps([p.to_dict() for p in plans], indent=2))
+        else:
+            print_survey_table(plans, console)
+        if args.markdown:
+            Path(args.markdown).write_text(survey_markdown(plans), encoding="utf-8")
+            console.print(f"wrote {args.markdown}", markup=False, highlight=False)
+        return 0
+    workload = resolve_workload(args.target, args.overrides, method=args.method, server_type=args.server_type,
+                                seq_len=args.seq_len, records=args.records, mean_tokens=args.mean_tokens,
+                                data=args.data, tokenizer=args.tokenizer, epochs=args.epochs,
+                                global_batch=args.global_batch)
+    if args.calibrate:
+        workload = calibrate(workload, Path(args.calibrate))
+    result = plan(workload)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print_plan(result, console)
+    return 0
 
 
 def cmd_node_resources(args: argparse.Namespace) -> int:
@@ -199,6 +240,42 @@ def build_parser() -> argparse.ArgumentParser:
     bench_serve.add_argument("--api-key", default=None, help="API key, if the endpoint has one")
     bench_serve.add_argument("--json", action="store_true", help="print JSON")
     bench_serve.set_defaults(func=cmd_bench_serve)
+
+    plan = sub.add_parser(
+        "plan", help="size a tuning job: GPUs, per-device batch, hours, inference GPUs and tokens/s",
+        description="Estimate, before launching, what a tuning job needs on a server type: per-GPU memory (weights, "
+        "gradients, optimizer states with ZeRO-3 sharding, activations with and without gradient checkpointing, "
+        "INT8 base + LoRA, framework overhead), the smallest GPU count that fits, the per-device batch, the tuning "
+        "time from FLOPs over a stated sustained throughput, and batch-1 inference. Every assumption is printed; "
+        "docs/planner.md derives the model and compares it with the survey's Table 8.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    plan.add_argument("target", nargs="?", metavar="MODEL|CONFIG",
+                      help="a parameter count (7B, 13B, 30B, 65B use LLaMA's real shapes; others get LLaMA "
+                      "proportions), a model directory with config.json, or a job config (preset or YAML) whose "
+                      "method, scaling, batch and data are planned; default: tiny-lora")
+    plan.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides when a config is given")
+    plan.add_argument("--method", choices=["full", "lora"], help="full (ZeRO-3) or lora (INT8 base); default: the "
+                      "config's, else full")
+    plan.add_argument("--server-type", choices=sorted(SERVER_TYPES),
+                      help="the GPU server to plan for; default: the config's, else a800-80g")
+    plan.add_argument("--seq-len", type=int, help="max sequence length in tokens (default 512, or the config's)")
+    plan.add_argument("--records", type=int, help="training records (default 52,002: Alpaca)")
+    plan.add_argument("--mean-tokens", type=float, help="mean tokens per record after the prompt template (default "
+                      "200, an Alpaca estimate)")
+    plan.add_argument("--data", help="a dataset (.json/.jsonl/.parquet) to measure records and mean tokens from, "
+                      "with the training pipeline")
+    plan.add_argument("--tokenizer", help="model directory whose tokenizer counts --data tokens (default: the "
+                      "model's)")
+    plan.add_argument("--epochs", type=float, help="passes over the data (default 3)")
+    plan.add_argument("--global-batch", type=int, help="sequences per optimizer step across all GPUs (default 32, "
+                      "or the config's micro batch x accumulation x workers)")
+    plan.add_argument("--calibrate", metavar="RUN_DIR", help="replace the assumed throughput with the one a finished "
+                      "run measured (its summary.json); use a run on the same server type")
+    plan.add_argument("--table", action="store_true", help="print the survey-shaped table: LLaMA 7B-65B x full/LoRA "
+                      "x both server types, beside the survey's published full-tuning column")
+    plan.add_argument("--markdown", metavar="FILE", help="with --table: also write the table as Markdown")
+    plan.add_argument("--json", action="store_true", help="machine-readable output")
+    plan.set_defaults(func=cmd_plan)
 
     node = sub.add_parser(
         "node-resources", help="print this node's server-type resources as JSON, for ray start --resources",

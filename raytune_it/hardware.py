@@ -27,8 +27,14 @@ class ServerType:
     memory_bandwidth: float
     #: Dense BF16 tensor-core peak, FLOP/s.
     peak_bf16_flops: float
-    #: Node-to-node network, bytes/s (ZeRO-3 gathers cross it).
+    #: Node-to-node network per node, bytes/s (ZeRO-3 gathers cross it once a job spans servers).
     interconnect_bandwidth: float
+    #: Planner assumption: the bus bandwidth NCCL reaches inside one server for ZeRO-3's per-layer
+    #: all-gathers and reduce-scatters (messages of tens of MB, well below the large-message peak).
+    collective_bandwidth: float
+    #: Planner assumption: the fraction of ``peak_bf16_flops`` a tuning step sustains (model FLOPs
+    #: utilization). A measured run replaces it: ``raytune-it plan --calibrate RUN_DIR``.
+    sustained_mfu: float
     #: Substrings of the CUDA device name that identify this type's GPU.
     gpu_name_patterns: tuple[str, ...] = ()
 
@@ -46,7 +52,11 @@ SERVER_TYPES: dict[str, ServerType] = {
         gpu_memory_gib=80.0,
         memory_bandwidth=2.039e12,
         peak_bf16_flops=312e12,
-        interconnect_bandwidth=25e9,
+        interconnect_bandwidth=100e9,  # 4 x 200 Gb/s InfiniBand HDR, the usual HGX A800 fit-out
+        # NVLink on the A800 is capped at 400 GB/s (A100: 600); ZeRO-3's ~50 MB messages reach about a
+        # third of the large-message bus bandwidth.
+        collective_bandwidth=50e9,
+        sustained_mfu=0.25,
         gpu_name_patterns=("A800",),
     ),
     "rtx3090-24g": ServerType(
@@ -56,7 +66,10 @@ SERVER_TYPES: dict[str, ServerType] = {
         gpu_memory_gib=24.0,
         memory_bandwidth=936e9,
         peak_bf16_flops=71e12,
-        interconnect_bandwidth=12.5e9,
+        interconnect_bandwidth=12.5e9,  # one 100 Gb/s NIC
+        # GeForce cards have no NVLink switch and no PCIe peer-to-peer: collectives go through host memory.
+        collective_bandwidth=8e9,
+        sustained_mfu=0.25,
         gpu_name_patterns=("3090",),
     ),
 }

@@ -12,19 +12,30 @@ kernel (no s² score matrix is stored). Gradient checkpointing keeps only each
 layer's input (2·s·h) plus one layer's activations during recompute. The logits
 and their float32 copy for the loss add s·V·6 bytes. A fixed framework overhead
 covers the CUDA context, allocator fragmentation and communication buffers.
+
+ZeRO-3 adds working buffers on top of its 1/N shards, at DeepSpeed's defaults
+(which the generated DeepSpeed config keeps): the parameters gathered for the
+layers in flight (up to ``stage3_max_live_parameters`` = 1e9, 16-bit) and the
+gradient reduce bucket (``reduce_bucket_size`` = 5e8, 16-bit). The optimizer
+step later upcasts one ``sub_group_size`` (1e9) of gradients to FP32, but by
+then the activations are freed, so the step's peak is lower than the backward's.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from raytune_it.config.schema import JobConfig
 
 GIB = 2**30
-#: CUDA context, cuBLAS workspaces, NCCL and ZeRO buffers, allocator fragmentation.
+#: CUDA context, cuBLAS workspaces, NCCL buffers, allocator fragmentation.
 FRAMEWORK_OVERHEAD_BYTES = int(2.5 * GIB)
+#: DeepSpeed ZeRO-3 defaults the working buffers follow.
+ZERO3_MAX_LIVE_PARAMETERS = 1_000_000_000
+ZERO3_REDUCE_BUCKET_SIZE = 500_000_000
 
 
 @dataclass(frozen=True)
@@ -95,20 +106,24 @@ class MemoryEstimate:
     optimizer: int
     activations: int
     overhead: int
+    #: ZeRO-3's gathered parameters and reduce bucket.
+    zero_buffers: int = 0
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.overhead
+        return self.weights + self.gradients + self.optimizer + self.activations + self.overhead + self.zero_buffers
 
     def to_dict(self) -> dict[str, int]:
         return dict(asdict(self), total=self.total)
 
     def describe(self) -> str:
-        parts = ", ".join(f"{k} {v / GIB:.1f}" for k, v in asdict(self).items())
+        parts = ", ".join(f"{k.replace('_', ' ')} {v / GIB:.1f}" for k, v in asdict(self).items()
+                          if v or k != "zero_buffers")
         return f"{self.total / GIB:.1f} GiB ({parts} GiB)"
 
 
 def activation_bytes(shape: ModelShape, seq_len: int, micro_batch: int, checkpointing: bool) -> int:
+    """Activations kept for the backward pass, for ``micro_batch`` sequences of ``seq_len`` tokens."""
     per_layer_full = 34 * seq_len * shape.hidden
     if checkpointing:
         per_sequence = shape.layers * 2 * seq_len * shape.hidden + per_layer_full
@@ -145,12 +160,18 @@ def estimate_memory(
         shard = num_gpus if zero_stage == 3 else 1
         grad_shard = num_gpus if zero_stage >= 2 else 1
         opt_shard = num_gpus if zero_stage >= 1 else 1
+        buffers = 0
+        if zero_stage == 3 and num_gpus > 1:
+            # Two layers in flight (the one computing and the one prefetched), capped by max_live_parameters.
+            live = min(ZERO3_MAX_LIVE_PARAMETERS, 2 * shape.linear_params_per_layer, params)
+            buffers = 2 * live + 2 * min(ZERO3_REDUCE_BUCKET_SIZE, params)
         return MemoryEstimate(
             weights=2 * params // shard,
             gradients=2 * params // grad_shard,
             optimizer=0 if offload_optimizer else 12 * params // opt_shard,
             activations=activations,
             overhead=FRAMEWORK_OVERHEAD_BYTES,
+            zero_buffers=buffers,
         )
     linear = shape.layers * shape.linear_params_per_layer
     other = params - linear
@@ -168,3 +189,28 @@ def estimate_for_config(config: JobConfig, shape: ModelShape | None = None) -> M
         offload_optimizer=config.deepspeed.offload_optimizer, lora_rank=config.lora.rank,
         lora_int8=config.lora.int8, lora_targets=list(config.lora.target_modules),
     )
+
+
+def shape_from_parameter_count(parameters: float, name: str | None = None) -> ModelShape:
+    """A LLaMA-proportioned shape for a bare parameter count (the known LLaMA sizes use their real shapes).
+
+    LLaMA keeps about one layer per 128 hidden units and an 8/3 MLP ratio, so
+    12·L·h² ≈ P with L = h/128 gives the hidden size; the count is approximate.
+    """
+    hidden = max(128, round((parameters * 128 / 12) ** (1 / 3) / 128) * 128)
+    layers = max(1, round(parameters / (12 * hidden * hidden)))
+    intermediate = 256 * math.ceil(8 * hidden / 3 / 256)
+    return ModelShape(name or f"{parameters / 1e9:g}B (LLaMA-like)", layers, hidden, intermediate,
+                      hidden // 128, hidden // 128, 32000)
+
+
+def parse_parameter_count(text: str) -> float | None:
+    """'7B', '13b', '350M', '6.7e9' -> parameters; None when the text is not a count."""
+    units = {"k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
+    cleaned = text.strip().lower()
+    try:
+        if cleaned and cleaned[-1] in units:
+            return float(cleaned[:-1]) * units[cleaned[-1]]
+        return float(cleaned)
+    except ValueError:
+        return None

@@ -71,18 +71,11 @@ def plan_steps(config: JobConfig, train_rows: int) -> StepPlan:
 
 
 def memory_warning(config: JobConfig) -> str | None:
-    """The memory model's verdict for the configured server type, before anything launches."""
-    if config.scaling.server_type == "any":
-        return None
-    from raytune_it.plan.memory import GIB, estimate_for_config
+    """The planner's verdict for the configured server type, before anything launches."""
+    from raytune_it.plan.planner import config_fit_problem
 
-    estimate = estimate_for_config(config)
-    budget = SERVER_TYPES[config.scaling.server_type].gpu_memory_gib * GIB
-    if estimate.total <= budget:
-        return None
-    return (f"this job needs about {estimate.describe()} per GPU, more than a {config.scaling.server_type} GPU's "
-            f"{budget / GIB:.0f} GiB; lower train.micro_batch_size, raise scaling.num_workers (ZeRO-3 shards over "
-            "them) or enable deepspeed.gradient_checkpointing / lora.int8")
+    problem = config_fit_problem(config)
+    return f"this job {problem}" if problem else None
 
 
 def read_history(metrics_path: Path) -> list[dict]:

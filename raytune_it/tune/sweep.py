@@ -38,16 +38,15 @@ def memory_budget_bytes(config: JobConfig) -> float | None:
 
 
 def mark_infeasible(trials: list[Trial], budget: float | None) -> None:
-    """Skip trials the memory model says exceed the per-device budget, with the numbers as the reason."""
+    """Skip trials the planner says exceed the per-device budget, with its reason."""
     from raytune_it.plan.memory import estimate_for_config, shape_of_config
+    from raytune_it.plan.planner import config_fit_problem
 
     shape = shape_of_config(trials[0].config)
     for trial in trials:
-        estimate = estimate_for_config(trial.config, shape)
-        trial.memory_bytes = estimate.total
-        if budget is not None and estimate.total > budget:
-            trial.skipped_reason = (f"needs about {estimate.describe()} per device, more than the "
-                                    f"{budget / GIB:.1f} GiB budget")
+        trial.memory_bytes = estimate_for_config(trial.config, shape).total
+        if budget is not None:
+            trial.skipped_reason = config_fit_problem(trial.config, shape, budget)
 
 
 class _SweepReportCallback:

@@ -1,0 +1,293 @@
+"""How many GPUs, what batch per device and how many hours: the planner behind ``raytune-it plan``.
+
+Every number is derived, and every assumption is a named input:
+
+* memory per GPU comes from :mod:`raytune_it.plan.memory`;
+* ``num_gpus`` is the smallest data-parallel size, among the sizes launchers use
+  (1, 2, 4, 8, then whole 8-GPU servers), whose estimate fits one GPU;
+* the per-device batch is the smallest of three limits, and the plan says which one binds:
+  memory (the largest power of two that fits), GPU saturation (a micro-batch of
+  ``saturation_tokens`` tokens already keeps a GPU's matrix units busy, so a
+  larger one buys memory pressure, not speed) and the optimization's global batch
+  (``global_batch`` sequences per optimizer step, reached with gradient accumulation);
+* time is FLOPs over a sustained throughput: 6·P per token for full tuning (forward
+  2·P, backward 4·P) and 4·P for LoRA (the frozen base still back-propagates
+  activation gradients, 2·P, but computes no weight gradients), plus one more
+  forward (2·P) with gradient checkpointing. INT8 base weights run at
+  ``INT8_MATMUL_EFFICIENCY`` of the 16-bit rate. ZeRO-3 moves 2·P bytes per
+  all-gather or reduce-scatter and micro-batch (three of them, four with
+  recompute), times (N-1)/N, over the server's collective bandwidth, or over the
+  network once the job spans servers; compute and communication overlap, so a
+  micro-batch costs the larger of the two;
+* inference at batch 1 reads every weight once per token, so memory bandwidth
+  divided by the weights' bytes bounds the generation rate from above.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from raytune_it.errors import UserError
+from raytune_it.hardware import SERVER_TYPES, ServerType
+from raytune_it.plan.memory import GIB, ModelShape, activation_bytes, estimate_memory
+
+Method = Literal["full", "lora"]
+
+#: bitsandbytes LLM.int8() splits outlier columns into a 16-bit matmul and dequantizes the rest:
+#: its paper and later measurements put training-time matmuls at roughly half the 16-bit rate.
+INT8_MATMUL_EFFICIENCY = 0.5
+#: Alpaca-52K, the survey's dataset: 52,002 records; about 200 LLaMA tokens each with the prompt template.
+ALPACA_RECORDS = 52_002
+ALPACA_MEAN_TOKENS = 200
+#: The survey's published full-tuning column (Table 8; A800-80G, ZeRO-3, BF16, checkpointing, 3 epochs, 512).
+SURVEY_FULL_A800 = {"7B": (2, 8, 3.0), "13B": (4, 8, 3.1), "30B": (8, 4, 6.1), "65B": (16, 2, 11.2)}
+MAX_SERVERS = 64
+
+
+def candidate_gpu_counts(gpus_per_node: int) -> list[int]:
+    """1, 2, 4, ... up to one server, then whole servers."""
+    small = [n for n in (1, 2, 4, 8, 16) if n < gpus_per_node]
+    return small + [gpus_per_node * servers for servers in range(1, MAX_SERVERS + 1)]
+
+
+@dataclass
+class Workload:
+    """What is tuned, on what, and how: the planner's inputs."""
+
+    shape: ModelShape
+    method: Method
+    server_type: str
+    seq_len: int = 512
+    records: int = ALPACA_RECORDS
+    mean_tokens: float = ALPACA_MEAN_TOKENS
+    epochs: float = 3.0
+    checkpointing: bool = True
+    lora_rank: int = 16
+    lora_int8: bool = True
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    offload_optimizer: bool = False
+    #: Sequences per optimizer step, across all GPUs.
+    global_batch: int = 32
+    #: Tokens per micro-batch that saturate a GPU's matrix units.
+    saturation_tokens: int = 4096
+    #: Sustained FLOP/s per GPU; None takes the server type's peak times its assumed utilization.
+    sustained_flops: float | None = None
+    calibrated_from: str | None = None
+
+    @property
+    def server(self) -> ServerType:
+        return SERVER_TYPES[self.server_type]
+
+    @property
+    def tokens(self) -> float:
+        return self.records * min(self.mean_tokens, self.seq_len) * self.epochs
+
+
+@dataclass
+class Plan:
+    model: str
+    parameters: int
+    method: str
+    server_type: str
+    feasible: bool
+    reason: str
+    num_gpus: int | None = None
+    servers: int | None = None
+    per_device_batch_size: int | None = None
+    max_batch_that_fits: int | None = None
+    batch_limited_by: str | None = None
+    gradient_accumulation_steps: int | None = None
+    memory_gib: dict[str, float] = field(default_factory=dict)
+    activation_gib_per_sequence: dict[str, float] = field(default_factory=dict)
+    train_tokens: float = 0.0
+    train_flops: float = 0.0
+    sustained_tflops_per_gpu: float = 0.0
+    compute_hours: float | None = None
+    communication_hours: float | None = None
+    est_hours: float | None = None
+    inference: dict[str, dict[str, float | int | None]] = field(default_factory=dict)
+    assumptions: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _fits(workload: Workload, gpus: int, batch: int) -> tuple[bool, Any]:
+    estimate = estimate_memory(
+        workload.shape, method=workload.method, num_gpus=gpus, micro_batch=batch, seq_len=workload.seq_len,
+        checkpointing=workload.checkpointing, offload_optimizer=workload.offload_optimizer,
+        lora_rank=workload.lora_rank, lora_int8=workload.lora_int8, lora_targets=workload.lora_targets,
+    )
+    return estimate.total <= workload.server.gpu_memory_gib * GIB, estimate
+
+
+def flops_per_token(shape: ModelShape, method: str, checkpointing: bool) -> float:
+    passes = 6 if method == "full" else 4
+    return (passes + (2 if checkpointing else 0)) * shape.parameters
+
+
+def sustained_flops(workload: Workload) -> float:
+    if workload.sustained_flops is not None:
+        return workload.sustained_flops
+    rate = workload.server.peak_bf16_flops * workload.server.sustained_mfu
+    if workload.method == "lora" and workload.lora_int8:
+        rate *= INT8_MATMUL_EFFICIENCY
+    return rate
+
+
+def inference_plan(shape: ModelShape, server: ServerType, seq_len: int) -> dict[str, dict[str, float | int | None]]:
+    """Batch-1 serving: GPUs to hold the weights and the KV cache, and the bandwidth bound on tokens/s."""
+    linear = shape.layers * shape.linear_params_per_layer
+    kv_cache = 2 * shape.layers * shape.kv_heads * (shape.hidden // shape.heads) * seq_len * 2
+    out: dict[str, dict[str, float | int | None]] = {}
+    for precision, weight_bytes in (("bf16", 2 * shape.parameters),
+                                    ("int8", linear + 2 * (shape.parameters - linear))):
+        gpus = next((n for n in candidate_gpu_counts(server.gpus_per_node)
+                     if (weight_bytes + kv_cache) / n + 2.5 * GIB <= server.gpu_memory_gib * GIB), None)
+        out[precision] = {
+            "num_gpus": gpus,
+            "weights_gib": round(weight_bytes / GIB, 1),
+            # Tensor parallel over n GPUs: each reads its 1/n of the weights per token, all at once.
+            "max_tokens_per_second": None if gpus is None else round(gpus * server.memory_bandwidth / weight_bytes, 1),
+        }
+    return out
+
+
+def plan(workload: Workload) -> Plan:
+    shape, server = workload.shape, workload.server
+    result = Plan(model=shape.name, parameters=shape.parameters, method=workload.method,
+                  server_type=workload.server_type, feasible=False, reason="")
+    result.assumptions = {
+        "records": workload.records, "mean_tokens_per_record": workload.mean_tokens, "epochs": workload.epochs,
+        "seq_len": workload.seq_len, "gradient_checkpointing": workload.checkpointing,
+        "global_batch_sequences": workload.global_batch, "saturation_tokens": workload.saturation_tokens,
+        "gpu_memory_gib": server.gpu_memory_gib, "peak_bf16_tflops": server.peak_bf16_flops / 1e12,
+        "sustained_mfu": server.sustained_mfu, "collective_gb_per_s": server.collective_bandwidth / 1e9,
+        "network_gb_per_s_per_node": server.interconnect_bandwidth / 1e9,
+        "int8_matmul_efficiency": INT8_MATMUL_EFFICIENCY if workload.method == "lora" and workload.lora_int8 else 1.0,
+        "calibrated_from": workload.calibrated_from,
+    }
+    result.inference = inference_plan(shape, server, workload.seq_len)
+    result.activation_gib_per_sequence = {
+        "with_checkpointing": round(activation_bytes(shape, workload.seq_len, 1, True) / GIB, 3),
+        "without_checkpointing": round(activation_bytes(shape, workload.seq_len, 1, False) / GIB, 3),
+    }
+    result.train_tokens = workload.tokens
+    result.train_flops = flops_per_token(shape, workload.method, workload.checkpointing) * workload.tokens
+    result.sustained_tflops_per_gpu = round(sustained_flops(workload) / 1e12, 3)
+
+    # LoRA runs as DDP: every GPU holds the whole (INT8) base, so more GPUs never make it fit.
+    counts = candidate_gpu_counts(server.gpus_per_node) if workload.method == "full" else [1]
+    gpus = next((n for n in counts if _fits(workload, n, 1)[0]), None)
+    if gpus is None:
+        _, estimate = _fits(workload, counts[-1], 1)
+        result.memory_gib = {k: round(v / GIB, 2) for k, v in estimate.to_dict().items()}
+        result.reason = (f"does not fit: even one sequence needs {estimate.total / GIB:.1f} GiB per GPU on "
+                         f"{counts[-1]} GPU(s), more than a {workload.server_type} GPU's {server.gpu_memory_gib:g} GiB"
+                         + ("; LoRA is data parallel, so every GPU holds the whole base model"
+                            if workload.method == "lora" else ""))
+        return result
+
+    fits = 1
+    while fits < 4096 and _fits(workload, gpus, fits * 2)[0]:
+        fits *= 2
+    limits = {
+        "memory": fits,
+        "GPU saturation": max(1, workload.saturation_tokens // workload.seq_len),
+        "global batch": max(1, workload.global_batch // gpus),
+    }
+    binding = min(limits, key=lambda name: (limits[name], name != "memory"))
+    batch = limits[binding]
+    _, estimate = _fits(workload, gpus, batch)
+    result.feasible = True
+    result.num_gpus, result.servers = gpus, math.ceil(gpus / server.gpus_per_node)
+    result.per_device_batch_size, result.max_batch_that_fits, result.batch_limited_by = batch, fits, binding
+    result.gradient_accumulation_steps = max(1, math.ceil(workload.global_batch / (gpus * batch)))
+    result.memory_gib = {k: round(v / GIB, 2) for k, v in estimate.to_dict().items()}
+
+    compute_s = result.train_flops / (gpus * sustained_flops(workload))
+    communication_s = 0.0
+    if workload.method == "full" and gpus > 1:
+        micro_batches = workload.tokens / (gpus * batch * min(workload.mean_tokens, workload.seq_len))
+        collectives = 4 if workload.checkpointing else 3
+        volume = collectives * 2 * shape.parameters * (gpus - 1) / gpus
+        bandwidth = server.collective_bandwidth
+        if gpus > server.gpus_per_node:
+            bandwidth = min(bandwidth, server.interconnect_bandwidth)
+        communication_s = micro_batches * volume / bandwidth
+    result.compute_hours = round(compute_s / 3600, 2)
+    result.communication_hours = round(communication_s / 3600, 2)
+    result.est_hours = round(max(compute_s, communication_s) / 3600, 2)
+    result.reason = (f"fits {gpus} GPU(s) at {estimate.total / GIB:.1f} GiB each; batch {batch} per device, "
+                     f"limited by {binding}; "
+                     + ("communication-bound" if communication_s > compute_s else "compute-bound"))
+    return result
+
+
+def measured_throughput(run_dir: Path) -> tuple[float, str]:
+    """The model FLOP/s per device a finished run sustained (its summary.json), and where it came from."""
+    from raytune_it.config.loading import load_run_config
+    from raytune_it.plan.memory import shape_of_config
+
+    summary_path = Path(run_dir) / "summary.json"
+    if not summary_path.is_file():
+        raise UserError(f"--calibrate {run_dir}: no summary.json there; point it at a finished run folder "
+                                "(run.storage/run.name)")
+    summary = json.loads(summary_path.read_text())
+    config = load_run_config(Path(run_dir) / "config.yaml")
+    shape = shape_of_config(config)
+    measured = (flops_per_token(shape, config.method, config.deepspeed.gradient_checkpointing)
+                * summary["tokens_per_second"] / summary["num_workers"])
+    return measured, (f"{run_dir} ({config.method} on {summary['num_workers']} {summary.get('device', '?')} "
+                      f"worker(s), server type {summary.get('server_type')}: {measured / 1e12:.4g} TFLOP/s per device)")
+
+
+def calibrate(workload: Workload, run_dir: Path) -> Workload:
+    """Replace the assumed throughput with the one a finished run measured."""
+    measured, source = measured_throughput(run_dir)
+    return replace(workload, sustained_flops=measured, calibrated_from=source)
+
+
+def workload_from_config(config: Any, shape: ModelShape | None = None, server_type: str | None = None,
+                         **data: Any) -> Workload:
+    """The workload a job config describes; ``data`` may carry records / mean_tokens measured elsewhere."""
+    from raytune_it.plan.memory import shape_of_config
+
+    chosen = server_type or (config.scaling.server_type if config.scaling.server_type != "any" else "a800-80g")
+    train = config.train
+    return Workload(
+        shape=shape or shape_of_config(config), method=config.method, server_type=chosen, seq_len=train.max_seq_len,
+        epochs=train.epochs, checkpointing=config.deepspeed.gradient_checkpointing, lora_rank=config.lora.rank,
+        lora_int8=config.lora.int8, lora_targets=list(config.lora.target_modules),
+        offload_optimizer=config.deepspeed.offload_optimizer,
+        global_batch=train.micro_batch_size * train.gradient_accumulation_steps * config.scaling.num_workers,
+        **data,
+    )
+
+
+def config_fit_problem(config: Any, shape: ModelShape | None = None, budget_bytes: float | None = None) -> str | None:
+    """Why this exact config (its workers and micro-batch) will not fit a GPU of its server type; None if it fits.
+
+    Train warns with it before launch, and sweeps skip trials with it.
+    """
+    if budget_bytes is None:
+        if config.scaling.server_type == "any":
+            return None
+        budget_bytes = SERVER_TYPES[config.scaling.server_type].gpu_memory_gib * GIB
+        where = f"a {config.scaling.server_type} GPU's {budget_bytes / GIB:.0f} GiB"
+    else:
+        where = f"the {budget_bytes / GIB:.1f} GiB budget"
+    workload = workload_from_config(config, shape)
+    _, estimate = _fits(workload, config.scaling.num_workers,
+                        config.train.micro_batch_size)
+    if estimate.total <= budget_bytes:
+        return None
+    advice = ("lower train.micro_batch_size, raise scaling.num_workers (ZeRO-3 shards over them) or enable "
+              "deepspeed.gradient_checkpointing" if config.method == "full" else
+              "lower train.micro_batch_size or enable lora.int8 / deepspeed.gradient_checkpointing (LoRA is data "
+              "parallel: more workers do not shrink the base model)")
+    return f"needs about {estimate.describe()} per GPU, more than {where}; {advice}. Size it with: raytune-it plan CONFIG"

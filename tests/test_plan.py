@@ -1,0 +1,119 @@
+"""`raytune-it plan`: the planner's derivation, its CLI, calibration from a run, and bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from raytune_it.config import load_config, save_config
+from raytune_it.plan.memory import GIB, LLAMA_SHAPES, estimate_memory, shape_of_config
+from raytune_it.plan.planner import SURVEY_FULL_A800, Workload, calibrate, flops_per_token, plan
+
+
+def _cli(*args, check=True):
+    result = subprocess.run([sys.executable, "-m", "raytune_it", "plan", *args], capture_output=True, text=True,
+                            timeout=300)
+    if check:
+        assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
+@pytest.mark.parametrize("size", list(SURVEY_FULL_A800))
+def test_survey_full_tuning_column_comes_out(size):
+    gpus, batch, hours = SURVEY_FULL_A800[size]
+    result = plan(Workload(shape=LLAMA_SHAPES[size], method="full", server_type="a800-80g"))
+    assert result.feasible and result.num_gpus == gpus and result.per_device_batch_size == batch
+    # Hours are a model with stated throughput assumptions: close, not exact (docs/planner.md).
+    assert result.est_hours == pytest.approx(hours, rel=0.25)
+    # memory, not a policy, is what rules out the next smaller GPU count
+    half = estimate_memory(LLAMA_SHAPES[size], method="full", num_gpus=gpus // 2, micro_batch=1, seq_len=512)
+    assert half.total > 80 * GIB >= result.memory_gib["total"] * GIB
+
+
+def test_each_part_is_shown_and_lora_cannot_shard_what_does_not_fit():
+    full = plan(Workload(shape=LLAMA_SHAPES["7B"], method="full", server_type="a800-80g"))
+    assert {"weights", "gradients", "optimizer", "activations", "overhead", "zero_buffers"} <= full.memory_gib.keys()
+    per_sequence = full.activation_gib_per_sequence
+    assert per_sequence["with_checkpointing"] < per_sequence["without_checkpointing"] / 5
+    assert full.inference["bf16"]["num_gpus"] == 1
+    # batch 1 reads every weight once per token: bandwidth / bytes bounds the rate
+    assert full.inference["bf16"]["max_tokens_per_second"] == pytest.approx(2.039e12 / (2 * full.parameters), rel=0.01)
+    assert full.inference["int8"]["max_tokens_per_second"] > full.inference["bf16"]["max_tokens_per_second"]
+
+    lora = plan(Workload(shape=LLAMA_SHAPES["7B"], method="lora", server_type="rtx3090-24g"))
+    assert lora.feasible and lora.num_gpus == 1
+    assert lora.memory_gib["weights"] < 8  # INT8 base: about one byte per linear weight
+    too_big = plan(Workload(shape=LLAMA_SHAPES["30B"], method="lora", server_type="rtx3090-24g"))
+    assert not too_big.feasible and "every GPU holds the whole base model" in too_big.reason
+    # full tuning of the same model on the same servers shards over more GPUs instead
+    assert plan(Workload(shape=LLAMA_SHAPES["30B"], method="full", server_type="rtx3090-24g")).num_gpus > 8
+
+
+def test_more_data_or_epochs_means_proportionally_more_compute():
+    base = plan(Workload(shape=LLAMA_SHAPES["13B"], method="lora", server_type="a800-80g"))
+    double = plan(Workload(shape=LLAMA_SHAPES["13B"], method="lora", server_type="a800-80g", epochs=6))
+    assert double.train_flops == pytest.approx(2 * base.train_flops)
+    assert double.compute_hours == pytest.approx(2 * base.compute_hours, rel=0.01)
+
+
+def test_cli_json_for_a_parameter_count_and_a_model_directory(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    data = json.loads(_cli("13B", "--method", "lora", "--server-type", "rtx3090-24g", "--json").stdout)
+    assert data["method"] == "lora" and data["server_type"] == "rtx3090-24g" and data["num_gpus"] == 1
+    assert {"num_gpus", "per_device_batch_size", "est_hours", "inference", "memory_gib", "assumptions"} <= data.keys()
+
+    from_dir = json.loads(_cli(str(tiny_model_dir), "--records", "1000", "--mean-tokens", "100", "--json").stdout)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert from_dir["parameters"] == sum(p.numel() for p in model.parameters())
+    assert from_dir["train_tokens"] == 1000 * 100 * 3
+
+    readable = _cli("7B").stdout
+    assert "GPUs (servers)" in readable and "est. tuning time" in readable and "sustained mfu" in readable
+
+
+def test_cli_plans_a_job_config_with_its_data_measured(tmp_path):
+    data = json.loads(_cli("tiny-lora", "data.builtin_records=300", "--json").stdout)
+    assert data["method"] == "lora" and data["model"] == "tiny-llama"
+    # measured through the pipeline (the train split: 5% held out for eval), not the Alpaca default
+    assert 250 < data["assumptions"]["records"] < 300
+    assert 20 < data["assumptions"]["mean_tokens_per_record"] < 512
+    assert data["assumptions"]["global_batch_sequences"] == 8 * 2  # micro batch x workers of the preset
+
+
+def test_cli_table_writes_markdown_with_the_survey_column(tmp_path):
+    target = tmp_path / "plan.md"
+    out = _cli("--table", "--markdown", str(target)).stdout
+    assert "65B" in out and "rtx3090-24g" in out
+    lines = [line for line in target.read_text().splitlines() if line.startswith("| ")]
+    assert len(lines) == 1 + 4 * 2 * 2  # header + sizes x methods x server types
+    assert "| 7B | full | a800-80g | 2 | 8 | 3.0 | 2 / 8 / 3.0 |" in target.read_text()
+
+
+def test_calibration_replaces_the_assumed_throughput(tmp_path):
+    config = load_config("tiny-lora", [f"run.storage={tmp_path}"])
+    run_dir = tmp_path / "tiny-lora"
+    save_config(config, run_dir)
+    (run_dir / "summary.json").write_text(json.dumps(
+        {"tokens_per_second": 4000.0, "num_workers": 2, "device": "cpu", "server_type": "any"}))
+    workload = Workload(shape=LLAMA_SHAPES["7B"], method="lora", server_type="a800-80g")
+    calibrated = plan(calibrate(workload, run_dir))
+    assumed = plan(workload)
+    assert calibrated.assumptions["calibrated_from"].startswith(str(run_dir))
+    # the tiny model's FLOPs per token (LoRA with checkpointing: 6 P) x 2,000 tokens/s per worker
+    expected = flops_per_token(shape_of_config(config), "lora", True) * 2000
+    assert flops_per_token(shape_of_config(config), "lora", True) == 6 * shape_of_config(config).parameters
+    assert calibrated.sustained_tflops_per_gpu == pytest.approx(expected / 1e12, rel=0.01)
+    # time scales with the throughput (LoRA on one GPU has no communication term)
+    ratio = assumed.sustained_tflops_per_gpu / calibrated.sustained_tflops_per_gpu
+    assert calibrated.est_hours == pytest.approx(assumed.est_hours * ratio, rel=0.01)
+
+
+def test_bad_input_says_what_to_pass(tmp_path):
+    unknown = _cli("no-such-thing", check=False)
+    assert unknown.returncode == 2 and "plan takes a parameter count such as 7B" in unknown.stderr
+    no_tokenizer = _cli("7B", "--data", str(tmp_path / "x.jsonl"), check=False)
+    assert no_tokenizer.returncode == 2 and "pass --tokenizer" in no_tokenizer.stderr
+    no_run = _cli("7B", "--calibrate", str(tmp_path), check=False)
+    assert no_run.returncode == 2 and "no summary.json" in no_run.stderr
