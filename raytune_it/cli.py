@@ -105,6 +105,13 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     return 0 if not numbers["errors"] else 1
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from raytune_it.evaluation.driver import evaluate
+
+    evaluate(_load(args))
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -240,6 +247,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench_serve.add_argument("--api-key", default=None, help="API key, if the endpoint has one")
     bench_serve.add_argument("--json", action="store_true", help="print JSON")
     bench_serve.set_defaults(func=cmd_bench_serve)
+
+    evaluation = sub.add_parser(
+        "eval", help="measure the three effects of instruction tuning on held-out task families",
+        description="Score the base model and tuned models on held-out examples of the generated task families "
+        "(exact match, token F1, ROUGE-L per family) and report: performance (general adapter vs base on tuned "
+        "families), task generalization (the same on eval.held_out_families, never tuned on) and domain "
+        "specialization (the eval.domain adapter vs the general one on that domain's families). Adapters not "
+        "named in eval.models are trained first with 'raytune-it train' (eval.train_steps each). Results: "
+        "run.storage/run.name/eval/eval.json.")
+    _add_config_args(evaluation, required=False)
+    evaluation.set_defaults(func=cmd_eval)
 
     plan = sub.add_parser(
         "plan", help="size a tuning job: GPUs, per-device batch, hours, inference GPUs and tokens/s",

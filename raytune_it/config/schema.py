@@ -63,6 +63,23 @@ class DataSection(Section):
     builtin_records: PositiveInt = Field(
         2000, description="How many records 'builtin:tasks' generates."
     )
+    builtin_families: list[str] | None = Field(
+        None, description="Task families 'builtin:tasks' draws from (default: all 13, listed in an error for a wrong name); "
+        "a domain's families tune a domain model, leaving families out measures task generalization."
+    )
+
+    @field_validator("builtin_families")
+    @classmethod
+    def _known_families(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return value
+        from raytune_it.data.synthetic import FAMILIES
+
+        known = [family.name for family in FAMILIES]
+        unknown = [name for name in value if name not in known]
+        if unknown or not value:
+            raise ValueError(f"unknown task families {unknown or value}; allowed: {', '.join(known)}")
+        return value
 
 
 class LoraSection(Section):
@@ -204,6 +221,29 @@ class ServeSection(Section):
         return value
 
 
+class EvalSection(Section):
+    """The three effects of instruction tuning (``raytune-it eval``), on the generated task families."""
+
+    held_out_families: list[str] = Field(
+        ["bmi", "percent_change", "reverse_words"],
+        description="Families left out of the tuned models' training: task generalization is measured on them.")
+    domain: Literal["medicine", "law", "finance"] = Field(
+        "medicine", description="The domain whose adapter is compared with the general one (domain specialization).")
+    examples_per_family: PositiveInt = Field(12, description="Held-out examples per family (unseen in training).")
+    max_new_tokens: PositiveInt = Field(40, description="Greedy decoding length for each answer.")
+    train_steps: PositiveInt = Field(
+        80, description="Steps for each adapter eval trains itself (the general and the domain one) when "
+        "eval.models does not name them.")
+    models: dict[str, str] = Field(
+        {}, description="Extra or given models, name -> model or adapter directory. 'general' and the domain's "
+        "name replace the adapters eval would train; 'base' is always model.name_or_path.")
+
+    @field_validator("held_out_families")
+    @classmethod
+    def _known(cls, value: list[str]) -> list[str]:
+        return DataSection._known_families(value) or []
+
+
 class JobConfig(Section):
     """Everything one job needs. Build it with :func:`raytune_it.load_config`."""
 
@@ -217,6 +257,7 @@ class JobConfig(Section):
     run: RunSection = Field(default_factory=RunSection)
     tune: TuneSection = Field(default_factory=TuneSection)
     serve: ServeSection = Field(default_factory=ServeSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
 
     def to_dict(self, redact: bool = False) -> dict[str, Any]:
         data = self.model_dump(mode="json")

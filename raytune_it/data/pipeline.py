@@ -29,11 +29,14 @@ def resolve_data_path(data: DataSection) -> Path:
 
         from raytune_it.cache import cache_dir
 
-        target = cache_dir() / "data" / f"tasks-v{BUILTIN_VERSION}-n{data.builtin_records}-seed0.jsonl"
+        families = data.builtin_families
+        tag = "" if families is None else "-" + hashlib.blake2b(",".join(sorted(families)).encode(),
+                                                                  digest_size=6).hexdigest()
+        target = cache_dir() / "data" / f"tasks-v{BUILTIN_VERSION}-n{data.builtin_records}-seed0{tag}.jsonl"
         target.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(target) + ".lock"):
             if not target.exists():
-                write_jsonl(generate(data.builtin_records, seed=0), target)
+                write_jsonl(generate(data.builtin_records, seed=0, families=families), target)
         return target
     return Path(data.path).expanduser()
 

@@ -1,0 +1,133 @@
+"""``raytune-it eval``: train what the comparison needs, score every model, report the three effects.
+
+The survey claims instruction tuning (1) improves on the base model, (2)
+generalizes to tasks not seen in tuning and (3) specializes to a domain. Each
+becomes a comparison on held-out examples with a fixed seed:
+
+1. performance: general adapter vs base, on the families seen in tuning;
+2. task generalization: general adapter vs base, on ``eval.held_out_families``;
+3. domain specialization: the domain adapter vs the general one, on the domain's families.
+
+The result goes to ``run.storage/run.name/eval/eval.json``, with sample answers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from raytune_it.config.schema import JobConfig
+from raytune_it.data.synthetic import FAMILIES
+from raytune_it.evaluation.harness import Effect, effect, load_for_eval, score_model
+from raytune_it.evaluation.sets import families_of_domain, held_out_examples, training_keys
+
+
+def seen_families(config: JobConfig) -> list[str]:
+    return [f.name for f in FAMILIES if f.name not in config.eval.held_out_families]
+
+
+def _adapter_config(config: JobConfig, name: str, families: list[str]) -> JobConfig:
+    data = config.to_dict()
+    data["method"] = "lora"
+    data["data"].update(path="builtin:tasks", builtin_families=families)
+    data["train"].update(max_steps=config.eval.train_steps, eval_every_steps=config.eval.train_steps)
+    data["run"]["name"] = f"{config.run.name}-eval-{name}"
+    return JobConfig.model_validate(data)
+
+
+def train_adapters(config: JobConfig, console: Any) -> dict[str, str]:
+    """The general and the domain adapter, trained with ``raytune-it train`` unless eval.models names them."""
+    from raytune_it.train.driver import run_dir_of, train
+
+    models = dict(config.eval.models)
+    seen = seen_families(config)
+    domain = config.eval.domain
+    wanted = {"general": seen, domain: [f for f in families_of_domain(domain) if f in seen]}
+    for name, families in wanted.items():
+        if name in models:
+            continue
+        job = _adapter_config(config, name, families)
+        console.rule(f"eval: training the {name} adapter on {len(families)} families ({', '.join(families)})")
+        train(job, console=console)
+        models[name] = str(run_dir_of(job) / "export")
+    return models
+
+
+def evaluate(config: JobConfig, console: Any = None, models: dict[str, str] | None = None) -> dict[str, Any]:
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from raytune_it.data.pipeline import resolve_data_path
+    from raytune_it.train.driver import run_dir_of
+
+    console = console or Console()
+    models = {"base": config.model.name_or_path, **(models if models is not None else train_adapters(config, console))}
+    seen, unseen = seen_families(config), list(config.eval.held_out_families)
+    domain = config.eval.domain
+    domain_families = [f for f in families_of_domain(domain) if f in seen]
+    exclude = training_keys(resolve_data_path(_adapter_config(config, "general", seen).data))
+    sets = held_out_examples(seen + unseen, config.eval.examples_per_family, exclude)
+    total = sum(len(v) for v in sets.values()) * len(models)
+    results = {}
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("eval: answering held-out examples", total=total)
+        for name, path in models.items():
+            model, tokenizer = load_for_eval(path, config.model.name_or_path)
+            results[name] = score_model(model, tokenizer, sets, config.eval.max_new_tokens,
+                                        progress=lambda: progress.advance(task))
+    effects = [e for e in (
+        effect("performance", "tuned beats the base model on held-out examples of the tasks it was tuned on",
+               results, "general", "base", seen),
+        effect("task generalization", "tuned beats the base model on task families held out of tuning",
+               results, "general", "base", unseen),
+        effect("domain specialization", f"the {domain} adapter beats the general adapter on {domain} tasks",
+               results, domain, "general", domain_families),
+    ) if e is not None]
+    outcome = {
+        "models": models, "seen_families": seen, "held_out_families": unseen, "domain": domain,
+        "domain_families": domain_families, "examples_per_family": config.eval.examples_per_family,
+        "scores": {name: {family: vars(score) for family, score in by_family.items()}
+                   for name, by_family in results.items()},
+        "effects": [e.to_dict() for e in effects],
+    }
+    folder = run_dir_of(config) / "eval"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "eval.json").write_text(json.dumps(outcome, indent=2))
+    print_eval(outcome, console)
+    console.print(f"eval results: {folder / 'eval.json'}", markup=False, highlight=False)
+    return outcome
+
+
+def print_eval(outcome: dict[str, Any], console: Any) -> None:
+    from rich.table import Table
+
+    names = list(outcome["scores"])
+    table = Table(title="Held-out token F1 per task family (exact match in brackets)")
+    table.add_column("family")
+    table.add_column("in tuning")
+    for name in names:
+        table.add_column(name, justify="right")
+    for family in outcome["seen_families"] + outcome["held_out_families"]:
+        scores = [outcome["scores"][n][family] for n in names]
+        if not scores[0]["examples"]:  # every possible example of a small family also occurs in training
+            cells = ["no unseen examples"] * len(names)
+        else:
+            cells = [f"{s['token_f1']:.2f} ({s['exact_match']:.2f})" for s in scores]
+        table.add_row(family, "no" if family in outcome["held_out_families"] else "yes", *cells)
+    console.print(table)
+    effects = Table(title="The three effects of instruction tuning (token F1, mean over the families)")
+    for column in ("effect", "comparison", "score", "baseline", "shows?"):
+        effects.add_column(column)
+    for item in outcome["effects"]:
+        effects.add_row(item["name"], f"{item['model']} vs {item['baseline']}",
+                        _fmt(item["scores"]["token_f1"]), _fmt(item["baseline_scores"]["token_f1"]),
+                        "yes" if item["shows"] else "no")
+    console.print(effects)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+__all__ = ["evaluate", "Effect"]
