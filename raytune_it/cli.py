@@ -105,6 +105,25 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     return 0 if not numbers["errors"] else 1
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from raytune_it.endtoend.stages import run_all
+
+    if "=" in args.config:  # `raytune-it run key=value ...`: overrides of the default preset
+        args.overrides, args.config = [args.config, *args.overrides], "tiny-run"
+    run_all(_load(args))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from raytune_it.endtoend.report import write_report
+
+    for path in write_report(Path(args.run_dir)):
+        print(path)
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from raytune_it.evaluation.driver import evaluate
 
@@ -247,6 +266,25 @@ def build_parser() -> argparse.ArgumentParser:
     bench_serve.add_argument("--api-key", default=None, help="API key, if the endpoint has one")
     bench_serve.add_argument("--json", action="store_true", help="print JSON")
     bench_serve.set_defaults(func=cmd_bench_serve)
+
+    run = sub.add_parser(
+        "run", help="the whole service end to end: stats + plan, LoRA sweep, ZeRO-3 run, serve, eval, report",
+        description="Print the dataset statistics and the planner's estimate; sweep LoRA rank x per-device batch "
+        "with Ray Tune and keep the best adapter; run ZeRO-3 full tuning on the same data (e2e.full_overrides); "
+        "serve the base model, the best adapter and the full model with Ray Serve and time each at batch 1 through "
+        "POST /v1/latency; evaluate the three effects of instruction tuning; write report.md and report.html in "
+        "run.storage/run.name. Uses the Ray cluster in RAY_ADDRESS, or starts a local one and stops it. "
+        "Default config: tiny-run (a few minutes on a laptop CPU).")
+    run.add_argument("config", nargs="?", default="tiny-run", metavar="CONFIG",
+                     help=CONFIG_HELP.replace("omitted: the defaults", "omitted: tiny-run"))
+    run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
+    run.set_defaults(func=cmd_run)
+
+    report = sub.add_parser("report", help="rebuild report.md / report.html from a finished run's files",
+                            description="Re-render the report of a finished 'raytune-it run' from the files it "
+                            "wrote (summary.json files, sweep results, serve.json, eval.json); runs nothing.")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="the run folder: run.storage/run.name")
+    report.set_defaults(func=cmd_report)
 
     evaluation = sub.add_parser(
         "eval", help="measure the three effects of instruction tuning on held-out task families",

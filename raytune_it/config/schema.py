@@ -244,6 +244,16 @@ class EvalSection(Section):
         return DataSection._known_families(value) or []
 
 
+class EndToEndSection(Section):
+    """What ``raytune-it run`` adds: the full-tuning run it sets beside the LoRA sweep, and the latency probe."""
+
+    full_overrides: list[str] = Field(
+        ["method=full", "scaling.num_workers=2", "train.micro_batch_size=4", "train.learning_rate=1.0e-3"],
+        description="Dotted overrides that turn this config into the full-tuning (ZeRO-3) run.")
+    latency_max_tokens: PositiveInt = Field(32, description="Tokens each batch-1 latency run generates.")
+    latency_repeats: PositiveInt = Field(3, description="Batch-1 latency runs per served model (the median counts).")
+
+
 class JobConfig(Section):
     """Everything one job needs. Build it with :func:`raytune_it.load_config`."""
 
@@ -258,6 +268,7 @@ class JobConfig(Section):
     tune: TuneSection = Field(default_factory=TuneSection)
     serve: ServeSection = Field(default_factory=ServeSection)
     eval: EvalSection = Field(default_factory=EvalSection)
+    e2e: EndToEndSection = Field(default_factory=EndToEndSection)
 
     def to_dict(self, redact: bool = False) -> dict[str, Any]:
         data = self.model_dump(mode="json")

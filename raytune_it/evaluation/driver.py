@@ -54,7 +54,8 @@ def train_adapters(config: JobConfig, console: Any) -> dict[str, str]:
     return models
 
 
-def evaluate(config: JobConfig, console: Any = None, models: dict[str, str] | None = None) -> dict[str, Any]:
+def evaluate(config: JobConfig, console: Any = None, models: dict[str, str] | None = None,
+             folder: Path | None = None) -> dict[str, Any]:
     from rich.console import Console
     from rich.progress import Progress
 
@@ -62,7 +63,10 @@ def evaluate(config: JobConfig, console: Any = None, models: dict[str, str] | No
     from raytune_it.train.driver import run_dir_of
 
     console = console or Console()
-    models = {"base": config.model.name_or_path, **(models if models is not None else train_adapters(config, console))}
+    given = dict(config.eval.models, **(models or {}))
+    models = {"base": config.model.name_or_path,
+              **train_adapters(config.model_copy(update={"eval": config.eval.model_copy(update={"models": given})}),
+                               console)}
     seen, unseen = seen_families(config), list(config.eval.held_out_families)
     domain = config.eval.domain
     domain_families = [f for f in families_of_domain(domain) if f in seen]
@@ -76,14 +80,18 @@ def evaluate(config: JobConfig, console: Any = None, models: dict[str, str] | No
             model, tokenizer = load_for_eval(path, config.model.name_or_path)
             results[name] = score_model(model, tokenizer, sets, config.eval.max_new_tokens,
                                         progress=lambda: progress.advance(task))
-    effects = [e for e in (
-        effect("performance", "tuned beats the base model on held-out examples of the tasks it was tuned on",
-               results, "general", "base", seen),
-        effect("task generalization", "tuned beats the base model on task families held out of tuning",
-               results, "general", "base", unseen),
-        effect("domain specialization", f"the {domain} adapter beats the general adapter on {domain} tasks",
-               results, domain, "general", domain_families),
-    ) if e is not None]
+    effects: list[Effect] = []
+    for tuned in [name for name in ("general", "full") if name in results]:  # every model tuned on the seen families
+        effects += [e for e in (
+            effect("performance", "tuned beats the base model on held-out examples of the tasks it was tuned on",
+                   results, tuned, "base", seen),
+            effect("task generalization", "tuned beats the base model on task families held out of tuning",
+                   results, tuned, "base", unseen),
+        ) if e is not None]
+    domain_effect = effect("domain specialization",
+                           f"the {domain} adapter beats the general adapter on {domain} tasks",
+                           results, domain, "general", domain_families)
+    effects += [domain_effect] if domain_effect is not None else []
     outcome = {
         "models": models, "seen_families": seen, "held_out_families": unseen, "domain": domain,
         "domain_families": domain_families, "examples_per_family": config.eval.examples_per_family,
@@ -91,7 +99,7 @@ def evaluate(config: JobConfig, console: Any = None, models: dict[str, str] | No
                    for name, by_family in results.items()},
         "effects": [e.to_dict() for e in effects],
     }
-    folder = run_dir_of(config) / "eval"
+    folder = folder or run_dir_of(config) / "eval"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "eval.json").write_text(json.dumps(outcome, indent=2))
     print_eval(outcome, console)

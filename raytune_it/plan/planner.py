@@ -219,9 +219,10 @@ def plan(workload: Workload) -> Plan:
         if gpus > server.gpus_per_node:
             bandwidth = min(bandwidth, server.interconnect_bandwidth)
         communication_s = micro_batches * volume / bandwidth
-    result.compute_hours = round(compute_s / 3600, 2)
-    result.communication_hours = round(communication_s / 3600, 2)
-    result.est_hours = round(max(compute_s, communication_s) / 3600, 2)
+    # Four decimals: a small job's estimate is seconds, not a rounded-away zero.
+    result.compute_hours = round(compute_s / 3600, 4)
+    result.communication_hours = round(communication_s / 3600, 4)
+    result.est_hours = round(max(compute_s, communication_s) / 3600, 4)
     result.reason = (f"fits {gpus} GPU(s) at {estimate.total / GIB:.1f} GiB each; batch {batch} per device, "
                      f"limited by {binding}; "
                      + ("communication-bound" if communication_s > compute_s else "compute-bound"))

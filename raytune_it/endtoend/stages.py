@@ -1,0 +1,157 @@
+"""``raytune-it run``: the whole service, stage by stage, into one run folder.
+
+stats + plan -> LoRA sweep (Ray Tune) -> full tuning (ZeRO-3) -> serve base, best
+adapter and full model (Ray Serve) and time them at batch 1 -> eval (the three
+effects) -> report. Each stage writes its own files in ``run.storage/run.name``;
+the report is rendered from those files alone, so ``raytune-it report`` can
+rebuild it without running anything.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from raytune_it.config.loading import apply_override, parse_override, save_config
+from raytune_it.config.schema import JobConfig
+
+STAGES = ("stats and plan", "sweep", "full tuning", "serve", "eval", "report")
+
+
+def derive(config: JobConfig, overrides: list[str]) -> JobConfig:
+    data = config.to_dict()
+    for text in overrides:
+        path, value = parse_override(text)
+        apply_override(data, path, value)
+    return JobConfig.model_validate(data)
+
+
+def stage_configs(config: JobConfig, run_dir: Path) -> dict[str, JobConfig]:
+    """Every stage's job: all inside the run folder, all trained on the families eval does not hold out."""
+    from raytune_it.evaluation.driver import seen_families
+
+    families = json.dumps(seen_families(config))
+    common = [f"run.storage={run_dir}", f"data.builtin_families={families}"]
+    return {
+        "sweep": derive(config, [*common, "run.name=sweep"]),
+        "full": derive(config, [*common, "run.name=full", *config.e2e.full_overrides]),
+        "eval": derive(config, [f"run.storage={run_dir}", "run.name=eval"]),
+    }
+
+
+def _write(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
+
+
+def stats_and_plan(config: JobConfig, run_dir: Path, console: Any) -> None:
+    from raytune_it.data.pipeline import dataset_stats
+    from raytune_it.models.loading import load_tokenizer
+    from raytune_it.plan.planner import plan, workload_from_config
+    from raytune_it.plan.render import print_plan, survey_table
+
+    tokenizer = load_tokenizer(config.model.name_or_path)
+    stats = dataset_stats(config.data, tokenizer, config.train.max_seq_len, config.train.seed)
+    _write(run_dir / "stats.json", stats.to_dict())
+    console.print(f"data: {stats.records:,} records ({stats.train_records:,} train / {stats.eval_records:,} eval), "
+                  f"mean {stats.mean_length:.0f} / max {stats.max_length} tokens, {stats.truncated:,} truncated",
+                  markup=False, highlight=False)
+    this_run = plan(workload_from_config(config, records=stats.train_records, mean_tokens=stats.mean_length))
+    print_plan(this_run, console)
+    _write(run_dir / "plan.json", {"this_run": this_run.to_dict(),
+                                   "survey_table": [p.to_dict() for p in survey_table()]})
+
+
+def serve_and_time(config: JobConfig, models: dict[str, tuple[str, str | None]], console: Any) -> dict[str, Any]:
+    """Serve each model ({name: (base, adapter or None)}) and time it through POST /v1/latency."""
+    import httpx
+
+    from ray import serve
+    from raytune_it.serving.run import start
+
+    results: dict[str, Any] = {}
+    by_base: dict[str, dict[str, str]] = {}
+    for name, (base, adapter) in models.items():
+        by_base.setdefault(base, {})
+        if adapter:
+            by_base[base][name] = adapter
+    try:
+        for base, adapters in by_base.items():
+            names = {n for n, (b, a) in models.items() if b == base and not a}
+            model_name = next(iter(names), "base")
+            serve_config = derive(config, [f"serve.base_model={base}", f"serve.model_name={model_name}",
+                                           f"serve.adapters={json.dumps(adapters)}", "serve.num_replicas=1"])
+            with console.status(f"serve: deploying {', '.join([model_name, *adapters])}"):
+                url = start(serve_config)
+            for name in [model_name, *adapters]:
+                if name not in models:
+                    continue
+                response = httpx.post(f"{url}/v1/latency", timeout=600, json={
+                    "model": name, "prompt_tokens": 32, "max_tokens": config.e2e.latency_max_tokens,
+                    "repeats": config.e2e.latency_repeats, "ignore_eos": True})
+                response.raise_for_status()
+                body = response.json()
+                results[name] = {"base": base, "adapter": adapters.get(name), **body["median"],
+                                 "device": body.get("device"), "engine": body.get("engine")}
+                console.print(f"serve: {name}: {body['median']['tokens_per_second']:.0f} tokens/s at batch 1 "
+                              f"(median of {config.e2e.latency_repeats}, {config.e2e.latency_max_tokens} tokens)",
+                              markup=False, highlight=False)
+    finally:
+        serve.shutdown()
+    return results
+
+
+@contextmanager
+def _timed(name: str, times: dict[str, float], console: Any) -> Iterator[None]:
+    console.rule(f"[bold]{name}")
+    started = time.perf_counter()
+    yield
+    times[name] = round(time.perf_counter() - started, 1)
+
+
+def run_all(config: JobConfig, console: Any = None) -> Path:
+    from rich.console import Console
+
+    from raytune_it.cluster import ray_session
+    from raytune_it.endtoend.report import write_report
+    from raytune_it.evaluation.driver import evaluate
+    from raytune_it.train.driver import run_dir_of, train
+    from raytune_it.train.preflight import preflight
+    from raytune_it.tune.sweep import sweep
+
+    console = console or Console()
+    run_dir = run_dir_of(config)
+    configs = stage_configs(config, run_dir)
+    for job in configs.values():  # every stage's config is checked before anything starts
+        preflight(job)
+    save_config(config, run_dir)
+    times: dict[str, float] = {}
+    started = time.perf_counter()
+    with ray_session(min_cpus=2 * max(job.scaling.num_workers for job in configs.values())):
+        with _timed("stats and plan", times, console):
+            stats_and_plan(configs["sweep"], run_dir, console)
+        with _timed("sweep", times, console):
+            outcome = sweep(configs["sweep"], console=console)
+        if outcome.best is None:
+            raise RuntimeError("the sweep finished no trial; see its table above")
+        best = str(outcome.folder / "best")
+        with _timed("full tuning", times, console):
+            full = train(configs["full"], console=console)
+        full_model = str(run_dir / "full" / "export")
+        with _timed("serve", times, console):
+            served = serve_and_time(config, {
+                "base": (config.model.name_or_path, None), "lora-best": (config.model.name_or_path, best),
+                "full": (full_model, None)}, console)
+            _write(run_dir / "serve.json", served)
+        with _timed("eval", times, console):
+            evaluate(configs["eval"], console=console, models={"general": best, "full": full_model},
+                     folder=run_dir / "eval")
+        # Written before the report, which reads it: a regenerated report is identical.
+        _write(run_dir / "stages.json", {"seconds": times, "total_seconds": round(time.perf_counter() - started, 1)})
+        console.rule("[bold]report")
+        paths = write_report(run_dir)
+    console.print(f"full tuning: {full.tokens_per_second:,.0f} tokens/s; report: {paths[0]} and {paths[1]} "
+                  f"({time.perf_counter() - started:.0f} s in all)", markup=False, highlight=False)
+    return run_dir

@@ -1,0 +1,78 @@
+"""`raytune-it run` end to end with every stage cut small, and `raytune-it report` rebuilding its report."""
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+pytestmark = pytest.mark.integration
+
+MINIMAL = ["data.builtin_records=300", "train.max_steps=4", "train.eval_every_steps=2",
+           'tune.search_space={"lora.rank": [4, 8]}', "eval.train_steps=4", "eval.examples_per_family=1",
+           "eval.max_new_tokens=4", "e2e.latency_max_tokens=4", "e2e.latency_repeats=1",
+           "e2e.full_overrides=[method=full, scaling.num_workers=2, train.micro_batch_size=2]"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    storage = tmp_path_factory.mktemp("e2e")
+    result = subprocess.run([sys.executable, "-m", "raytune_it", "run", "tiny-run", f"run.storage={storage}",
+                             *MINIMAL], capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return storage / "tiny-run", result.stdout
+
+
+def test_run_completes_and_every_stage_leaves_its_files(finished_run):
+    run_dir, stdout = finished_run
+    for name in ("stats.json", "plan.json", "sweep/results.csv", "sweep/best/adapter_model.safetensors",
+                 "full/export/model.safetensors", "serve.json", "eval/eval.json", "stages.json", "report.md",
+                 "report.html"):
+        assert (run_dir / name).is_file(), name
+    assert "report:" in stdout and "report.md" in stdout
+    stages = json.loads((run_dir / "stages.json").read_text())["seconds"]
+    assert list(stages) == ["stats and plan", "sweep", "full tuning", "serve", "eval"]
+
+
+def test_report_numbers_come_from_the_runs_own_files(finished_run):
+    run_dir, _ = finished_run
+    report = (run_dir / "report.md").read_text()
+    for title in ("Table 8, reproduced for this run", "The planner for this run",
+                  "Planner: LLaMA 7B-65B beside the survey", "Sweep (Ray Tune)", "Evaluation per task family",
+                  "The three effects of instruction tuning", "Stage times"):
+        assert f"## {title}" in report, title
+    best = json.loads((run_dir / "sweep/best/best.json").read_text())
+    lora = json.loads((run_dir / f"sweep/trials/trial-{best['trial']:03d}/summary.json").read_text())
+    full = json.loads((run_dir / "full/summary.json").read_text())
+    served = json.loads((run_dir / "serve.json").read_text())
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in report.splitlines() if line.startswith("| ")}
+    lora_row = lines[f"{lora['method']}, best sweep trial"]
+    full_row = lines[full["method"]]
+    assert f"| {lora['tokens_per_second']:,.0f} |" in lora_row and f"| {lora['tuning_seconds']:.1f} |" in lora_row
+    assert f"| {served['lora-best']['tokens_per_second']:.1f} |" in lora_row
+    assert f"| {full['tokens_per_second']:,.0f} |" in full_row and f"| {full['num_workers']} |" in full_row
+    assert f"| {served['full']['tokens_per_second']:.1f} |" in full_row and full["method"].startswith("full")
+    assert "| 7B | full | a800-80g | 2 | 8 | 3.0 | 2 / 8 / 3.0 |" in report
+    trials = pd.read_csv(run_dir / "sweep/results.csv")
+    sweep_section = report.split("## Sweep (Ray Tune)")[1].split("## ")[0]
+    assert sum(line.startswith("| ") for line in sweep_section.splitlines()) == 1 + len(trials)
+    effects = json.loads((run_dir / "eval/eval.json").read_text())["effects"]
+    effects_section = report.split("## The three effects")[1]
+    for effect in effects:
+        assert effect["name"] in effects_section
+        assert f"{effect['scores']['token_f1']:.4f}" in effects_section
+    assert "data:image/png;base64," in (run_dir / "report.html").read_text()  # self-contained plots
+
+
+def test_report_command_regenerates_an_identical_report(finished_run):
+    run_dir, _ = finished_run
+    before = {name: (run_dir / name).read_bytes() for name in ("report.md", "report.html")}
+    (run_dir / "report.md").unlink()
+    result = subprocess.run([sys.executable, "-m", "raytune_it", "report", str(run_dir)], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert {name: (run_dir / name).read_bytes() for name in before} == before
+    missing = subprocess.run([sys.executable, "-m", "raytune_it", "report", str(run_dir / "sweep")],
+                             capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and "not a finished 'raytune-it run' folder" in missing.stderr
