@@ -21,14 +21,18 @@ OVERRIDES_HELP = ("dotted overrides with YAML values, applied in order, e.g. lor
                   "train.micro_batch_size=8 data.path=/data/alpaca.json 'lora.target_modules=[q_proj,v_proj]'")
 
 
-def _add_config_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    parser.add_argument("config", nargs=None if required else "?", metavar="CONFIG", help=CONFIG_HELP)
+def _add_config_args(parser: argparse.ArgumentParser, required: bool = True, default: str | None = None) -> None:
+    help_text = CONFIG_HELP if default is None else CONFIG_HELP.replace("omitted: the defaults", f"omitted: {default}")
+    parser.add_argument("config", nargs=None if required else "?", default=default, metavar="CONFIG", help=help_text)
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
+    parser.set_defaults(default_config=default)
 
 
 def _load(args: argparse.Namespace):
     from raytune_it.config import load_config
 
+    if args.config and "=" in args.config:  # `COMMAND key=value ...`: overrides of the default config
+        args.overrides, args.config = [args.config, *args.overrides], args.default_config
     return load_config(args.config, args.overrides)
 
 
@@ -108,8 +112,6 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from raytune_it.endtoend.stages import run_all
 
-    if "=" in args.config:  # `raytune-it run key=value ...`: overrides of the default preset
-        args.overrides, args.config = [args.config, *args.overrides], "tiny-run"
     run_all(_load(args))
     return 0
 
@@ -275,9 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
         "POST /v1/latency; evaluate the three effects of instruction tuning; write report.md and report.html in "
         "run.storage/run.name. Uses the Ray cluster in RAY_ADDRESS, or starts a local one and stops it. "
         "Default config: tiny-run (a few minutes on a laptop CPU).")
-    run.add_argument("config", nargs="?", default="tiny-run", metavar="CONFIG",
-                     help=CONFIG_HELP.replace("omitted: the defaults", "omitted: tiny-run"))
-    run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
+    _add_config_args(run, required=False, default="tiny-run")
     run.set_defaults(func=cmd_run)
 
     report = sub.add_parser("report", help="rebuild report.md / report.html from a finished run's files",

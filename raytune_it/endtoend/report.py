@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from raytune_it.errors import UserError
+from raytune_it.evaluation.driver import family_rows
 from raytune_it.plan.planner import Plan
 from raytune_it.plan.render import SURVEY_COLUMNS, markdown_table, survey_rows
 
@@ -93,12 +94,7 @@ def eval_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]], list[li
     outcome = data["eval"]
     names = list(outcome["scores"])
     columns = ["family", "in tuning", *[f"{n}: token F1 (EM)" for n in names]]
-    rows = []
-    for family in outcome["seen_families"] + outcome["held_out_families"]:
-        scores = [outcome["scores"][n][family] for n in names]
-        cells = ["no unseen examples"] * len(names) if not scores[0]["examples"] else [
-            f"{s['token_f1']:.3f} ({s['exact_match']:.2f})" for s in scores]
-        rows.append([family, "no" if family in outcome["held_out_families"] else "yes", *cells])
+    rows = family_rows(outcome)
     effects = [[e["name"], e["claim"], f"{e['model']} vs {e['baseline']}",
                 _cell(e["scores"]["token_f1"]), _cell(e["baseline_scores"]["token_f1"]),
                 _cell(e["scores"]["rouge_l"]), _cell(e["baseline_scores"]["rouge_l"]),

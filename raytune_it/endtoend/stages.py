@@ -64,30 +64,23 @@ def stats_and_plan(config: JobConfig, run_dir: Path, console: Any) -> None:
                                    "survey_table": [p.to_dict() for p in survey_table()]})
 
 
-def serve_and_time(config: JobConfig, models: dict[str, tuple[str, str | None]], console: Any) -> dict[str, Any]:
-    """Serve each model ({name: (base, adapter or None)}) and time it through POST /v1/latency."""
+def serve_and_time(config: JobConfig, deployments: list[tuple[str, str, dict[str, str]]],
+                   console: Any) -> dict[str, Any]:
+    """Serve each (base model, its served name, {adapter name: adapter dir}) in turn; time every model it
+    serves through POST /v1/latency."""
     import httpx
 
     from ray import serve
     from raytune_it.serving.run import start
 
     results: dict[str, Any] = {}
-    by_base: dict[str, dict[str, str]] = {}
-    for name, (base, adapter) in models.items():
-        by_base.setdefault(base, {})
-        if adapter:
-            by_base[base][name] = adapter
     try:
-        for base, adapters in by_base.items():
-            names = {n for n, (b, a) in models.items() if b == base and not a}
-            model_name = next(iter(names), "base")
-            serve_config = derive(config, [f"serve.base_model={base}", f"serve.model_name={model_name}",
+        for base, base_name, adapters in deployments:
+            serve_config = derive(config, [f"serve.base_model={base}", f"serve.model_name={base_name}",
                                            f"serve.adapters={json.dumps(adapters)}", "serve.num_replicas=1"])
-            with console.status(f"serve: deploying {', '.join([model_name, *adapters])}"):
-                url = start(serve_config)
-            for name in [model_name, *adapters]:
-                if name not in models:
-                    continue
+            with console.status(f"serve: deploying {', '.join([base_name, *adapters])}"):
+                url = start(serve_config)  # replaces the previous deployment of the same application
+            for name in [base_name, *adapters]:
                 response = httpx.post(f"{url}/v1/latency", timeout=600, json={
                     "model": name, "prompt_tokens": 32, "max_tokens": config.e2e.latency_max_tokens,
                     "repeats": config.e2e.latency_repeats, "ignore_eos": True})
@@ -141,9 +134,8 @@ def run_all(config: JobConfig, console: Any = None) -> Path:
             full = train(configs["full"], console=console)
         full_model = str(run_dir / "full" / "export")
         with _timed("serve", times, console):
-            served = serve_and_time(config, {
-                "base": (config.model.name_or_path, None), "lora-best": (config.model.name_or_path, best),
-                "full": (full_model, None)}, console)
+            served = serve_and_time(config, [(config.model.name_or_path, "base", {"lora-best": best}),
+                                             (full_model, "full", {})], console)
             _write(run_dir / "serve.json", served)
         with _timed("eval", times, console):
             evaluate(configs["eval"], console=console, models={"general": best, "full": full_model},

@@ -36,11 +36,11 @@ def _adapter_config(config: JobConfig, name: str, families: list[str]) -> JobCon
     return JobConfig.model_validate(data)
 
 
-def train_adapters(config: JobConfig, console: Any) -> dict[str, str]:
-    """The general and the domain adapter, trained with ``raytune-it train`` unless eval.models names them."""
+def train_adapters(config: JobConfig, console: Any, given: dict[str, str]) -> dict[str, str]:
+    """The general and the domain adapter, trained with ``raytune-it train`` unless ``given`` names them."""
     from raytune_it.train.driver import run_dir_of, train
 
-    models = dict(config.eval.models)
+    models = dict(given)
     seen = seen_families(config)
     domain = config.eval.domain
     wanted = {"general": seen, domain: [f for f in families_of_domain(domain) if f in seen]}
@@ -64,9 +64,7 @@ def evaluate(config: JobConfig, console: Any = None, models: dict[str, str] | No
 
     console = console or Console()
     given = dict(config.eval.models, **(models or {}))
-    models = {"base": config.model.name_or_path,
-              **train_adapters(config.model_copy(update={"eval": config.eval.model_copy(update={"models": given})}),
-                               console)}
+    models = {"base": config.model.name_or_path, **train_adapters(config, console, given)}
     seen, unseen = seen_families(config), list(config.eval.held_out_families)
     domain = config.eval.domain
     domain_families = [f for f in families_of_domain(domain) if f in seen]
@@ -107,6 +105,20 @@ def evaluate(config: JobConfig, console: Any = None, models: dict[str, str] | No
     return outcome
 
 
+def family_rows(outcome: dict[str, Any], digits: int = 3) -> list[list[str]]:
+    """[family, in tuning?, "F1 (EM)" per model] for every family, shared by the printed table and the report."""
+    names = list(outcome["scores"])
+    rows = []
+    for family in outcome["seen_families"] + outcome["held_out_families"]:
+        scores = [outcome["scores"][n][family] for n in names]
+        if not scores[0]["examples"]:  # every possible example of a small family also occurs in training
+            cells = ["no unseen examples"] * len(names)
+        else:
+            cells = [f"{s['token_f1']:.{digits}f} ({s['exact_match']:.2f})" for s in scores]
+        rows.append([family, "no" if family in outcome["held_out_families"] else "yes", *cells])
+    return rows
+
+
 def print_eval(outcome: dict[str, Any], console: Any) -> None:
     from rich.table import Table
 
@@ -116,13 +128,8 @@ def print_eval(outcome: dict[str, Any], console: Any) -> None:
     table.add_column("in tuning")
     for name in names:
         table.add_column(name, justify="right")
-    for family in outcome["seen_families"] + outcome["held_out_families"]:
-        scores = [outcome["scores"][n][family] for n in names]
-        if not scores[0]["examples"]:  # every possible example of a small family also occurs in training
-            cells = ["no unseen examples"] * len(names)
-        else:
-            cells = [f"{s['token_f1']:.2f} ({s['exact_match']:.2f})" for s in scores]
-        table.add_row(family, "no" if family in outcome["held_out_families"] else "yes", *cells)
+    for row in family_rows(outcome, digits=2):
+        table.add_row(*row)
     console.print(table)
     effects = Table(title="The three effects of instruction tuning (token F1, mean over the families)")
     for column in ("effect", "comparison", "score", "baseline", "shows?"):
@@ -137,5 +144,3 @@ def print_eval(outcome: dict[str, Any], console: Any) -> None:
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
-
-__all__ = ["evaluate", "Effect"]
