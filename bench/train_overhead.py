@@ -2,15 +2,22 @@
 PyTorch + peft loop and transformers' Trainer, on the same model, data, batch
 and steps, measured in one run.
 
-    python bench/train_overhead.py [--steps 40] [--micro-batch-size 8] [--int8 | --no-int8]
+    python bench/train_overhead.py [--steps 200] [--micro-batch-size 8] [--cpus N [N ...]]
+                                   [--int8 | --no-int8] [--repeats 3] [--account]
 
-It prints tokens/s for each and the ratios against the bare loop. Two more
-variants run the same bare loop as a Ray task and as the training function of a
-one-worker Ray Train job, with the same CPUs: they split the gap into what Ray's
-runtime costs, what Ray Train's worker costs, and what raytune-it's loop adds. Every variant
+It prints tokens/s for each and the ratios against the bare loop. Every variant
 times its whole step loop (data loading included; model loading and worker
-start-up excluded) and counts the same non-padding tokens. The Ray worker gets
-all of the machine's cores, like the other two.
+start-up excluded) and counts the same non-padding tokens. More variants split
+the gap: the bare loop as a Ray task and as the training function of a
+one-worker Ray Train job (what Ray's runtime and Ray Train's worker cost), and
+raytune-it with ``data.group_by_length=false`` (what its own loop costs, and what
+grouping micro-batches by length gains over the bare loop's padding).
+
+``--cpus`` is how many cores every variant computes on (torch threads, and the
+Ray worker's CPUs). By default it measures two settings: one core fewer than
+the machine has, leaving one to Ray's own processes as a GPU node's spare host
+cores do, and all of them, where the compute threads share every core with
+Ray's processes. ``--account`` shows which processes shared the cores.
 """
 
 from __future__ import annotations
@@ -24,12 +31,12 @@ from itertools import islice
 from pathlib import Path
 
 
-def setup(args):
+def setup(args, cpus):
     from raytune_it.config import load_config
     from raytune_it.models.loading import load_tokenizer
 
     overrides = [f"train.max_steps={args.steps}", f"train.micro_batch_size={args.micro_batch_size}",
-                 "scaling.num_workers=1", f"scaling.cpus_per_worker={os.cpu_count()}", "data.eval_fraction=0.02",
+                 "scaling.num_workers=1", f"scaling.cpus_per_worker={cpus}", "data.eval_fraction=0.02",
                  f"train.eval_every_steps={args.steps}", f"lora.int8={str(args.int8).lower()}",
                  "deepspeed.gradient_checkpointing=false", "train.warmup_ratio=0"]
     config = load_config("tiny-lora", overrides)
@@ -145,26 +152,36 @@ def _bare_loop_task(config, steps):
     return bare_loop(config, load_tokenizer(config.model.name_or_path), steps)
 
 
-def raytune_it_run(config, folder):
+def raytune_it_run(config, folder, group_by_length=True):
     from raytune_it.train.driver import train
 
+    config = config.model_copy(deep=True)
     config.run.storage = str(folder)
+    config.data.group_by_length = group_by_length
     summary = train(config)
     return summary.tokens_per_second
 
 
-def main() -> None:
+def account(variants: dict, cpus: int) -> dict[str, str]:
+    """One more run of three variants under the /proc sampler: who shared the cores with training."""
+    from proc_account import ProcessSampler
+
+    tables = {}
+    for name in ("bare PyTorch + peft loop", "bare loop in Ray Train", "raytune-it (Ray Train)"):
+        with ProcessSampler(busy_cores=0.8 * cpus) as sampler:
+            variants[name]("account")
+        tables[name] = sampler.table()
+    return tables
+
+
+def measure(args, cpus: int) -> None:
+    """Every variant on ``cpus`` cores, in interleaved rounds; prints the table and the ratios."""
     import statistics
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=200,
-                        help="optimizer steps for each variant (the default stays inside one epoch)")
-    parser.add_argument("--micro-batch-size", type=int, default=8, help="sequences per step")
-    parser.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True, help="INT8 base weights")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="rounds; each round runs every variant once, interleaved, and the median is reported")
-    args = parser.parse_args()
-    config, tokenizer = setup(args)
+    import torch
+
+    torch.set_num_threads(cpus)  # the in-process variants; Ray gives its workers OMP_NUM_THREADS=cpus
+    config, tokenizer = setup(args, cpus)
     folder = Path(tempfile.mkdtemp(prefix="raytune-it-bench-"))
     variants = {
         "bare PyTorch + peft loop": lambda i: bare_loop(config, tokenizer, args.steps),
@@ -172,6 +189,7 @@ def main() -> None:
         "bare loop in a Ray task": lambda i: bare_loop_in_ray_worker(config, args.steps),
         "bare loop in Ray Train": lambda i: bare_loop_in_ray_train_worker(config, args.steps, folder / f"rt{i}"),
         "raytune-it (Ray Train)": lambda i: raytune_it_run(config, folder / f"runs{i}"),
+        "raytune-it, no length groups": lambda i: raytune_it_run(config, folder / f"plain{i}", False),
     }
     samples: dict[str, list[float]] = {name: [] for name in variants}
     try:
@@ -179,24 +197,54 @@ def main() -> None:
         for round_index in range(args.repeats):
             for name, run in variants.items():
                 samples[name].append(run(round_index))
-                print(f"round {round_index + 1}/{args.repeats} {name}: {samples[name][-1]:,.0f} tokens/s", flush=True)
+                print(f"[{cpus} cores] round {round_index + 1}/{args.repeats} {name}: "
+                      f"{samples[name][-1]:,.0f} tokens/s", flush=True)
+        accounts = account(variants, cpus) if args.account else {}
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     results = {name: statistics.median(rates) for name, rates in samples.items()}
     base = results["bare PyTorch + peft loop"]
+    spare = (os.cpu_count() or cpus) - cpus
     print(f"\nLoRA ({'INT8' if args.int8 else 'bf16'} base), tiny-llama, {args.steps} steps x "
-          f"{args.micro_batch_size} sequences, one worker, median of {args.repeats} interleaved rounds")
+          f"{args.micro_batch_size} sequences, one worker on {cpus} of {os.cpu_count()} cores "
+          f"({spare} left to Ray's own processes), median of {args.repeats} interleaved rounds")
     print(f"{'':<30}{'tokens/s':>10}{'vs bare loop':>14}   all rounds")
     for name, rate in results.items():
         rounds = ", ".join(f"{r:,.0f}" for r in samples[name])
         print(f"{name:<30}{rate:>10,.0f}{rate / base:>13.2f}x   {rounds}")
     ours, trainer = results["raytune-it (Ray Train)"], results["transformers Trainer"]
-    print(f"raytune-it / Trainer: {ours / trainer:.2f}x")
+    plain = results["raytune-it, no length groups"]
+    print(f"raytune-it / Trainer: {ours / trainer:.2f}x; without length groups: {plain / trainer:.2f}x")
     in_task, in_train = results["bare loop in a Ray task"], results["bare loop in Ray Train"]
     print(f"bare loop in a Ray task / bare loop: {in_task / base:.2f}x (the Ray runtime beside the loop)")
     print(f"bare loop in Ray Train / in a Ray task: {in_train / in_task:.2f}x (Ray Train's worker and controller)")
-    print(f"raytune-it / bare loop in Ray Train: {ours / in_train:.2f}x (raytune-it's loop: Ray Data ingest, "
-          "metrics, checkpoints)")
+    print(f"raytune-it without length groups / bare loop in Ray Train: {plain / in_train:.2f}x (raytune-it's "
+          "loop: Ray Data ingest, metrics, checkpoints)")
+    print(f"raytune-it / without length groups: {ours / plain:.2f}x (data.group_by_length: less padding)")
+    for name, table in accounts.items():
+        print(f"\nprocesses while '{name}' trained (one extra, untimed run):\n{table}")
+
+
+def main() -> None:
+    cores = os.cpu_count() or 1
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=200,
+                        help="optimizer steps for each variant (the default stays inside one epoch)")
+    parser.add_argument("--micro-batch-size", type=int, default=8, help="sequences per step")
+    parser.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True, help="INT8 base weights")
+    parser.add_argument("--cpus", type=int, nargs="+", default=sorted({max(1, cores - 1), cores}),
+                        help="cores each variant computes on (torch threads; the Ray worker's CPUs); several "
+                             f"values measure each setting in turn (default: {max(1, cores - 1)} and {cores}, "
+                             "with and without a core left to Ray's own processes)")
+    parser.add_argument("--account", action="store_true",
+                        help="after the timed rounds, run the bare loop, the bare loop in Ray Train and raytune-it "
+                             "once more while sampling /proc, and print which processes shared the cores with "
+                             "training (cores used and wake-ups per second); not counted in the medians")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="rounds; each round runs every variant once, interleaved, and the median is reported")
+    args = parser.parse_args()
+    for cpus in args.cpus:
+        measure(args, cpus)
 
 
 if __name__ == "__main__":

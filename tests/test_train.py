@@ -187,3 +187,40 @@ def test_rerun_with_a_different_config_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"lora.rank: 16 -> 4.*choose another run.name"):
         check_resume_compatible(load_config("tiny-lora", [f"run.storage={tmp_path}", "lora.rank=4"]),
                                 run_dir_of(first))
+
+
+def test_length_grouped_micro_batches_pad_less_and_repeat_exactly(local_ray, tokenizer):
+    """The ingest path the training loop uses, on a real Ray Dataset: grouping by length keeps every full
+    micro-batch (as many as without it), pads less, and gives the same batches twice for the same seed."""
+    import random
+
+    import ray.data
+
+    from raytune_it.train.data import iter_micro_batches
+
+    rng = random.Random(0)
+    pad = tokenizer.pad_token_id
+    lengths = [rng.randint(5, 120) for _ in range(1000)]
+    rows = [{"input_ids": [pad + 1 + i] * n, "labels": [pad + 1 + i] * n} for i, n in enumerate(lengths)]
+    dataset = ray.data.from_items(rows)
+    # As Ray Train's ingest does for the training loop (driver.deterministic_ingest).
+    dataset.context.execution_options.preserve_order = True
+
+    def batches(group):
+        return list(iter_micro_batches(dataset, 8, pad, seed=3, group_by_length=group))
+
+    plain, grouped, again = batches(False), batches(True), batches(True)
+    assert len(grouped) == len(plain) == 1000 // 8
+    assert all(len(b["input_ids"]) == 8 for b in grouped)
+
+    def real_and_padded(micro_batches):
+        real = sum(int((b["input_ids"] != pad).sum()) for b in micro_batches)
+        return real, sum(b["input_ids"].numel() for b in micro_batches)
+
+    (plain_real, plain_padded), (grouped_real, grouped_padded) = real_and_padded(plain), real_and_padded(grouped)
+    assert grouped_real / grouped_padded > plain_real / plain_padded + 0.1
+    assert grouped_real == plain_real == sum(len(r["input_ids"]) for r in rows)  # 1000 rows = 125 full batches
+    # Mixed order: the micro-batches are not simply sorted by length across the epoch.
+    widths = [b["input_ids"].shape[1] for b in grouped]
+    assert widths != sorted(widths)
+    assert all(a["input_ids"].equal(b["input_ids"]) for a, b in zip(grouped, again))

@@ -56,6 +56,10 @@ class DataSection(Section):
     packing: bool = Field(
         False, description="Pack several examples into each max_seq_len sequence (no attention across examples)."
     )
+    group_by_length: bool = Field(
+        True, description="Cut each window of 16 shuffled micro-batches into micro-batches of similar length, "
+        "in random order: less padding, more tokens/s (like transformers' group_by_length)."
+    )
     skip_bad_records: bool = Field(
         False, description="Skip and count malformed records instead of stopping at the first one."
     )

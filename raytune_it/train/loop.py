@@ -158,7 +158,8 @@ def train_loop(loop_config: dict) -> None:
         return {"eval_loss": eval_loss if eval_loss is not None else float("nan"), "peak_memory_bytes": int(peak)}
 
     while state.step < plan.total_steps:
-        batches = iter_micro_batches(train_shard, micro, pad_id, seed=config.train.seed + state.epoch)
+        batches = iter_micro_batches(train_shard, micro, pad_id, seed=config.train.seed + state.epoch,
+                                     group_by_length=config.data.group_by_length)
         # Resume at the data position: skip what this epoch already consumed.
         for _ in islice(batches, state.batches_in_epoch):
             pass
