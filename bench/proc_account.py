@@ -20,8 +20,15 @@ _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 def _name(pid: str) -> str:
     with open(f"/proc/{pid}/cmdline", "rb") as handle:
         parts = handle.read().decode(errors="replace").split("\0")
+    if not parts[0]:  # a kernel thread
+        with open(f"/proc/{pid}/comm") as handle:
+            return f"[{handle.read().strip()}]"
     if parts[0].startswith("ray::"):
         return parts[0]
+    if " (" in parts[0]:  # a retitled process, such as Ray's dashboard modules: "ray-dashboard-JobHead-0 (...)"
+        return parts[0].split(" (")[0]
+    if "-c" in parts[1:3]:  # python -c CODE
+        return "python -c " + parts[parts.index("-c") + 1][:38]
     # Ray's native daemons and Python entry points: the program, then the script it runs.
     return " ".join(os.path.basename(part) for part in parts[:2] if part)[:50] or f"pid {pid}"
 
