@@ -10,8 +10,8 @@ times its whole step loop (data loading included; model loading and worker
 start-up excluded) and counts the same non-padding tokens. More variants split
 the gap: the bare loop as a Ray task and as the training function of a
 one-worker Ray Train job (what Ray's runtime and Ray Train's worker cost), and
-raytune-it with ``data.group_by_length=false`` (what its own loop costs, and what
-grouping micro-batches by length gains over the bare loop's padding).
+raytune-it with ``data.group_by_length=true`` (what grouping micro-batches by
+length gains over the bare loop's padding; off by default, see docs/training.md).
 
 ``--cpus`` is how many cores every variant computes on (torch threads, and the
 Ray worker's CPUs). By default it measures two settings: one core fewer than
@@ -152,7 +152,7 @@ def _bare_loop_task(config, steps):
     return bare_loop(config, load_tokenizer(config.model.name_or_path), steps)
 
 
-def raytune_it_run(config, folder, group_by_length=True):
+def raytune_it_run(config, folder, group_by_length=False):
     from raytune_it.train.driver import train
 
     config = config.model_copy(deep=True)
@@ -189,7 +189,7 @@ def measure(args, cpus: int) -> None:
         "bare loop in a Ray task": lambda i: bare_loop_in_ray_worker(config, args.steps),
         "bare loop in Ray Train": lambda i: bare_loop_in_ray_train_worker(config, args.steps, folder / f"rt{i}"),
         "raytune-it (Ray Train)": lambda i: raytune_it_run(config, folder / f"runs{i}"),
-        "raytune-it, no length groups": lambda i: raytune_it_run(config, folder / f"plain{i}", False),
+        "raytune-it, length groups": lambda i: raytune_it_run(config, folder / f"grouped{i}", True),
     }
     samples: dict[str, list[float]] = {name: [] for name in variants}
     try:
@@ -213,14 +213,14 @@ def measure(args, cpus: int) -> None:
         rounds = ", ".join(f"{r:,.0f}" for r in samples[name])
         print(f"{name:<30}{rate:>10,.0f}{rate / base:>13.2f}x   {rounds}")
     ours, trainer = results["raytune-it (Ray Train)"], results["transformers Trainer"]
-    plain = results["raytune-it, no length groups"]
-    print(f"raytune-it / Trainer: {ours / trainer:.2f}x; without length groups: {plain / trainer:.2f}x")
+    grouped = results["raytune-it, length groups"]
+    print(f"raytune-it / Trainer: {ours / trainer:.2f}x; with data.group_by_length=true: {grouped / trainer:.2f}x")
     in_task, in_train = results["bare loop in a Ray task"], results["bare loop in Ray Train"]
     print(f"bare loop in a Ray task / bare loop: {in_task / base:.2f}x (the Ray runtime beside the loop)")
     print(f"bare loop in Ray Train / in a Ray task: {in_train / in_task:.2f}x (Ray Train's worker and controller)")
-    print(f"raytune-it without length groups / bare loop in Ray Train: {plain / in_train:.2f}x (raytune-it's "
-          "loop: Ray Data ingest, metrics, checkpoints)")
-    print(f"raytune-it / without length groups: {ours / plain:.2f}x (data.group_by_length: less padding)")
+    print(f"raytune-it / bare loop in Ray Train: {ours / in_train:.2f}x (raytune-it's loop: Ray Data ingest, "
+          "metrics, checkpoints)")
+    print(f"raytune-it with length groups / without: {grouped / ours:.2f}x (data.group_by_length: less padding)")
     for name, table in accounts.items():
         print(f"\nprocesses while '{name}' trained (one extra, untimed run):\n{table}")
 

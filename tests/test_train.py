@@ -151,9 +151,12 @@ def test_killed_worker_resumes_from_last_checkpoint(local_ray, tmp_path):
 
 def test_resumed_run_replays_the_uninterrupted_run_exactly(local_ray, tmp_path):
     """Two workers with LoRA dropout: a run stopped at step 6 and continued to 12 takes exactly the steps of a
-    run that went straight to 12 (same shard order, data position, adapter, optimizer and dropout RNG)."""
+    run that went straight to 12 (same shard order, micro-batch order, data position, adapter, optimizer and
+    dropout RNG)."""
     # A constant schedule, so that the continued run's longer max_steps does not change the learning rates.
-    common = ["train.eval_every_steps=3", "train.lr_schedule=constant", "train.warmup_ratio=0", "lora.dropout=0.1"]
+    # Length grouping on: its micro-batch order must replay too (the killed-worker test covers the default).
+    common = ["train.eval_every_steps=3", "train.lr_schedule=constant", "train.warmup_ratio=0", "lora.dropout=0.1",
+              "data.group_by_length=true"]
     train(load_config("tiny-lora", [f"run.storage={tmp_path}", "run.name=resumed", "train.max_steps=6", *common]))
     train(load_config("tiny-lora", [f"run.storage={tmp_path}", "run.name=resumed", "train.max_steps=12", *common]))
     train(load_config("tiny-lora", [f"run.storage={tmp_path}", "run.name=straight", "train.max_steps=12", *common]))

@@ -57,8 +57,9 @@ class DataSection(Section):
         False, description="Pack several examples into each max_seq_len sequence (no attention across examples)."
     )
     group_by_length: bool = Field(
-        True, description="Cut each window of 16 shuffled micro-batches into micro-batches of similar length, "
-        "in random order: less padding, more tokens/s (like transformers' group_by_length)."
+        False, description="Cut each window of 16 shuffled micro-batches into micro-batches of similar length, "
+        "in random order: less padding and more tokens/s, but batches of one length (often one kind of task) "
+        "can cost eval loss in short runs (like transformers' group_by_length; docs/training.md)."
     )
     skip_bad_records: bool = Field(
         False, description="Skip and count malformed records instead of stopping at the first one."
