@@ -4,7 +4,9 @@ On a machine with few cores the training loop's compute threads share them with
 everything else. Each time another process wakes up it takes a core from a
 compute thread, and the other compute threads wait for it at their next
 synchronization point. The count of wake-ups (voluntary context switches) says
-more about that cost than CPU time does. Linux only: reads ``/proc``.
+more about that cost than CPU time does. Linux only: reads ``/proc`` itself,
+because psutil's ``num_ctx_switches`` reads ``/proc/PID/status``, which counts
+the main thread only, and Ray's processes do their waking in other threads.
 """
 
 from __future__ import annotations

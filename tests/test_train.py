@@ -226,4 +226,5 @@ def test_length_grouped_micro_batches_pad_less_and_repeat_exactly(local_ray, tok
     # Mixed order: the micro-batches are not simply sorted by length across the epoch.
     widths = [b["input_ids"].shape[1] for b in grouped]
     assert widths != sorted(widths)
+    assert len(again) == len(grouped)
     assert all(a["input_ids"].equal(b["input_ids"]) for a, b in zip(grouped, again))

@@ -96,7 +96,9 @@ def length_grouped(rows: list[dict], micro_batch_size: int, rng: Any) -> list[li
     about 5% with a window of 16 micro-batches), and shuffling the micro-batches
     keeps long and short ones mixed across steps. Like transformers'
     ``group_by_length``, which sorts "megabatches" the same way. The last
-    micro-batch of a window can be short.
+    micro-batch of a window can be short; only the epoch's last window is
+    partial, so ``drop_last`` drops at most one micro-batch per epoch, made of
+    that window's longest rows rather than random ones.
     """
     ordered = sorted(rows, key=lambda row: len(row["input_ids"]))
     chunks = [ordered[i:i + micro_batch_size] for i in range(0, len(ordered), micro_batch_size)]
