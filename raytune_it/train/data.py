@@ -139,7 +139,7 @@ def _collate_class():
 
 def iter_micro_batches(
     shard: Any, micro_batch_size: int, pad_token_id: int, *, seed: int | None = None, drop_last: bool = True,
-    group_by_length: bool = False,
+    group_by_length: bool = False, pin_memory: bool = False,
 ) -> Iterator[dict]:
     """Collated micro-batches from a worker's shard, reproducible for a given seed.
 
@@ -148,7 +148,9 @@ def iter_micro_batches(
     reads windows of ``LENGTH_GROUP_MICRO_BATCHES`` micro-batches and yields each
     window's micro-batches grouped by length (see ``length_grouped``). Every
     window but the last is whole, so with ``drop_last`` as many full
-    micro-batches come out as without grouping.
+    micro-batches come out as without grouping. ``pin_memory`` (for a GPU) pins the
+    collated micro-batches in those threads too, so that their copy to the GPU, which
+    Ray Data also makes there, does not block.
     """
     group = LENGTH_GROUP_MICRO_BATCHES if group_by_length else 0
     batches = shard.iter_torch_batches(
@@ -158,6 +160,7 @@ def iter_micro_batches(
         drop_last=drop_last and not group,
         local_shuffle_buffer_size=None if seed is None else max(1024, 2 * micro_batch_size * (group or 1)),
         local_shuffle_seed=seed,
+        pin_memory=pin_memory,
     )
     if not group:
         yield from batches

@@ -159,7 +159,8 @@ def train_loop(loop_config: dict) -> None:
 
     while state.step < plan.total_steps:
         batches = iter_micro_batches(train_shard, micro, pad_id, seed=config.train.seed + state.epoch,
-                                     group_by_length=config.data.group_by_length)
+                                     group_by_length=config.data.group_by_length,
+                                     pin_memory=device.type == "cuda")
         # Resume at the data position: skip what this epoch already consumed.
         for _ in islice(batches, state.batches_in_epoch):
             pass

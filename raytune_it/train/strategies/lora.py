@@ -14,12 +14,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from raytune_it.config.schema import JobConfig
-from raytune_it.train.strategies.base import trained_tokens
+from raytune_it.train.strategies.base import checkpointing_on, adamw, to_device, trained_tokens
 
 
 class LoraStrategy:
     def __init__(self, config: JobConfig, total_steps: int, device: Any) -> None:
-        import torch
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
         from transformers import get_scheduler
 
@@ -51,14 +50,13 @@ class LoraStrategy:
         self.peft_model = get_peft_model(base, peft_config)
         self.model = ray.train.torch.prepare_model(self.peft_model, parallel_strategy="ddp")
         params = [p for p in self.peft_model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=config.train.learning_rate,
-                                           weight_decay=config.train.weight_decay)
+        self.optimizer = adamw(params, config.train.learning_rate, config.train.weight_decay)
         self.scheduler = get_scheduler(config.train.lr_schedule, self.optimizer,
                                        int(config.train.warmup_ratio * total_steps), total_steps)
         self.params = params
 
     def _to_device(self, batch: dict) -> dict:
-        return {key: value.to(self.device) for key, value in batch.items()}
+        return to_device(batch, self.device)
 
     def step(self, micro_batches: Sequence[dict]) -> float:
         import contextlib
@@ -66,7 +64,7 @@ class LoraStrategy:
         import torch
 
         self.model.train()
-        total = 0.0
+        total = torch.zeros((), device=self.device)
         for index, batch in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
             # DDP all-reduces gradients on the last micro-batch of the step only.
@@ -74,12 +72,13 @@ class LoraStrategy:
             with sync:
                 loss = self.model(**self._to_device(batch), use_cache=False).loss
                 (loss / len(micro_batches)).backward()
-            total += float(loss.detach())
+            total += loss.detach()
         torch.nn.utils.clip_grad_norm_(self.params, self.config.train.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total / len(micro_batches)
+        # One host sync per step, after the optimizer's work is queued: a GPU never waits on the host mid-step.
+        return float(total) / len(micro_batches)
 
     def eval_batch(self, batch: dict) -> tuple[float, int]:
         import torch
@@ -101,7 +100,7 @@ class LoraStrategy:
             "lora_rank": self.config.lora.rank,
             "trainable_parameters": sum(p.numel() for p in self.params),
             "total_parameters": sum(p.numel() for p in self.peft_model.parameters()),
-            "gradient_checkpointing": bool(self.peft_model.base_model.model.is_activation_checkpointing),
+            "gradient_checkpointing": checkpointing_on(self.peft_model.base_model.model),
         }
 
     def save_checkpoint(self, folder: Path) -> None:

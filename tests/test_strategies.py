@@ -1,0 +1,79 @@
+"""The pieces the two training strategies share: optimizer, DeepSpeed config, checkpointing flag."""
+
+import copy
+
+import pytest
+import torch
+
+from raytune_it.config import load_config
+from raytune_it.train.strategies.base import adamw, checkpointing_on
+from raytune_it.train.strategies.zero3 import deepspeed_config
+
+
+def _params(seed):
+    torch.manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(shape)) for shape in [(16, 256), (256, 16), (7,)]]
+
+
+def test_adamw_is_fused_on_the_cpu_and_makes_the_same_update_as_torch_default():
+    fused_params, plain_params = _params(0), _params(0)
+    fused = adamw(fused_params, lr=1e-2, weight_decay=0.1)
+    plain = torch.optim.AdamW(plain_params, lr=1e-2, weight_decay=0.1, foreach=False)
+    assert fused.defaults["fused"] is True
+    for step in range(5):
+        grads = _params(100 + step)
+        for group, optimizer in ((fused_params, fused), (plain_params, plain)):
+            for param, grad in zip(group, grads):
+                param.grad = grad.detach().clone()
+            optimizer.step()
+    for a, b, start in zip(fused_params, plain_params, _params(0)):
+        assert not torch.equal(a, start), "the parameters moved"
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_adamw_state_round_trips_for_resume():
+    params = _params(1)
+    optimizer = adamw(params, lr=1e-2, weight_decay=0.0)
+    for param in params:
+        param.grad = torch.ones_like(param)
+    optimizer.step()
+    restored_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    restored = adamw(restored_params, lr=1e-2, weight_decay=0.0)
+    restored.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    for group in (params, restored_params):
+        for param in group:
+            param.grad = torch.full_like(param, 0.5)
+    optimizer.step()
+    restored.step()
+    for a, b in zip(params, restored_params):
+        assert torch.equal(a, b), "a resumed optimizer continues bit for bit"
+
+
+@pytest.mark.parametrize("use_gpu", [False, True])
+def test_deepspeed_config_uses_torch_fused_adamw_unless_offloading(use_gpu):
+    config = load_config("tiny-full")
+    optimizer = deepspeed_config(config, world_size=2, use_gpu=use_gpu)["optimizer"]
+    # torch's fused AdamW on GPUs too: no CUDA extension to JIT-compile on each fresh worker.
+    assert optimizer["type"] == "AdamW" and optimizer["params"]["torch_adam"] is True
+    assert optimizer["params"]["fused"] is True
+    offloaded = deepspeed_config(load_config("tiny-full", ["deepspeed.offload_optimizer=true"]), 2, use_gpu)
+    assert "torch_adam" not in offloaded["optimizer"]["params"], "offloaded states use DeepSpeed's CPUAdam"
+    assert offloaded["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+
+
+def test_checkpointing_flag_reads_the_model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert checkpointing_on(model) is False
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert checkpointing_on(model) is True
+
+
+def test_checkpointing_flag_on_transformers_before_the_rename():
+    class OlderModel:  # transformers 5.1x: only the old property exists
+        is_gradient_checkpointing = True
+
+    assert checkpointing_on(OlderModel()) is True
+    OlderModel.is_gradient_checkpointing = False
+    assert checkpointing_on(OlderModel()) is False
