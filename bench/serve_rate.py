@@ -4,6 +4,7 @@ Same model (the tiny LLaMA), same prompt, same number of new tokens, greedy, one
 request at a time, measured in one run for several lengths:
 
     python bench/serve_rate.py [--max-tokens 32 128 512] [--repeats 5]
+    python bench/serve_rate.py --in-process-only --device cuda [--model PATH]   # a GPU's rate, no HTTP
 
 It prints tokens/s for each (new tokens over wall time, prompt included, as a
 client sees it), the engine's own decode rate, and the ratio HTTP / in-process.
@@ -21,14 +22,16 @@ import time
 PROMPT = "### Instruction:\nConvert 12 kilometers to meters.\n\n### Response:\n"
 
 
-def in_process(lengths: list[int], repeats: int) -> dict[int, float]:
+def in_process(lengths: list[int], repeats: int, model_name: str = "tiny-llama",
+               device: str = "cpu") -> dict[int, float]:
     import torch
 
     from raytune_it.models.loading import load_causal_lm, load_tokenizer
 
-    tokenizer = load_tokenizer("tiny-llama")
-    model = load_causal_lm("tiny-llama").eval()
-    inputs = tokenizer(PROMPT, return_tensors="pt")
+    tokenizer = load_tokenizer(model_name)
+    # The serving engine's precision: bf16 on a GPU, fp32 on a CPU.
+    model = load_causal_lm(model_name, precision="bfloat16" if device == "cuda" else "float32").to(device).eval()
+    inputs = tokenizer(PROMPT, return_tensors="pt").to(device)
     out_rates = {}
     with torch.inference_mode():
         for max_tokens in lengths:
@@ -80,8 +83,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-tokens", type=int, nargs="+", default=[32, 128, 512], help="new tokens per request")
     parser.add_argument("--repeats", type=int, default=5, help="timed requests per length (after one warm-up)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the in-process model runs")
+    parser.add_argument("--model", default="tiny-llama", help="model directory for the in-process run")
+    parser.add_argument("--in-process-only", action="store_true",
+                        help="measure model.generate alone (no Ray Serve, no HTTP): the device's own rate")
     args = parser.parse_args()
-    local = in_process(args.max_tokens, args.repeats)
+    local = in_process(args.max_tokens, args.repeats, args.model, args.device)
+    if args.in_process_only:
+        print(f"\nbatch size 1, greedy, {args.model} on {args.device}: new tokens / wall time, prompt included")
+        for n in args.max_tokens:
+            print(f"{n:>10} new tokens: {local[n]:>10,.1f} tokens/s")
+        return
     http = over_http(args.max_tokens, args.repeats)
     print("\nbatch size 1, greedy, tiny-llama on CPU; tokens/s")
     print(f"{'new tokens':>10}{'in-process':>12}{'HTTP client':>13}{'engine':>10}{'HTTP / in-process':>19}")

@@ -4,6 +4,7 @@ and steps, measured in one run.
 
     python bench/train_overhead.py [--steps 200] [--micro-batch-size 8] [--cpus N [N ...]]
                                    [--int8 | --no-int8] [--repeats 3] [--account]
+                                   [--device cpu|cuda] [--model PATH] [--variants NAME ...]
 
 It prints tokens/s for each and the ratios against the bare loop. Every variant
 times its whole step loop (data loading included; model loading and worker
@@ -18,6 +19,10 @@ Ray worker's CPUs). By default it measures two settings: one core fewer than
 the machine has, leaving one to Ray's own processes as a GPU node's spare host
 cores do, and all of them, where the compute threads share every core with
 Ray's processes. ``--account`` shows which processes shared the cores.
+
+``--device cuda`` runs every variant on one GPU (bf16 compute, like raytune-it's
+LoRA strategy there); ``--model`` trains another model directory than the tiny
+LLaMA, and ``--variants`` picks variants by their short names.
 """
 
 from __future__ import annotations
@@ -31,6 +36,12 @@ from itertools import islice
 from pathlib import Path
 
 
+#: Short names for --variants, in the order the rounds run them.
+VARIANTS = {"bare": "bare PyTorch + peft loop", "trainer": "transformers Trainer",
+            "ray-task": "bare loop in a Ray task", "ray-train": "bare loop in Ray Train",
+            "raytune-it": "raytune-it (Ray Train)", "grouped": "raytune-it, length groups"}
+
+
 def setup(args, cpus):
     from raytune_it.config import load_config
     from raytune_it.models.loading import load_tokenizer
@@ -38,9 +49,18 @@ def setup(args, cpus):
     overrides = [f"train.max_steps={args.steps}", f"train.micro_batch_size={args.micro_batch_size}",
                  "scaling.num_workers=1", f"scaling.cpus_per_worker={cpus}", "data.eval_fraction=0.02",
                  f"train.eval_every_steps={args.steps}", f"lora.int8={str(args.int8).lower()}",
-                 "deepspeed.gradient_checkpointing=false", "train.warmup_ratio=0"]
+                 "deepspeed.gradient_checkpointing=false", "train.warmup_ratio=0",
+                 f"scaling.use_gpu={str(args.device == 'cuda').lower()}"]
+    if args.model:
+        overrides.append(f"model.name_or_path={args.model}")
     config = load_config("tiny-lora", overrides)
     return config, load_tokenizer(config.model.name_or_path)
+
+
+def device_of(config):
+    import torch
+
+    return torch.device("cuda" if config.scaling.use_gpu else "cpu")
 
 
 def batches(config, tokenizer, count):
@@ -61,8 +81,11 @@ def peft_model(config):
 
     from raytune_it.models.loading import load_causal_lm
 
-    base = load_causal_lm(config.model.name_or_path, precision="float32" if config.lora.int8 else "bfloat16",
-                          int8=config.lora.int8, device_map={"": "cpu"} if config.lora.int8 else None)
+    device = device_of(config)
+    # The precision raytune-it's LoRA strategy picks: bf16 on a GPU, fp32 activations over an INT8 base on a CPU.
+    precision = "float32" if config.lora.int8 and device.type == "cpu" else "bfloat16"
+    base = load_causal_lm(config.model.name_or_path, precision=precision, int8=config.lora.int8,
+                          device_map={"": device})
     if config.lora.int8:
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     return get_peft_model(base, LoraConfig(r=config.lora.rank, lora_alpha=config.lora.alpha,
@@ -74,21 +97,27 @@ def bare_loop(config, tokenizer, steps):
     import torch
     from transformers import get_scheduler
 
+    from raytune_it.train.strategies.base import adamw
+
     data = batches(config, tokenizer, steps)
     model = peft_model(config)
+    device = device_of(config)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.train.learning_rate)
+    # The same optimizer as raytune-it (torch's fused AdamW): the comparison is about the loop around it.
+    optimizer = adamw(params, config.train.learning_rate, 0.0)
     scheduler = get_scheduler("cosine", optimizer, 0, steps)
     model.train()
     tokens, started = 0, time.perf_counter()
     for batch in data:
-        loss = model(**batch, use_cache=False).loss
+        loss = model(**{key: value.to(device) for key, value in batch.items()}, use_cache=False).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         tokens += int((batch["input_ids"] != tokenizer.pad_token_id).sum())
+    if device.type == "cuda":
+        torch.cuda.synchronize()  # the loop above queues GPU work without waiting for it
     return tokens / (time.perf_counter() - started)
 
 
@@ -104,7 +133,7 @@ def hf_trainer(config, tokenizer, steps, folder):
     arguments = TrainingArguments(
         output_dir=str(folder), per_device_train_batch_size=config.train.micro_batch_size, max_steps=steps,
         learning_rate=config.train.learning_rate, lr_scheduler_type="cosine", save_strategy="no",
-        report_to=[], logging_steps=steps, use_cpu=True, dataloader_num_workers=0, seed=config.train.seed,
+        report_to=[], logging_steps=steps, use_cpu=not config.scaling.use_gpu, dataloader_num_workers=0, seed=config.train.seed,
         disable_tqdm=True, remove_unused_columns=False)
     trainer = Trainer(model=peft_model(config), args=arguments, train_dataset=examples,
                       data_collator=lambda rows: collate(rows, tokenizer.pad_token_id))
@@ -121,7 +150,8 @@ def bare_loop_in_ray_worker(config, steps):
 
     cpus = config.scaling.cpus_per_worker
     with ray_session(min_cpus=cpus):
-        return ray.get(ray.remote(num_cpus=cpus)(_bare_loop_task).remote(config, steps))
+        task = ray.remote(num_cpus=cpus, num_gpus=int(config.scaling.use_gpu))(_bare_loop_task)
+        return ray.get(task.remote(config, steps))
 
 
 def bare_loop_in_ray_train_worker(config, steps, folder):
@@ -141,7 +171,8 @@ def bare_loop_in_ray_train_worker(config, steps, folder):
 
     with ray_session(min_cpus=cpus):
         TorchTrainer(train_fn, scaling_config=ray.train.ScalingConfig(
-            num_workers=1, resources_per_worker={"CPU": cpus}),
+            num_workers=1, use_gpu=config.scaling.use_gpu,
+            resources_per_worker={"CPU": cpus, **({"GPU": 1} if config.scaling.use_gpu else {})}),
             run_config=ray.train.RunConfig(storage_path=str(folder))).fit()
     return float(rate_file.read_text())
 
@@ -183,14 +214,15 @@ def measure(args, cpus: int) -> None:
     torch.set_num_threads(cpus)  # the in-process variants; Ray gives its workers OMP_NUM_THREADS=cpus
     config, tokenizer = setup(args, cpus)
     folder = Path(tempfile.mkdtemp(prefix="raytune-it-bench-"))
-    variants = {
-        "bare PyTorch + peft loop": lambda i: bare_loop(config, tokenizer, args.steps),
-        "transformers Trainer": lambda i: hf_trainer(config, tokenizer, args.steps, folder / f"hf{i}"),
-        "bare loop in a Ray task": lambda i: bare_loop_in_ray_worker(config, args.steps),
-        "bare loop in Ray Train": lambda i: bare_loop_in_ray_train_worker(config, args.steps, folder / f"rt{i}"),
-        "raytune-it (Ray Train)": lambda i: raytune_it_run(config, folder / f"runs{i}"),
-        "raytune-it, length groups": lambda i: raytune_it_run(config, folder / f"grouped{i}", True),
+    runners = {
+        "bare": lambda i: bare_loop(config, tokenizer, args.steps),
+        "trainer": lambda i: hf_trainer(config, tokenizer, args.steps, folder / f"hf{i}"),
+        "ray-task": lambda i: bare_loop_in_ray_worker(config, args.steps),
+        "ray-train": lambda i: bare_loop_in_ray_train_worker(config, args.steps, folder / f"rt{i}"),
+        "raytune-it": lambda i: raytune_it_run(config, folder / f"runs{i}"),
+        "grouped": lambda i: raytune_it_run(config, folder / f"grouped{i}", True),
     }
+    variants = {VARIANTS[key]: run for key, run in runners.items() if key in args.variants}
     samples: dict[str, list[float]] = {name: [] for name in variants}
     try:
         # Interleaved rounds: a slow spell on this shared machine hits every variant, not one.
@@ -203,26 +235,42 @@ def measure(args, cpus: int) -> None:
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     results = {name: statistics.median(rates) for name, rates in samples.items()}
-    base = results["bare PyTorch + peft loop"]
+    print_results(args, cpus, config, results, samples, accounts)
+
+
+def print_results(args, cpus, config, results, samples, accounts) -> None:
+    base = results.get(VARIANTS["bare"])
     spare = (os.cpu_count() or cpus) - cpus
-    print(f"\nLoRA ({'INT8' if args.int8 else 'bf16'} base), tiny-llama, {args.steps} steps x "
-          f"{args.micro_batch_size} sequences, one worker on {cpus} of {os.cpu_count()} cores "
-          f"({spare} left to Ray's own processes), median of {args.repeats} interleaved rounds")
+    where = (f"one GPU ({_gpu_name()}), {cpus} CPU(s) for the worker" if config.scaling.use_gpu else
+             f"one worker on {cpus} of {os.cpu_count()} cores ({spare} left to Ray's own processes)")
+    print(f"\nLoRA ({'INT8' if args.int8 else 'bf16'} base), {Path(config.model.name_or_path).name}, "
+          f"{args.steps} steps x {args.micro_batch_size} sequences, {where}, "
+          f"median of {args.repeats} interleaved rounds")
     print(f"{'':<30}{'tokens/s':>10}{'vs bare loop':>14}   all rounds")
     for name, rate in results.items():
         rounds = ", ".join(f"{r:,.0f}" for r in samples[name])
-        print(f"{name:<30}{rate:>10,.0f}{rate / base:>13.2f}x   {rounds}")
-    ours, trainer = results["raytune-it (Ray Train)"], results["transformers Trainer"]
-    grouped = results["raytune-it, length groups"]
-    print(f"raytune-it / Trainer: {ours / trainer:.2f}x; with data.group_by_length=true: {grouped / trainer:.2f}x")
-    in_task, in_train = results["bare loop in a Ray task"], results["bare loop in Ray Train"]
-    print(f"bare loop in a Ray task / bare loop: {in_task / base:.2f}x (the Ray runtime beside the loop)")
-    print(f"bare loop in Ray Train / in a Ray task: {in_train / in_task:.2f}x (Ray Train's worker and controller)")
-    print(f"raytune-it / bare loop in Ray Train: {ours / in_train:.2f}x (raytune-it's loop: Ray Data ingest, "
-          "metrics, checkpoints)")
-    print(f"raytune-it with length groups / without: {grouped / ours:.2f}x (data.group_by_length: less padding)")
+        ratio = f"{rate / base:>13.2f}x" if base else f"{'-':>14}"
+        print(f"{name:<30}{rate:>10,.0f}{ratio}   {rounds}")
+    ratios = [  # (numerator, denominator, what the ratio shows), printed where both were measured
+        ("raytune-it", "trainer", "raytune-it / Trainer"),
+        ("grouped", "trainer", "raytune-it with data.group_by_length=true / Trainer"),
+        ("ray-task", "bare", "the Ray runtime beside the loop"),
+        ("ray-train", "ray-task", "Ray Train's worker and controller"),
+        ("raytune-it", "ray-train", "raytune-it's loop: Ray Data ingest, metrics, checkpoints"),
+        ("grouped", "raytune-it", "data.group_by_length: less padding"),
+    ]
+    for top, bottom, meaning in ratios:
+        if VARIANTS[top] in results and VARIANTS[bottom] in results:
+            print(f"{VARIANTS[top]} / {VARIANTS[bottom]}: {results[VARIANTS[top]] / results[VARIANTS[bottom]]:.2f}x"
+                  f" ({meaning})")
     for name, table in accounts.items():
         print(f"\nprocesses while '{name}' trained (one extra, untimed run):\n{table}")
+
+
+def _gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU visible"
 
 
 def main() -> None:
@@ -232,17 +280,29 @@ def main() -> None:
                         help="optimizer steps for each variant (the default stays inside one epoch)")
     parser.add_argument("--micro-batch-size", type=int, default=8, help="sequences per step")
     parser.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True, help="INT8 base weights")
-    parser.add_argument("--cpus", type=int, nargs="+", default=sorted({max(1, cores - 1), cores}),
+    parser.add_argument("--cpus", type=int, nargs="+", default=None,
                         help="cores each variant computes on (torch threads; the Ray worker's CPUs); several "
-                             f"values measure each setting in turn (default: {max(1, cores - 1)} and {cores}, "
-                             "with and without a core left to Ray's own processes)")
+                             f"values measure each setting in turn (default on the CPU: {max(1, cores - 1)} and "
+                             f"{cores}, with and without a core left to Ray's own processes; with --device cuda: "
+                             f"{min(4, cores)})")
     parser.add_argument("--account", action="store_true",
                         help="after the timed rounds, run the bare loop, the bare loop in Ray Train and raytune-it "
                              "once more while sampling /proc, and print which processes shared the cores with "
                              "training (cores used and wake-ups per second); not counted in the medians")
     parser.add_argument("--repeats", type=int, default=3,
                         help="rounds; each round runs every variant once, interleaved, and the median is reported")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="where every variant computes: the CPU, or one GPU (raytune-it with scaling.use_gpu)")
+    parser.add_argument("--model", default=None,
+                        help="a Hugging Face model directory to train instead of the built-in tiny-llama")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                        help="which variants to run (default: all): " +
+                             "; ".join(f"{key}: {name}" for key, name in VARIANTS.items()))
     args = parser.parse_args()
+    if args.account and not {"bare", "ray-train", "raytune-it"} <= set(args.variants):
+        parser.error("--account needs the variants bare, ray-train and raytune-it")
+    if args.cpus is None:
+        args.cpus = [min(4, cores)] if args.device == "cuda" else sorted({max(1, cores - 1), cores})
     for cpus in args.cpus:
         measure(args, cpus)
 

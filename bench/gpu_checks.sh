@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# What only a GPU shows, in one short pass (about 6 minutes on one H100): INT8 LoRA and
+# DeepSpeed ZeRO-3 (NCCL) training through `raytune-it train` with the exports reloaded, the
+# training-overhead benchmark on the GPU for the tiny model and a ~0.85B random LLaMA, and
+# the batch-1 generation rate of both. Each check has its own time limit and log; a failed
+# check is reported and the next one runs.
+#
+#   [ONLY="CHECK ..."] bash bench/gpu_checks.sh [LOG_DIR]   (needs raytune-it's dependencies and a CUDA torch)
+set -uo pipefail
+LOGS=${1:-gpu-checks}
+mkdir -p "$LOGS"
+WORK=$(mktemp -d)
+export PYTHONUNBUFFERED=1
+status=0
+
+check() {  # check NAME SECONDS COMMAND...; ONLY="NAME ..." runs those alone
+  local name=$1 limit=$2; shift 2
+  [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $name "* ]] || return 0
+  local started=$SECONDS
+  echo "=== $name"
+  timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1
+  local rc=$?
+  echo "=== $name: exit $rc after $((SECONDS - started)) s"
+  grep -v -E "^\s*$|step [0-9]+/|Writing model shards|Loading weights" "$LOGS/$name.log" | tail -n 30
+  [ $rc -eq 0 ] || status=1
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, transformers, peft, ray, deepspeed, bitsandbytes as b; print('torch', torch.__version__, \
+'cuda', torch.version.cuda, '| transformers', transformers.__version__, '| peft', peft.__version__, '| ray', \
+ray.__version__, '| deepspeed', deepspeed.__version__, '| bitsandbytes', b.__version__)"
+
+GPU="scaling.use_gpu=true scaling.num_workers=1 scaling.cpus_per_worker=4 train.max_steps=60 train.eval_every_steps=30"
+check lora-int8-gpu 150 python3 -m raytune_it train tiny-lora $GPU run.storage=$WORK run.name=lora
+check full-zero3-gpu 180 python3 -m raytune_it train tiny-full $GPU run.storage=$WORK run.name=full
+check exports-reload 60 python3 - "$WORK" <<'PY'
+import sys, torch
+from pathlib import Path
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from raytune_it.models.loading import resolve_model_path
+work = Path(sys.argv[1])
+full = AutoModelForCausalLM.from_pretrained(str(work / "full/export"), dtype=torch.bfloat16).cuda()
+base = AutoModelForCausalLM.from_pretrained(resolve_model_path("tiny-llama"), dtype=torch.bfloat16).cuda()
+lora = PeftModel.from_pretrained(base, str(work / "lora/export")).cuda()
+for name, model, folder in (("full", full, work / "full/export"), ("lora", lora, work / "lora/export")):
+    tok = AutoTokenizer.from_pretrained(folder)
+    ids = tok("### Instruction:\nName a fruit.\n\n### Response:\n", return_tensors="pt").to("cuda")
+    out = model.generate(**ids, max_new_tokens=16, do_sample=False)
+    print(name, "generates", out.shape[1] - ids["input_ids"].shape[1], "tokens:", repr(tok.decode(out[0][ids["input_ids"].shape[1]:])))
+PY
+check bench-train-tiny 240 python3 bench/train_overhead.py --device cuda --variants bare trainer raytune-it --steps 200 --repeats 2
+check random-llama 90 python3 bench/random_llama.py "$WORK/llama-0.85b"
+check bench-train-0.85b 240 python3 bench/train_overhead.py --device cuda --model "$WORK/llama-0.85b" --variants bare trainer raytune-it --steps 60 --repeats 2
+check generate-rate 90 bash -c "python3 bench/serve_rate.py --in-process-only --device cuda --max-tokens 128 --repeats 3 && python3 bench/serve_rate.py --in-process-only --device cuda --model $WORK/llama-0.85b --max-tokens 128 --repeats 3"
+rm -rf "$WORK"
+exit $status
