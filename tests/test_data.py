@@ -4,6 +4,7 @@ from itertools import islice
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from raytune_it.config import load_config
 from raytune_it.data.pipeline import dataset_stats, iter_examples, split_of
@@ -105,6 +106,32 @@ def test_collate_pads_and_masks():
     assert batch["input_ids"].shape == (2, 8)
     assert batch["attention_mask"][1].tolist() == [1, 1, 0, 0, 0, 0, 0, 0]
     assert batch["labels"][1].tolist()[2:] == [IGNORE_INDEX] * 6
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_arrow_collate_equals_the_row_collate(packed):
+    import random
+
+    from raytune_it.train.data import collate_arrow
+
+    rng = random.Random(7)
+    rows = []
+    for _ in range(11):
+        n = rng.randint(1, 40)
+        row = {"input_ids": [rng.randint(0, 2000) for _ in range(n)],
+               "labels": [IGNORE_INDEX] * (n // 3) + [rng.randint(0, 2000) for _ in range(n - n // 3)]}
+        if packed:
+            row["position_ids"] = [i % 13 for i in range(n)]
+        rows.append(row)
+    columns = ["input_ids", "labels"] + (["position_ids"] if packed else [])
+    table = pa.Table.from_pylist(rows, schema=pa.schema([(c, pa.list_(pa.int32())) for c in columns]))
+    # a slice and several chunks, as Ray Data hands batches over
+    for batch in (table, table.slice(3, 5), pa.concat_tables([table.slice(0, 4), table.slice(6, 3)])):
+        expected = collate(batch.to_pylist(), pad_token_id=3)
+        got = collate_arrow(batch, pad_token_id=3)
+        assert got.keys() == expected.keys()
+        for key in expected:
+            assert got[key].dtype == expected[key].dtype and torch.equal(got[key], expected[key]), key
 
 
 # --- reading files --------------------------------------------------------------------------
