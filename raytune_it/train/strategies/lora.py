@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from raytune_it.config.schema import JobConfig
-from raytune_it.train.strategies.base import checkpointing_on, adamw, to_device, trained_tokens
+from raytune_it.train.strategies.base import adamw, checkpointing_on, to_device, trained_tokens
 
 
 class LoraStrategy:
