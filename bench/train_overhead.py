@@ -133,8 +133,8 @@ def hf_trainer(config, tokenizer, steps, folder):
     arguments = TrainingArguments(
         output_dir=str(folder), per_device_train_batch_size=config.train.micro_batch_size, max_steps=steps,
         learning_rate=config.train.learning_rate, lr_scheduler_type="cosine", save_strategy="no",
-        report_to=[], logging_steps=steps, use_cpu=not config.scaling.use_gpu, dataloader_num_workers=0, seed=config.train.seed,
-        disable_tqdm=True, remove_unused_columns=False)
+        report_to=[], logging_steps=steps, use_cpu=not config.scaling.use_gpu, dataloader_num_workers=0,
+        seed=config.train.seed, disable_tqdm=True, remove_unused_columns=False)
     trainer = Trainer(model=peft_model(config), args=arguments, train_dataset=examples,
                       data_collator=lambda rows: collate(rows, tokenizer.pad_token_id))
     started = time.perf_counter()

@@ -11,7 +11,7 @@ from raytune_it.data.pipeline import dataset_stats, iter_examples, split_of
 from raytune_it.data.records import ReadReport, iter_records
 from raytune_it.data.synthetic import DOMAINS, FAMILIES, generate
 from raytune_it.data.templates import render_prompt
-from raytune_it.data.tokenize import IGNORE_INDEX, collate, pack_examples, tokenize_records
+from raytune_it.data.tokenize import IGNORE_INDEX, collate, collate_arrow, pack_examples, tokenize_records
 from raytune_it.errors import DataError
 
 GOOD = {"instruction": "Add the numbers.", "input": "2, 3", "output": "5"}
@@ -111,8 +111,6 @@ def test_collate_pads_and_masks():
 @pytest.mark.parametrize("packed", [False, True])
 def test_arrow_collate_equals_the_row_collate(packed):
     import random
-
-    from raytune_it.train.data import collate_arrow
 
     rng = random.Random(7)
     rows = []

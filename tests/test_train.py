@@ -77,6 +77,7 @@ def test_lora_int8_two_workers(local_ray, tmp_path, tiny_model_dir):
     _check_run_folder(run_dir, summary)
     assert summary.strategy["base_weight_dtype"] == "int8", "the frozen base is INT8 (bitsandbytes)"
     assert summary.strategy["trainable_parameters"] < summary.strategy["total_parameters"] / 5
+    assert summary.strategy["optimizer"] == "AdamW (fused)", "torch's fused AdamW, as Trainer uses"
     export = run_dir / "export"
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in export.iterdir()}
     assert json.loads((export / "adapter_config.json").read_text())["r"] == 16
@@ -97,6 +98,7 @@ def test_zero3_full_two_workers(local_ray, tmp_path, tiny_model_dir):
     _check_run_folder(run_dir, summary)
     facts = summary.strategy
     assert facts["zero_stage"] == 3 and facts["bf16"] and facts["gradient_checkpointing"]
+    assert facts["optimizer"] == "AdamW (fused)", "DeepSpeed wraps torch's fused AdamW, not its JIT-built FusedAdam"
     # ZeRO-3 partitions the parameters: each of 2 ranks holds about half
     assert facts["parameters_on_rank"] <= facts["total_parameters"] * 0.55
     checkpoint = sorted((run_dir / "checkpoints").glob("step_*"))[-1]

@@ -114,3 +114,31 @@ def collate(batch: Sequence[Mapping[str, Sequence[int]]], pad_token_id: int, pad
     else:
         out["attention_mask"] = torch.tensor(mask)
     return out
+
+
+def collate_arrow(table: Any, pad_token_id: int, pad_to_multiple_of: int = 8) -> dict:
+    """``collate`` for an Arrow batch, without a Python object per token.
+
+    The same tensors as ``collate(table.to_pylist(), ...)``, built from the list
+    columns' flat values and lengths with numpy: about a tenth of the time, and
+    Ray Data runs it in threads that share the GIL with the training step.
+    """
+    import numpy as np
+    import torch
+
+    lengths = np.diff(table.column("input_ids").combine_chunks().offsets.to_numpy())
+    width = -(-int(lengths.max()) // pad_to_multiple_of) * pad_to_multiple_of
+    columns = np.arange(width)[None, :]
+    real = columns < lengths[:, None]
+    out = {}
+    for name, fill in (("input_ids", pad_token_id), ("labels", IGNORE_INDEX)):
+        padded = np.full(real.shape, fill, dtype=np.int64)
+        padded[real] = table.column(name).combine_chunks().flatten().to_numpy()
+        out[name] = torch.from_numpy(padded)
+    if "position_ids" in table.column_names:  # packed rows: the padding is one more segment, no mask
+        positions = (columns - lengths[:, None]).astype(np.int64)  # 0, 1, ... over the padding
+        positions[real] = table.column("position_ids").combine_chunks().flatten().to_numpy()
+        out["position_ids"] = torch.from_numpy(positions)
+    else:
+        out["attention_mask"] = torch.from_numpy(real.astype(np.int64))
+    return out

@@ -71,6 +71,12 @@ def adamw(params: list, lr: float, weight_decay: float) -> Any:
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
+def optimizer_name(optimizer: Any) -> str:
+    """The optimizer as built, such as 'AdamW (fused)': DeepSpeed's ZeRO wrapper is looked through."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return f"{type(inner).__name__}{' (fused)' if inner.defaults.get('fused') else ''}"
+
+
 def make_strategy(config: JobConfig, total_steps: int, device: Any) -> Strategy:
     if config.method == "full":
         from raytune_it.train.strategies.zero3 import ZeRO3Strategy

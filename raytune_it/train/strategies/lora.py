@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from raytune_it.config.schema import JobConfig
-from raytune_it.train.strategies.base import adamw, checkpointing_on, to_device, trained_tokens
+from raytune_it.train.strategies.base import adamw, checkpointing_on, optimizer_name, to_device, trained_tokens
 
 
 class LoraStrategy:
@@ -98,6 +98,7 @@ class LoraStrategy:
         return {
             "base_weight_dtype": ",".join(base_dtypes),
             "lora_rank": self.config.lora.rank,
+            "optimizer": optimizer_name(self.optimizer),
             "trainable_parameters": sum(p.numel() for p in self.params),
             "total_parameters": sum(p.numel() for p in self.peft_model.parameters()),
             "gradient_checkpointing": checkpointing_on(self.peft_model.base_model.model),

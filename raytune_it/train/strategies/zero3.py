@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from raytune_it.config.schema import JobConfig
-from raytune_it.train.strategies.base import checkpointing_on, to_device, trained_tokens
+from raytune_it.train.strategies.base import checkpointing_on, optimizer_name, to_device, trained_tokens
 
 CHECKPOINT_TAG = "zero"
 
@@ -121,6 +121,7 @@ class ZeRO3Strategy:
         partitioned = all(hasattr(p, "ds_tensor") for p in params)
         return {
             "zero_stage": self.engine.zero_optimization_stage(),
+            "optimizer": optimizer_name(self.engine.optimizer),
             "bf16": self.engine.bfloat16_enabled(),
             "gradient_checkpointing": checkpointing_on(self.engine.module),
             "total_parameters": sum(p.ds_numel if partitioned else p.numel() for p in params),
