@@ -2,13 +2,15 @@
 PyTorch + peft loop and transformers' Trainer, on the same model, data, batch
 and steps, measured in one run.
 
-    python bench/train_overhead.py [--steps 200] [--micro-batch-size 8] [--cpus N [N ...]]
-                                   [--int8 | --no-int8] [--repeats 3] [--account]
+    python bench/train_overhead.py [--steps 200] [--warmup-steps 10] [--micro-batch-size 8]
+                                   [--cpus N [N ...]] [--int8 | --no-int8] [--repeats 3] [--account]
                                    [--device cpu|cuda] [--model PATH] [--variants NAME ...]
 
 It prints tokens/s for each and the ratios against the bare loop. Every variant
-times its whole step loop (data loading included; model loading and worker
-start-up excluded) and counts the same non-padding tokens. More variants split
+times its step loop after the same ``--warmup-steps`` (data loading included;
+model loading, worker start-up and the first steps' one-off costs, such as
+cuBLAS and allocator warm-up on a GPU, excluded) and counts the same
+non-padding tokens: raytune-it's figure comes from its per-step metrics. More variants split
 the gap: the bare loop as a Ray task and as the training function of a
 one-worker Ray Train job (what Ray's runtime and Ray Train's worker cost), and
 raytune-it with ``data.group_by_length=true`` (what grouping micro-batches by
@@ -21,13 +23,17 @@ cores do, and all of them, where the compute threads share every core with
 Ray's processes. ``--account`` shows which processes shared the cores.
 
 ``--device cuda`` runs every variant on one GPU (bf16 compute, like raytune-it's
-LoRA strategy there); ``--model`` trains another model directory than the tiny
-LLaMA, and ``--variants`` picks variants by their short names.
+LoRA strategy there); Ray is then started once for all the Ray variants, as the
+host has cores to spare (on the CPU each Ray variant starts its own, so that the
+bare loop and Trainer run without Ray's processes beside them). ``--model``
+trains another model directory than the tiny LLaMA, and ``--variants`` picks
+variants by their short names.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import tempfile
@@ -93,7 +99,28 @@ def peft_model(config):
                                            target_modules=config.lora.target_modules, task_type="CAUSAL_LM"))
 
 
-def bare_loop(config, tokenizer, steps):
+class WarmClock:
+    """Tokens and seconds after the first ``warmup`` steps: what every variant reports."""
+
+    def __init__(self, warmup: int, device) -> None:
+        self.warmup, self.device, self.started, self.tokens_at_start = warmup, device, None, 0
+
+    def _now(self) -> float:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()  # GPU work is queued: wait for it before reading the clock
+        return time.perf_counter()
+
+    def step_done(self, step: int, tokens_so_far: int) -> None:
+        if step == self.warmup:
+            self.started, self.tokens_at_start = self._now(), tokens_so_far
+
+    def rate(self, tokens_so_far: int) -> float:
+        return (tokens_so_far - self.tokens_at_start) / (self._now() - self.started)
+
+
+def bare_loop(config, tokenizer, steps, warmup):
     import torch
     from transformers import get_scheduler
 
@@ -107,8 +134,8 @@ def bare_loop(config, tokenizer, steps):
     optimizer = adamw(params, config.train.learning_rate, 0.0)
     scheduler = get_scheduler("cosine", optimizer, 0, steps)
     model.train()
-    tokens, started = 0, time.perf_counter()
-    for batch in data:
+    clock, tokens = WarmClock(warmup, device), 0
+    for step, batch in enumerate(data, start=1):
         loss = model(**{key: value.to(device) for key, value in batch.items()}, use_cache=False).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -116,33 +143,43 @@ def bare_loop(config, tokenizer, steps):
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         tokens += int((batch["input_ids"] != tokenizer.pad_token_id).sum())
-    if device.type == "cuda":
-        torch.cuda.synchronize()  # the loop above queues GPU work without waiting for it
-    return tokens / (time.perf_counter() - started)
+        clock.step_done(step, tokens)
+    return clock.rate(tokens)
 
 
-def hf_trainer(config, tokenizer, steps, folder):
-    from transformers import Trainer, TrainingArguments
+def hf_trainer(config, tokenizer, steps, warmup, folder):
+    from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from raytune_it.data.pipeline import iter_examples
     from raytune_it.data.tokenize import collate
 
     examples = list(islice(iter_examples(config.data, tokenizer, config.train.max_seq_len, "train",
                                          config.train.seed), steps * config.train.micro_batch_size))
-    tokens = sum(len(e["input_ids"]) for e in examples)
+    batch_tokens: list[int] = []  # non-padding tokens of each batch, in the order the steps take them
+
+    def collate_counting(rows):
+        batch_tokens.append(sum(len(row["input_ids"]) for row in rows))
+        return collate(rows, tokenizer.pad_token_id)
+
+    clock = WarmClock(warmup, device_of(config))
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, arguments, state, control, **kwargs):
+            # The data loader may have collated a batch ahead: count the batches of the steps taken.
+            clock.step_done(state.global_step, sum(batch_tokens[:state.global_step]))
+
     arguments = TrainingArguments(
         output_dir=str(folder), per_device_train_batch_size=config.train.micro_batch_size, max_steps=steps,
         learning_rate=config.train.learning_rate, lr_scheduler_type="cosine", save_strategy="no",
         report_to=[], logging_steps=steps, use_cpu=not config.scaling.use_gpu, dataloader_num_workers=0,
         seed=config.train.seed, disable_tqdm=True, remove_unused_columns=False)
     trainer = Trainer(model=peft_model(config), args=arguments, train_dataset=examples,
-                      data_collator=lambda rows: collate(rows, tokenizer.pad_token_id))
-    started = time.perf_counter()
+                      data_collator=collate_counting, callbacks=[Clock()])
     trainer.train()
-    return tokens / (time.perf_counter() - started)
+    return clock.rate(sum(batch_tokens[:steps]))
 
 
-def bare_loop_in_ray_worker(config, steps):
+def bare_loop_in_ray_worker(config, steps, warmup):
     """The bare loop again, as a Ray task with the same CPUs: what the Ray runtime alone costs here."""
     import ray
 
@@ -151,10 +188,10 @@ def bare_loop_in_ray_worker(config, steps):
     cpus = config.scaling.cpus_per_worker
     with ray_session(min_cpus=cpus):
         task = ray.remote(num_cpus=cpus, num_gpus=int(config.scaling.use_gpu))(_bare_loop_task)
-        return ray.get(task.remote(config, steps))
+        return ray.get(task.remote(config, steps, warmup))
 
 
-def bare_loop_in_ray_train_worker(config, steps, folder):
+def bare_loop_in_ray_train_worker(config, steps, warmup, folder):
     """The bare loop again, as the training function of a one-worker TorchTrainer: Ray Train's own cost."""
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -167,7 +204,7 @@ def bare_loop_in_ray_train_worker(config, steps, folder):
 
     def train_fn(_):
         # Train V2 keeps only checkpointed metrics in its Result: the rate comes back through a file.
-        rate_file.write_text(str(_bare_loop_task(config, steps)))
+        rate_file.write_text(str(_bare_loop_task(config, steps, warmup)))
 
     with ray_session(min_cpus=cpus):
         TorchTrainer(train_fn, scaling_config=ray.train.ScalingConfig(
@@ -177,20 +214,23 @@ def bare_loop_in_ray_train_worker(config, steps, folder):
     return float(rate_file.read_text())
 
 
-def _bare_loop_task(config, steps):
+def _bare_loop_task(config, steps, warmup):
     from raytune_it.models.loading import load_tokenizer
 
-    return bare_loop(config, load_tokenizer(config.model.name_or_path), steps)
+    return bare_loop(config, load_tokenizer(config.model.name_or_path), steps, warmup)
 
 
-def raytune_it_run(config, folder, group_by_length=False):
-    from raytune_it.train.driver import train
+def raytune_it_run(config, warmup, folder, group_by_length=False):
+    from raytune_it.train.driver import read_history, run_dir_of, train
 
     config = config.model_copy(deep=True)
     config.run.storage = str(folder)
     config.data.group_by_length = group_by_length
-    summary = train(config)
-    return summary.tokens_per_second
+    train(config)
+    # Its metrics hold every step's running totals: the rate after the warm-up steps, like the others.
+    history = read_history(run_dir_of(config) / "metrics.jsonl")
+    start, end = history[warmup - 1] if warmup else {"tokens": 0, "train_seconds": 0.0}, history[-1]
+    return (end["tokens"] - start["tokens"]) / (end["train_seconds"] - start["train_seconds"])
 
 
 def account(variants: dict, cpus: int) -> dict[str, str]:
@@ -214,24 +254,31 @@ def measure(args, cpus: int) -> None:
     torch.set_num_threads(cpus)  # the in-process variants; Ray gives its workers OMP_NUM_THREADS=cpus
     config, tokenizer = setup(args, cpus)
     folder = Path(tempfile.mkdtemp(prefix="raytune-it-bench-"))
+    steps, warmup = args.steps, args.warmup_steps
     runners = {
-        "bare": lambda i: bare_loop(config, tokenizer, args.steps),
-        "trainer": lambda i: hf_trainer(config, tokenizer, args.steps, folder / f"hf{i}"),
-        "ray-task": lambda i: bare_loop_in_ray_worker(config, args.steps),
-        "ray-train": lambda i: bare_loop_in_ray_train_worker(config, args.steps, folder / f"rt{i}"),
-        "raytune-it": lambda i: raytune_it_run(config, folder / f"runs{i}"),
-        "grouped": lambda i: raytune_it_run(config, folder / f"grouped{i}", True),
+        "bare": lambda i: bare_loop(config, tokenizer, steps, warmup),
+        "trainer": lambda i: hf_trainer(config, tokenizer, steps, warmup, folder / f"hf{i}"),
+        "ray-task": lambda i: bare_loop_in_ray_worker(config, steps, warmup),
+        "ray-train": lambda i: bare_loop_in_ray_train_worker(config, steps, warmup, folder / f"rt{i}"),
+        "raytune-it": lambda i: raytune_it_run(config, warmup, folder / f"runs{i}"),
+        "grouped": lambda i: raytune_it_run(config, warmup, folder / f"grouped{i}", True),
     }
     variants = {VARIANTS[key]: run for key, run in runners.items() if key in args.variants}
     samples: dict[str, list[float]] = {name: [] for name in variants}
+    shared_ray = contextlib.nullcontext()
+    if config.scaling.use_gpu and set(args.variants) & {"ray-task", "ray-train", "raytune-it", "grouped"}:
+        from raytune_it.cluster import ray_session
+
+        shared_ray = ray_session(min_cpus=cpus)
     try:
-        # Interleaved rounds: a slow spell on this shared machine hits every variant, not one.
-        for round_index in range(args.repeats):
-            for name, run in variants.items():
-                samples[name].append(run(round_index))
-                print(f"[{cpus} cores] round {round_index + 1}/{args.repeats} {name}: "
-                      f"{samples[name][-1]:,.0f} tokens/s", flush=True)
-        accounts = account(variants, cpus) if args.account else {}
+        with shared_ray:
+            # Interleaved rounds: a slow spell on this shared machine hits every variant, not one.
+            for round_index in range(args.repeats):
+                for name, run in variants.items():
+                    samples[name].append(run(round_index))
+                    print(f"[{cpus} cores] round {round_index + 1}/{args.repeats} {name}: "
+                          f"{samples[name][-1]:,.0f} tokens/s", flush=True)
+            accounts = account(variants, cpus) if args.account else {}
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     results = {name: statistics.median(rates) for name, rates in samples.items()}
@@ -244,7 +291,7 @@ def print_results(args, cpus, config, results, samples, accounts) -> None:
     where = (f"one GPU ({_gpu_name()}), {cpus} CPU(s) for the worker" if config.scaling.use_gpu else
              f"one worker on {cpus} of {os.cpu_count()} cores ({spare} left to Ray's own processes)")
     print(f"\nLoRA ({'INT8' if args.int8 else 'bf16'} base), {Path(config.model.name_or_path).name}, "
-          f"{args.steps} steps x {args.micro_batch_size} sequences, {where}, "
+          f"{args.steps} steps x {args.micro_batch_size} sequences (timed after {args.warmup_steps}), {where}, "
           f"median of {args.repeats} interleaved rounds")
     print(f"{'':<30}{'tokens/s':>10}{'vs bare loop':>14}   all rounds")
     for name, rate in results.items():
@@ -278,6 +325,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=200,
                         help="optimizer steps for each variant (the default stays inside one epoch)")
+    parser.add_argument("--warmup-steps", type=int, default=10,
+                        help="steps each variant takes before its clock starts (their one-off costs, such as "
+                             "cuBLAS and allocator warm-up on a GPU, are not throughput)")
     parser.add_argument("--micro-batch-size", type=int, default=8, help="sequences per step")
     parser.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True, help="INT8 base weights")
     parser.add_argument("--cpus", type=int, nargs="+", default=None,
@@ -299,6 +349,8 @@ def main() -> None:
                         help="which variants to run (default: all): " +
                              "; ".join(f"{key}: {name}" for key, name in VARIANTS.items()))
     args = parser.parse_args()
+    if not 0 <= args.warmup_steps < args.steps:
+        parser.error(f"--warmup-steps must be at least 0 and below --steps ({args.steps})")
     if args.account and not {"bare", "ray-train", "raytune-it"} <= set(args.variants):
         parser.error("--account needs the variants bare, ray-train and raytune-it")
     if args.cpus is None:

@@ -12,9 +12,10 @@ import logging
 import resource
 import tempfile
 import time
-from itertools import islice
+from functools import partial
+from itertools import chain, islice
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from raytune_it.train.state import StepPlan, TrainState, load_rng_state, save_rng_state
 
@@ -36,6 +37,42 @@ def _all_reduce(values: list[float], device: Any, op: str = "sum") -> list[float
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
     return tensor.tolist()
+
+
+def step_stats(loss: Any, micro_batches: list[dict], pad_id: int, device: Any) -> Any:
+    """A step's mean loss and non-padding token count as one float64 tensor on the device,
+    summed over workers. Nothing here waits for the device: the loop reads it a step later."""
+    import torch
+    import torch.distributed as dist
+
+    tokens = sum((batch["input_ids"] != pad_id).sum().to(device) for batch in micro_batches)
+    stats = torch.stack([loss.detach().to(device, torch.float64), tokens.to(torch.float64)])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(stats)  # queued on the device with NCCL; gloo on the CPU finishes it here
+    return stats
+
+
+def run_steps(queue_step: Callable[[], Any], read: Callable[[Any], None], steps: int, *, read_late: bool,
+              read_at_once: Callable[[int], bool]) -> None:
+    """Queue ``steps`` steps and read each one back, in order.
+
+    Reading a step (its loss: a host sync) waits for the device. With ``read_late``
+    each step is read after the next one is queued, so a GPU works through that
+    step while the host reads the one before and a GPU is never idle waiting for
+    the host. A step for which ``read_at_once(index)`` holds is read before the
+    next is queued: evaluation and checkpoints see the model right after it.
+    """
+    unread = None
+    for index in range(steps):
+        queued = queue_step()
+        if unread is not None:
+            read(unread)
+        unread = queued
+        if not read_late or read_at_once(index):
+            read(unread)
+            unread = None
+    if unread is not None:
+        read(unread)
 
 
 def evaluate(strategy: Any, batches: list[dict], device: Any) -> float | None:
@@ -157,6 +194,39 @@ def train_loop(loop_config: dict) -> None:
         [peak] = _all_reduce([float(peak_memory_bytes(device))], device, op="max")
         return {"eval_loss": eval_loss if eval_loss is not None else float("nan"), "peak_memory_bytes": int(peak)}
 
+    tick = time.perf_counter()
+
+    def account(stats: Any, learning_rate: float) -> None:
+        """Book a finished step (its loss and tokens were on the device until now), evaluate
+        and checkpoint when it is an eval step, and report it."""
+        nonlocal tick
+        loss, tokens = stats.tolist()  # waits for that step's work only; the next one is already queued
+        seconds, tick = time.perf_counter() - tick, time.perf_counter()
+        state.step += 1
+        state.batches_in_epoch += accumulation
+        state.tokens += int(tokens)
+        state.train_seconds += seconds
+        metrics = {
+            "step": state.step, "epoch": state.epoch, "total_steps": plan.total_steps,
+            "loss": loss / context.get_world_size(), "learning_rate": learning_rate,
+            "tokens": state.tokens, "tokens_per_second": tokens / seconds if seconds else 0.0,
+            "train_seconds": state.train_seconds, "restarts": state.restarts,
+        }
+        at_eval = is_eval_step(state.step, 0)
+        if at_eval:
+            metrics.update(eval_metrics())
+        report(metrics, with_checkpoint=at_eval)
+
+    def is_eval_step(first: int, index: int) -> bool:
+        """Whether step ``first + index`` (steps count from 1) evaluates and checkpoints."""
+        step = first + index
+        return step % config.train.eval_every_steps == 0 or step == plan.total_steps
+
+    def queue_step(batches: Iterator[dict]) -> tuple[Any, float]:
+        micro_batches = list(islice(batches, accumulation))
+        loss = strategy.step(micro_batches)
+        return step_stats(loss, micro_batches, pad_id, device), strategy.learning_rate()
+
     while state.step < plan.total_steps:
         batches = iter_micro_batches(train_shard, micro, pad_id, seed=config.train.seed + state.epoch,
                                      group_by_length=config.data.group_by_length,
@@ -166,29 +236,12 @@ def train_loop(loop_config: dict) -> None:
             pass
         # Tuning time is wall time between step ends: data loading, reporting, eval and checkpoints count;
         # the data pipeline's start-up (the first batch of an epoch) does not, like model loading.
-        upcoming = list(islice(batches, accumulation))
+        batches = chain(list(islice(batches, accumulation)), batches)
         tick = time.perf_counter()
-        while state.step < plan.total_steps and state.batches_in_epoch < plan.steps_per_epoch * accumulation:
-            micro_batches = upcoming or list(islice(batches, accumulation))
-            upcoming = []
-            loss = strategy.step(micro_batches)
-            tokens = sum(int((b["input_ids"] != pad_id).sum()) for b in micro_batches)
-            loss, tokens = _all_reduce([loss, tokens], device)
-            seconds, tick = time.perf_counter() - tick, time.perf_counter()
-            state.step += 1
-            state.batches_in_epoch += accumulation
-            state.tokens += int(tokens)
-            state.train_seconds += seconds
-            metrics = {
-                "step": state.step, "epoch": state.epoch, "total_steps": plan.total_steps,
-                "loss": loss / context.get_world_size(), "learning_rate": strategy.learning_rate(),
-                "tokens": state.tokens, "tokens_per_second": tokens / seconds if seconds else 0.0,
-                "train_seconds": state.train_seconds, "restarts": state.restarts,
-            }
-            at_eval = state.step % config.train.eval_every_steps == 0 or state.step == plan.total_steps
-            if at_eval:
-                metrics.update(eval_metrics())
-            report(metrics, with_checkpoint=at_eval)
+        steps = min(plan.total_steps - state.step, plan.steps_per_epoch - state.batches_in_epoch // accumulation)
+        # A CPU has finished a step when ``step`` returns; a GPU has only queued it.
+        run_steps(partial(queue_step, batches), lambda queued: account(*queued), steps,
+                  read_late=device.type == "cuda", read_at_once=partial(is_eval_step, state.step + 1))
         if state.step < plan.total_steps:
             state.epoch += 1
             state.batches_in_epoch = 0

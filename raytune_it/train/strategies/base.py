@@ -14,8 +14,11 @@ from raytune_it.data.tokenize import IGNORE_INDEX
 
 
 class Strategy(Protocol):
-    def step(self, micro_batches: Sequence[dict]) -> float:
-        """One optimizer step over the micro-batches (gradient accumulation); returns the mean loss."""
+    def step(self, micro_batches: Sequence[dict]) -> Any:
+        """One optimizer step over the micro-batches (gradient accumulation), queued on the device.
+
+        Returns the mean loss as a 0-dim tensor without waiting for it: reading it
+        (a host sync) is the loop's choice, which does so one step later."""
 
     def eval_batch(self, batch: dict) -> tuple[float, int]:
         """Summed token loss and the number of trained tokens in one eval batch."""

@@ -58,7 +58,7 @@ class LoraStrategy:
     def _to_device(self, batch: dict) -> dict:
         return to_device(batch, self.device)
 
-    def step(self, micro_batches: Sequence[dict]) -> float:
+    def step(self, micro_batches: Sequence[dict]) -> Any:
         import contextlib
 
         import torch
@@ -77,8 +77,7 @@ class LoraStrategy:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        # One host sync per step, after the optimizer's work is queued: a GPU never waits on the host mid-step.
-        return float(total) / len(micro_batches)
+        return total / len(micro_batches)  # still on the device: the loop reads it a step later
 
     def eval_batch(self, batch: dict) -> tuple[float, int]:
         import torch

@@ -92,7 +92,7 @@ class ZeRO3Strategy:
     def _to_device(self, batch: dict) -> dict:
         return to_device(batch, self.device)
 
-    def step(self, micro_batches: Sequence[dict]) -> float:
+    def step(self, micro_batches: Sequence[dict]) -> Any:
         import torch
 
         self.engine.train()
@@ -102,7 +102,7 @@ class ZeRO3Strategy:
             self.engine.backward(loss)
             self.engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
             total += loss.detach().float()
-        return float(total) / len(micro_batches)  # one host sync per step
+        return total / len(micro_batches)  # still on the device: the loop reads it a step later
 
     def eval_batch(self, batch: dict) -> tuple[float, int]:
         import torch
