@@ -49,7 +49,7 @@ for name, model, folder in (("full", full, work / "full/export"), ("lora", lora,
     out = model.generate(**ids, max_new_tokens=16, do_sample=False)
     print(name, "generates", out.shape[1] - ids["input_ids"].shape[1], "tokens:", repr(tok.decode(out[0][ids["input_ids"].shape[1]:])))
 PY
-check bench-train-tiny 300 python3 bench/train_overhead.py --device cuda --variants bare trainer raytune-it --steps 300 --warmup-steps 30 --repeats 2
+check bench-train-tiny 300 python3 bench/train_overhead.py --device cuda --variants bare trainer raytune-it --steps 200 --warmup-steps 20 --repeats 2
 check random-llama 90 python3 bench/random_llama.py "$WORK/llama-0.85b"
 check bench-train-0.85b 200 python3 bench/train_overhead.py --device cuda --model "$WORK/llama-0.85b" --variants bare trainer raytune-it --steps 60 --warmup-steps 10 --repeats 1
 check generate-rate 90 bash -c "python3 bench/serve_rate.py --in-process-only --device cuda --max-tokens 128 --repeats 3 && python3 bench/serve_rate.py --in-process-only --device cuda --model $WORK/llama-0.85b --max-tokens 128 --repeats 3"

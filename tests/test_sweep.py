@@ -115,7 +115,7 @@ def test_asha_stops_weak_trials_early(tmp_path):
 def test_interrupted_sweep_resumes(tmp_path):
     command = [sys.executable, "-m", "raytune_it", "sweep", "tiny-sweep", f"run.storage={tmp_path}",
                "train.max_steps=8", "train.eval_every_steps=4", "tune.scheduler=none", "tune.max_concurrent_trials=1",
-               'tune.search_space={"lora.rank": [4, 8, 16]}']
+               'tune.search_space={"lora.rank": [4, 8]}']
     folder = tmp_path / "tiny-sweep"
     first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 400
@@ -134,6 +134,6 @@ def test_interrupted_sweep_resumes(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resuming the interrupted sweep" in second.stdout
     table = pd.read_csv(folder / "results.csv")
-    assert len(table) == 3 and set(table["status"]) == {"finished"}
+    assert len(table) == 2 and set(table["status"]) == {"finished"}
     # the finished trial was not trained again
     assert (folder / "trials" / "trial-000" / "metrics.jsonl").read_text() == trial0_metrics

@@ -230,3 +230,24 @@ def test_length_grouped_micro_batches_pad_less_and_repeat_exactly(local_ray, tok
     assert widths != sorted(widths)
     assert len(again) == len(grouped)
     assert all(a["input_ids"].equal(b["input_ids"]) for a, b in zip(grouped, again))
+
+
+def test_small_splits_load_from_the_driver_and_large_ones_stream_the_same_rows(local_ray, tmp_path, monkeypatch):
+    """Both ways a tokenized split becomes a Ray Dataset give the same rows in the same order: in blocks put
+    by the driver (no read tasks), or, past ``IN_MEMORY_MAX_BYTES``, streamed from the Parquet file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from ray.data.dataset import MaterializedDataset
+
+    from raytune_it.train import data
+
+    rows = [{"input_ids": list(range(i % 7 + 1)), "labels": [i] * (i % 7 + 1)} for i in range(10_000)]
+    path = tmp_path / "train.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=data.BLOCK_ROWS)
+    in_memory = data._split_dataset(path)
+    # Already in the object store, in 4,096-row blocks: nothing left for read tasks to do.
+    assert isinstance(in_memory, MaterializedDataset) and in_memory.num_blocks() == 3
+    monkeypatch.setattr(data, "IN_MEMORY_MAX_BYTES", 0)
+    streamed = data._split_dataset(path)
+    assert not isinstance(streamed, MaterializedDataset)  # a lazy read of the file
+    assert in_memory.take_all() == streamed.take_all() == rows
