@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from raytune_it.config import load_config
-from raytune_it.train.strategies.base import adamw, checkpointing_on
+from raytune_it.train.strategies.base import adamw, checkpointing_on, enable_checkpointing
 from raytune_it.train.strategies.zero3 import deepspeed_config
 
 
@@ -66,7 +66,7 @@ def test_checkpointing_flag_reads_the_model(tiny_model_dir):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert checkpointing_on(model) is False
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(model)
     assert checkpointing_on(model) is True
 
 
@@ -77,3 +77,13 @@ def test_checkpointing_flag_on_transformers_before_the_rename():
     assert checkpointing_on(OlderModel()) is True
     OlderModel.is_gradient_checkpointing = False
     assert checkpointing_on(OlderModel()) is False
+
+
+def test_enabling_checkpointing_on_transformers_before_the_rename():
+    class OlderModel:  # transformers 5.1x: only gradient_checkpointing_enable exists
+        def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+            self.kwargs = gradient_checkpointing_kwargs
+
+    model = OlderModel()
+    enable_checkpointing(model)
+    assert model.kwargs == {"use_reentrant": False}

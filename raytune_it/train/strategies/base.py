@@ -54,6 +54,16 @@ def checkpointing_on(model: Any) -> bool:
     return bool(getattr(model, name, False))
 
 
+def enable_checkpointing(model: Any) -> None:
+    """Turn activation checkpointing on (non-reentrant), by whichever name the installed
+    transformers has: 5.2x's ``activation_checkpointing_enable`` or the older, now
+    deprecated ``gradient_checkpointing_enable``."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def to_device(batch: dict, device: Any) -> dict:
     """The batch on the training device. Ray Data's ``iter_torch_batches`` already moved plain
     micro-batches there in its prefetch threads (this is then a no-op); length-grouped windows

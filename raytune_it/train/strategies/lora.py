@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from raytune_it.config.schema import JobConfig
-from raytune_it.train.strategies.base import adamw, checkpointing_on, optimizer_name, to_device, trained_tokens
+from raytune_it.train.strategies.base import (
+    adamw, checkpointing_on, enable_checkpointing, optimizer_name, to_device, trained_tokens,
+)
 
 
 class LoraStrategy:
@@ -41,7 +43,7 @@ class LoraStrategy:
                 base, use_gradient_checkpointing=checkpointing,
                 gradient_checkpointing_kwargs={"use_reentrant": False})
         elif checkpointing:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(base)
             base.enable_input_require_grads()
         peft_config = LoraConfig(
             r=config.lora.rank, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,

@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from raytune_it.config.schema import JobConfig
-from raytune_it.train.strategies.base import checkpointing_on, optimizer_name, to_device, trained_tokens
+from raytune_it.train.strategies.base import (
+    checkpointing_on, enable_checkpointing, optimizer_name, to_device, trained_tokens,
+)
 
 CHECKPOINT_TAG = "zero"
 
@@ -77,7 +79,7 @@ class ZeRO3Strategy:
         )
         model.config.use_cache = False
         if config.deepspeed.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model)
         warmup = int(config.train.warmup_ratio * total_steps)
 
         def scheduler(optimizer: Any) -> Any:
