@@ -73,15 +73,16 @@ def prepare_data(config: JobConfig, tokenizer: Any, run_dir: Path) -> PreparedDa
 
 
 #: Tokenized splits up to this size (uncompressed) go to Ray's object store straight from the driver;
-#: larger ones are streamed from their Parquet files by Ray Data read tasks.
-IN_MEMORY_MAX_BYTES = 2 << 30
+#: larger ones are streamed from their Parquet files by Ray Data read tasks. The driver holds such a split
+#: in memory once, which a head node of a few GiB can afford.
+IN_MEMORY_MAX_BYTES = 1 << 30
 BLOCK_ROWS = 4096
 
 
 def _split_dataset(path: Path) -> Any:
     """One split as a Ray Dataset.
 
-    A tokenized instruction set is small (Alpaca's 52k rows are about 30 MB), so
+    A tokenized instruction set is small (Alpaca's 52k rows are about 75 MB), so
     the driver reads it and puts its blocks in the object store itself. That skips
     Ray Data's file-listing and read tasks, whose worker processes take 10-15 s to
     start on a small node before the first batch, and workers on other nodes never
