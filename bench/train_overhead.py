@@ -113,6 +113,7 @@ class WarmClock:
         return time.perf_counter()
 
     def step_done(self, step: int, tokens_so_far: int) -> None:
+        """Call with step 0 before the first step, then after each; the clock starts after ``warmup``."""
         if step == self.warmup:
             self.started, self.tokens_at_start = self._now(), tokens_so_far
 
@@ -135,6 +136,7 @@ def bare_loop(config, tokenizer, steps, warmup):
     scheduler = get_scheduler("cosine", optimizer, 0, steps)
     model.train()
     clock, tokens = WarmClock(warmup, device), 0
+    clock.step_done(0, 0)
     for step, batch in enumerate(data, start=1):
         loss = model(**{key: value.to(device) for key, value in batch.items()}, use_cache=False).loss
         loss.backward()
@@ -164,9 +166,13 @@ def hf_trainer(config, tokenizer, steps, warmup, folder):
     clock = WarmClock(warmup, device_of(config))
 
     class Clock(TrainerCallback):
+        def on_train_begin(self, arguments, state, control, **kwargs):
+            clock.step_done(0, 0)
+
         def on_step_end(self, arguments, state, control, **kwargs):
-            # The data loader may have collated a batch ahead: count the batches of the steps taken.
-            clock.step_done(state.global_step, sum(batch_tokens[:state.global_step]))
+            if state.global_step == warmup:
+                # The data loader may have collated a batch ahead: count the batches of the steps taken.
+                clock.step_done(warmup, sum(batch_tokens[:warmup]))
 
     arguments = TrainingArguments(
         output_dir=str(folder), per_device_train_batch_size=config.train.micro_batch_size, max_steps=steps,

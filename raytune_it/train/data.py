@@ -4,8 +4,7 @@ The driver streams the records through the foundation pipeline (template,
 masking, truncation, packing, split) and writes the examples to Parquet in the
 run folder. Those files become Ray Datasets (see ``_split_dataset``) and Ray
 Train splits them equally across workers (``get_dataset_shard``), so every
-worker runs the same number of steps,
-which the collectives of DDP and ZeRO-3 need. A resumed run finds the files
+worker runs the same number of steps, which the collectives of DDP and ZeRO-3 need. A resumed run finds the files
 already there and trains on exactly the same examples.
 """
 

@@ -194,12 +194,11 @@ def train_loop(loop_config: dict) -> None:
         [peak] = _all_reduce([float(peak_memory_bytes(device))], device, op="max")
         return {"eval_loss": eval_loss if eval_loss is not None else float("nan"), "peak_memory_bytes": int(peak)}
 
-    tick = time.perf_counter()
-
-    def account(stats: Any, learning_rate: float) -> None:
+    def account(queued: tuple[Any, float]) -> None:
         """Book a finished step (its loss and tokens were on the device until now), evaluate
         and checkpoint when it is an eval step, and report it."""
         nonlocal tick
+        stats, learning_rate = queued
         loss, tokens = stats.tolist()  # waits for that step's work only; the next one is already queued
         seconds, tick = time.perf_counter() - tick, time.perf_counter()
         state.step += 1
@@ -212,14 +211,13 @@ def train_loop(loop_config: dict) -> None:
             "tokens": state.tokens, "tokens_per_second": tokens / seconds if seconds else 0.0,
             "train_seconds": state.train_seconds, "restarts": state.restarts,
         }
-        at_eval = is_eval_step(state.step, 0)
+        at_eval = is_eval_step(state.step)
         if at_eval:
             metrics.update(eval_metrics())
         report(metrics, with_checkpoint=at_eval)
 
-    def is_eval_step(first: int, index: int) -> bool:
-        """Whether step ``first + index`` (steps count from 1) evaluates and checkpoints."""
-        step = first + index
+    def is_eval_step(step: int) -> bool:
+        """Whether ``step`` (counted from 1) evaluates and checkpoints."""
         return step % config.train.eval_every_steps == 0 or step == plan.total_steps
 
     def queue_step(batches: Iterator[dict]) -> tuple[Any, float]:
@@ -240,8 +238,8 @@ def train_loop(loop_config: dict) -> None:
         tick = time.perf_counter()
         steps = min(plan.total_steps - state.step, plan.steps_per_epoch - state.batches_in_epoch // accumulation)
         # A CPU has finished a step when ``step`` returns; a GPU has only queued it.
-        run_steps(partial(queue_step, batches), lambda queued: account(*queued), steps,
-                  read_late=device.type == "cuda", read_at_once=partial(is_eval_step, state.step + 1))
+        run_steps(partial(queue_step, batches), account, steps, read_late=device.type == "cuda",
+                  read_at_once=lambda index, first=state.step + 1: is_eval_step(first + index))
         if state.step < plan.total_steps:
             state.epoch += 1
             state.batches_in_epoch = 0
