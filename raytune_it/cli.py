@@ -117,12 +117,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from raytune_it.endtoend.report import write_report
 
-    for path in write_report(Path(args.run_dir)):
-        print(path)
+    for path in write_report(args.run_dir):
+        print(path.uri)
     return 0
 
 
@@ -149,7 +147,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                                                  ("records", args.records), ("mean_tokens", args.mean_tokens),
                                                  ("global_batch", args.global_batch)) if value is not None}
         if args.calibrate:
-            options["sustained_flops"], options["calibrated_from"] = measured_throughput(Path(args.calibrate))
+            options["sustained_flops"], options["calibrated_from"] = measured_throughput(args.calibrate)
         plans = survey_table(**options)
         if args.json:
             print(json.dumps([p.to_dict() for p in plans], indent=2))
@@ -164,7 +162,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                                 data=args.data, tokenizer=args.tokenizer, epochs=args.epochs,
                                 global_batch=args.global_batch)
     if args.calibrate:
-        workload = calibrate(workload, Path(args.calibrate))
+        workload = calibrate(workload, args.calibrate)
     result = plan(workload)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
@@ -283,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="rebuild report.md / report.html from a finished run's files",
                             description="Re-render the report of a finished 'raytune-it run' from the files it "
                             "wrote (summary.json files, sweep results, serve.json, eval.json); runs nothing.")
-    report.add_argument("run_dir", metavar="RUN_DIR", help="the run folder: run.storage/run.name")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="the run folder: run.storage/run.name, a local path "
+                        "or a storage URI (s3://bucket/prefix/tiny-run)")
     report.set_defaults(func=cmd_report)
 
     evaluation = sub.add_parser(
@@ -326,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--global-batch", type=int, help="sequences per optimizer step across all GPUs (default 32, "
                       "or the config's micro batch x accumulation x workers)")
     plan.add_argument("--calibrate", metavar="RUN_DIR", help="replace the assumed throughput with the one a finished "
-                      "run measured (its summary.json); use a run on the same server type")
+                      "run measured (its summary.json; a local folder or storage URI); use a run on the same server type")
     plan.add_argument("--table", action="store_true", help="print the survey-shaped table: LLaMA 7B-65B x full/LoRA "
                       "x both server types, beside the survey's published full-tuning column")
     plan.add_argument("--markdown", metavar="FILE", help="with --table: also write the table as Markdown")

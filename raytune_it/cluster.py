@@ -2,15 +2,15 @@
 
 ``RAY_ADDRESS`` (set by ``ray job submit`` and by users of a running cluster)
 selects an existing cluster; otherwise a local Ray is started for the run and
-stopped after it.
+stopped after it. Jobs for a server type ask the cluster for their nodes before
+launch (:func:`wait_for_resources`), so an autoscaler brings them up.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import time
-from typing import Iterator
+from typing import Any, Iterator
 
 from raytune_it.errors import UserError
 from raytune_it.hardware import SERVER_TYPES
@@ -35,27 +35,49 @@ def ray_session(min_cpus: int = 0) -> Iterator[None]:
         ray.shutdown()
 
 
-def wait_for_server_type(name: str, needed: int, timeout_s: float, key: str = "scaling.server_type") -> None:
-    """Fail clearly, within ``timeout_s``, when no node of the server type is in the cluster.
+def wait_for_resources(bundles: list[dict[str, float]], server_type: str, timeout_s: float,
+                       key: str = "scaling.server_type") -> None:
+    """Ask the cluster for the job's workers of ``server_type`` and fail clearly if they do not come.
 
-    Ray would otherwise leave the workers pending forever. An autoscaling cluster
-    adds nodes while we wait.
+    A placement group of the workers' bundles is a resource demand the autoscaler
+    sees (``ray status`` lists it), so an autoscaling cluster adds nodes of that
+    type while we wait; without this, Ray would leave the workers pending forever
+    on a cluster that never gets such nodes. The group is removed once placed:
+    Ray Train then places its own workers on the nodes that came up.
     """
     import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
 
-    if name == "any":
+    if server_type == "any":
         return
-    resource = SERVER_TYPES[name].resource
-    deadline = time.monotonic() + timeout_s
-    while True:
-        total = ray.cluster_resources().get(resource, 0)
-        if total >= needed:
-            return
-        if time.monotonic() >= deadline:
-            break
-        time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
-    offered = sorted(key for key in ray.cluster_resources() if key.startswith("server_type:"))
+    group = placement_group(bundles, strategy="PACK", name=f"raytune-it-wait-{server_type}")
+    try:
+        ready, _ = ray.wait([group.ready()], timeout=max(timeout_s, 1.0))
+    finally:
+        remove_placement_group(group)
+    if ready:
+        return
+    resource = SERVER_TYPES[server_type].resource
+    needed = sum(bundle.get(resource, 0) for bundle in bundles)
+    total = ray.cluster_resources().get(resource, 0)
+    offered = sorted(name for name in ray.cluster_resources() if name.startswith("server_type:"))
+    busy = " (enough in total, but in use by other jobs)" if total >= needed else ""
     raise UserError(
-        f"{key}={name}: the cluster offers {total:g} of resource {resource!r} and the job needs {needed} "
-        f"(waited {timeout_s:g}s). Server types in this cluster: {', '.join(offered) or 'none'}. "
-        f"Start nodes of that type (see cluster/), choose another {key}, or use 'any'.")
+        f"{key}={server_type}: the cluster offers {total:g} of resource {resource!r} and the job needs "
+        f"{needed:g}{busy} (waited {timeout_s:g}s; an autoscaler was asked for them). Server types in this "
+        f"cluster: {', '.join(offered) or 'none'}. Start nodes of that type (see cluster/ and docs/cluster.md), "
+        f"raise scaling.placement_timeout_s if they take longer to boot, choose another {key}, or use 'any'.")
+
+
+def warn_if_storage_is_not_shared(location: Any, console: Any) -> None:
+    """A local run.storage on a cluster of several nodes splits the run across their disks: say so once."""
+    import ray
+
+    if not location.is_local:
+        return
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    if len(nodes) > 1:
+        console.print(f"warning: run.storage is a local folder ({location.path}) and this cluster has "
+                      f"{len(nodes)} nodes: workers on other nodes write checkpoints to their own disks unless "
+                      "every node mounts that folder. Use s3://bucket/prefix or gs://bucket/prefix "
+                      "(docs/cluster.md).", style="yellow", markup=False, highlight=False)

@@ -5,12 +5,14 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from helpers import SUMMARY_KEYS, generate_text, latest_checkpoint_step, raw_metrics
 from raytune_it.config import load_config
 from raytune_it.errors import ConfigError, UserError
+from raytune_it.storage import local
 from raytune_it.train.driver import run_dir_of, train
 
 pytestmark = pytest.mark.integration
@@ -73,7 +75,7 @@ def test_lora_int8_two_workers(local_ray, tmp_path, tiny_model_dir):
 
     config = load_config("tiny-lora", _common(tmp_path))
     summary = train(config)
-    run_dir = run_dir_of(config)
+    run_dir = Path(run_dir_of(config).path)
     _check_run_folder(run_dir, summary)
     assert summary.strategy["base_weight_dtype"] == "int8", "the frozen base is INT8 (bitsandbytes)"
     assert summary.strategy["trainable_parameters"] < summary.strategy["total_parameters"] / 5
@@ -94,7 +96,7 @@ def test_zero3_full_two_workers(local_ray, tmp_path, tiny_model_dir):
 
     config = load_config("tiny-full", _common(tmp_path))
     summary = train(config)
-    run_dir = run_dir_of(config)
+    run_dir = Path(run_dir_of(config).path)
     _check_run_folder(run_dir, summary)
     facts = summary.strategy
     assert facts["zero_stage"] == 3 and facts["bf16"] and facts["gradient_checkpointing"]
@@ -120,7 +122,7 @@ def test_killed_worker_resumes_from_last_checkpoint(local_ray, tmp_path):
 
     config = load_config("tiny-lora", [f"run.storage={tmp_path}", "train.max_steps=60", "train.eval_every_steps=5",
                                        "run.max_failures=2"])
-    run_dir = run_dir_of(config)
+    run_dir = Path(run_dir_of(config).path)
     outcome = {}
     runner = threading.Thread(target=lambda: outcome.setdefault("summary", train(config)), daemon=True)
     runner.start()
@@ -244,10 +246,10 @@ def test_small_splits_load_from_the_driver_and_large_ones_stream_the_same_rows(l
     rows = [{"input_ids": list(range(i % 7 + 1)), "labels": [i] * (i % 7 + 1)} for i in range(10_000)]
     path = tmp_path / "train.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=data.BLOCK_ROWS)
-    in_memory = data._split_dataset(path)
+    in_memory = data._split_dataset(local(path))
     # Already in the object store, in 4,096-row blocks: nothing left for read tasks to do.
     assert isinstance(in_memory, MaterializedDataset) and in_memory.num_blocks() == 3
     monkeypatch.setattr(data, "IN_MEMORY_MAX_BYTES", 0)
-    streamed = data._split_dataset(path)
+    streamed = data._split_dataset(local(path))
     assert not isinstance(streamed, MaterializedDataset)  # a lazy read of the file
     assert in_memory.take_all() == streamed.take_all() == rows

@@ -12,13 +12,16 @@ import os
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
 from raytune_it.config.schema import JobConfig
 from raytune_it.errors import ConfigError
+
+if TYPE_CHECKING:
+    from raytune_it.storage import Location
 
 #: A preset marks a value the user must supply with this (OmegaConf's convention).
 MISSING = "???"
@@ -108,7 +111,9 @@ def _describe(error: dict[str, Any]) -> str:
         section = ".".join(loc[:-1]) or "the top level"
         allowed_text = ", ".join(allowed) if allowed else "(none yet)"
         return f"{key}: unknown key.{did_you_mean} Allowed in {section}: {allowed_text}"
-    return f"{key}: got {error.get('input')!r}; {error['msg'][0].lower()}{error['msg'][1:]}"
+    from raytune_it.storage import redact_uri
+
+    return f"{key}: got {redact_uri(repr(error.get('input')))}; {error['msg'][0].lower()}{error['msg'][1:]}"
 
 
 def validate(data: dict[str, Any], label: str = "config") -> JobConfig:
@@ -142,15 +147,25 @@ def load_config(source: str | None = None, overrides: Sequence[str] = (), *, che
     return config
 
 
-def load_run_config(path: str | Path) -> JobConfig:
-    """Read back a run's ``config.yaml`` (as written by :func:`save_config`)."""
-    data, label = _read_source(str(path))
+def load_run_config(path: "str | Path | Location") -> JobConfig:
+    """Read back a run's ``config.yaml`` (as written by :func:`save_config`), from any storage."""
+    from raytune_it.storage import as_location
+
+    location = as_location(path)
+    if location.is_local:
+        data, label = _read_source(location.path)
+    else:
+        try:
+            data, label = yaml.safe_load(location.read_text()) or {}, location.uri
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{location.uri}: not valid YAML: {exc}") from None
     return validate(data, label)
 
 
-def save_config(config: JobConfig, folder: str | Path) -> Path:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / "config.yaml"
-    target.write_text(config.to_yaml(), encoding="utf-8")
+def save_config(config: JobConfig, folder: "str | Path | Location") -> "Location":
+    """Write ``config.yaml`` into a run folder on any storage; secrets are redacted (JobConfig.to_yaml)."""
+    from raytune_it.storage import as_location
+
+    target = as_location(folder) / "config.yaml"
+    target.write_text(config.to_yaml())
     return target

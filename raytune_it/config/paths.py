@@ -12,6 +12,7 @@ from pathlib import Path
 
 from raytune_it.config.schema import JobConfig
 from raytune_it.errors import ConfigError
+from raytune_it.storage import is_uri
 
 BUILTIN_MODELS = ("tiny-llama",)
 BUILTIN_DATA = ("builtin:tasks",)
@@ -22,11 +23,17 @@ def looks_like_hub_id(name: str) -> bool:
     return bool(_HUB_ID.match(name)) and not name.startswith((".", "/", "~"))
 
 
-def check_model_path(name: str, key: str = "model.name_or_path") -> None:
+def check_model_path(name: str, key: str = "model.name_or_path", *, adapter_ok: bool = False) -> None:
+    """A model directory (or, with ``adapter_ok``, a peft adapter directory) that exists, locally or in storage."""
     if name in BUILTIN_MODELS:
+        return
+    if is_uri(name):
+        check_stored_model(name, key, adapter_ok=adapter_ok)
         return
     path = Path(os.path.expanduser(name))
     if path.is_dir():
+        if adapter_ok and (path / "adapter_config.json").is_file():
+            return
         if not (path / "config.json").is_file():
             raise ConfigError(f"{key}: {name!r} is a directory without config.json; "
                               "point it at a Hugging Face model directory (config.json, *.safetensors, tokenizer)")
@@ -37,6 +44,24 @@ def check_model_path(name: str, key: str = "model.name_or_path") -> None:
         return
     raise ConfigError(f"{key}: {name!r} does not exist. Allowed: a local Hugging Face model directory, "
                       f"a hub id such as org/model, or one of {', '.join(BUILTIN_MODELS)}")
+
+
+def check_stored_model(uri: str, key: str, *, adapter_ok: bool = False) -> None:
+    """A model (or adapter) folder in storage, checked by listing it: nothing is downloaded on the driver."""
+    from raytune_it.storage import open_location, redact_uri
+
+    try:
+        files = open_location(uri, key).files()
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot list {redact_uri(uri)}: {str(exc).split(' (Request ID')[0]}") from None
+    if not files:
+        raise ConfigError(f"{key}: {redact_uri(uri)} does not exist or is empty")
+    if adapter_ok and "adapter_config.json" in files:
+        return
+    if "config.json" not in files or not any(name.endswith(".safetensors") for name in files):
+        wanted = "a Hugging Face model folder (config.json, *.safetensors)" + (
+            " or a peft adapter folder (adapter_config.json)" if adapter_ok else "")
+        raise ConfigError(f"{key}: {redact_uri(uri)} is not {wanted}; it holds {', '.join(sorted(files)[:8])}")
 
 
 def check_data_path(name: str, key: str = "data.path") -> None:
@@ -52,3 +77,5 @@ def check_data_path(name: str, key: str = "data.path") -> None:
 def check_paths(config: JobConfig) -> None:
     check_model_path(config.model.name_or_path)
     check_data_path(config.data.path)
+    for name, path in config.eval.models.items():
+        check_model_path(path, f"eval.models.{name}", adapter_ok=True)

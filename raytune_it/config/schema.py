@@ -19,6 +19,17 @@ from raytune_it.hardware import ServerTypeChoice
 #: Run and adapter names become folder names: keep them to a safe alphabet.
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
+
+def _checked_uri(value: str) -> str:
+    """Storage URIs are checked here without the network; reachability is checked before launch."""
+    from raytune_it.storage import uri_problem
+
+    problem = uri_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
 PositiveInt = Annotated[int, Field(ge=1)]
 
 
@@ -31,13 +42,19 @@ class Section(BaseModel):
 class ModelSection(Section):
     name_or_path: str = Field(
         "tiny-llama",
-        description="A local Hugging Face model directory, a hub id (where a hub is reachable), "
-        "or the built-in 'tiny-llama' (built locally on first use).",
+        description="A local Hugging Face model directory, a storage URI of one (s3://..., fetched into each "
+        "node's cache), a hub id (where a hub is reachable), or the built-in 'tiny-llama' (built locally on first "
+        "use).",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for a hub id.")
     trust_remote_code: bool = Field(
         False, description="Allow model code from the model directory to run. Off: it executes arbitrary code."
     )
+
+    @field_validator("name_or_path")
+    @classmethod
+    def _model_uri(cls, value: str) -> str:
+        return _checked_uri(value)
 
 
 class DataSection(Section):
@@ -142,7 +159,10 @@ class TrainSection(Section):
 class RunSection(Section):
     name: str = Field("raytune-it", description="Run folder name; re-running with the same name resumes the run.")
     storage: str = Field(
-        "./runs", description="Where runs write their outputs: storage/name/. Shared storage (NFS) on multi-node clusters."
+        "./runs", description="Where runs write their outputs: storage/name/. A local folder (one node, or a "
+        "mount every node shares) or a URI: s3://bucket/prefix (an S3-compatible endpoint: "
+        "?endpoint_override=host:port&scheme=http or AWS_ENDPOINT_URL), gs://bucket/prefix, file:///path. "
+        "Credentials come from each node's environment, never the URI."
     )
     keep_checkpoints: PositiveInt = Field(2, description="Checkpoints kept: the best N by eval loss (CheckpointConfig).")
     max_failures: int = Field(
@@ -156,6 +176,11 @@ class RunSection(Section):
         if not SAFE_NAME.match(value):
             raise ValueError("must be 1-128 characters of letters, digits, '.', '_' or '-', starting alphanumeric")
         return value
+
+    @field_validator("storage")
+    @classmethod
+    def _storage_uri(cls, value: str) -> str:
+        return _checked_uri(value)
 
 
 class TuneSection(Section):
@@ -189,11 +214,12 @@ class AutoscalingSection(Section):
 class ServeSection(Section):
     """Ray Serve settings (``raytune-it serve``)."""
 
-    base_model: str = Field("tiny-llama", description="Base (or merged full) model: a HF model directory, hub id "
-                            "or tiny-llama.")
+    base_model: str = Field("tiny-llama", description="Base (or merged full) model: a HF model directory, "
+                            "storage URI, hub id or tiny-llama.")
     model_name: str | None = Field(None, description="Name clients use for the base model; default: its folder name.")
-    adapters: dict[str, str] = Field(default_factory=dict, description="Adapter name -> peft adapter directory; "
-                                     "one replica hosts all and picks per request.")
+    adapters: dict[str, str] = Field(default_factory=dict, description="Adapter name -> peft adapter directory "
+                                     "or storage URI (fetched into the replica node's cache); one replica hosts "
+                                     "all and picks per request.")
     host: str = Field("127.0.0.1", description="HTTP bind address; 0.0.0.0 exposes it to the network.")
     port: Annotated[int, Field(ge=1, le=65535)] = Field(8000, description="HTTP port.")
     api_key: str | None = Field(None, description="If set, requests need 'Authorization: Bearer <key>' "
@@ -223,7 +249,14 @@ class ServeSection(Section):
             if not SAFE_NAME.match(name):
                 raise ValueError(f"adapter name {name!r} must be letters, digits, '.', '_' or '-', "
                                  "starting alphanumeric")
+        for path in value.values():
+            _checked_uri(path)
         return value
+
+    @field_validator("base_model")
+    @classmethod
+    def _base_uri(cls, value: str) -> str:
+        return _checked_uri(value)
 
 
 class EvalSection(Section):
@@ -240,8 +273,15 @@ class EvalSection(Section):
         80, description="Steps for each adapter eval trains itself (the general and the domain one) when "
         "eval.models does not name them.")
     models: dict[str, str] = Field(
-        {}, description="Extra or given models, name -> model or adapter directory. 'general' and the domain's "
-        "name replace the adapters eval would train; 'base' is always model.name_or_path.")
+        {}, description="Extra or given models, name -> model or adapter directory (or storage URI). 'general' "
+        "and the domain's name replace the adapters eval would train; 'base' is always model.name_or_path.")
+
+    @field_validator("models")
+    @classmethod
+    def _model_uris(cls, value: dict[str, str]) -> dict[str, str]:
+        for path in value.values():
+            _checked_uri(path)
+        return value
 
     @field_validator("held_out_families")
     @classmethod

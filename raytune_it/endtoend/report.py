@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 import json
-from pathlib import Path
 from typing import Any
 
 from raytune_it.errors import UserError
 from raytune_it.evaluation.driver import family_rows
 from raytune_it.plan.planner import Plan
 from raytune_it.plan.render import SURVEY_COLUMNS, markdown_table, survey_rows
+from raytune_it.storage import Location, as_location
 
 TABLE8_COLUMNS = ["method", "server type", "device", "workers / GPUs", "batch / device", "grad. accum.",
                   "tuning time (s)", "train tokens/s", "peak memory / worker (GiB)", "final eval loss",
@@ -27,14 +28,14 @@ REQUIRED = ("stats.json", "plan.json", "sweep/results.csv", "sweep/best/best.jso
             "serve.json", "eval/eval.json", "stages.json")
 
 
-def _load(run_dir: Path, name: str) -> Any:
-    return json.loads((run_dir / name).read_text(encoding="utf-8"))
+def _load(run_dir: Location, name: str) -> Any:
+    return json.loads((run_dir / name).read_text())
 
 
-def collect(run_dir: Path) -> dict[str, Any]:
+def collect(run_dir: Location) -> dict[str, Any]:
     missing = [name for name in REQUIRED if not (run_dir / name).is_file()]
     if missing:
-        raise UserError(f"{run_dir}: not a finished 'raytune-it run' folder (missing {', '.join(missing)}); "
+        raise UserError(f"{run_dir.uri}: not a finished 'raytune-it run' folder (missing {', '.join(missing)}); "
                         "run 'raytune-it run' first, or point at its run.storage/run.name")
     import pandas as pd
 
@@ -43,14 +44,14 @@ def collect(run_dir: Path) -> dict[str, Any]:
         "run_dir": run_dir,
         "stats": _load(run_dir, "stats.json"),
         "plan": _load(run_dir, "plan.json"),
-        "sweep": pd.read_csv(run_dir / "sweep" / "results.csv"),
+        "sweep": pd.read_csv(io.StringIO((run_dir / "sweep" / "results.csv").read_text())),
         "best": best,
         "lora": _load(run_dir, f"sweep/trials/trial-{int(best['trial']):03d}/summary.json"),
         "full": _load(run_dir, "full/summary.json"),
         "serve": _load(run_dir, "serve.json"),
         "eval": _load(run_dir, "eval/eval.json"),
         "stages": _load(run_dir, "stages.json"),
-        "plots": sorted(p.name for p in (run_dir / "sweep").glob("*.png")),
+        "plots": [name for name in (run_dir / "sweep").listdir() if name.endswith(".png")],
     }
 
 
@@ -176,9 +177,11 @@ def render_html(data: dict[str, Any]) -> str:
     return "".join(parts)
 
 
-def write_report(run_dir: Path) -> tuple[Path, Path]:
-    data = collect(Path(run_dir))
-    markdown, page = Path(run_dir) / "report.md", Path(run_dir) / "report.html"
-    markdown.write_text(render_markdown(data), encoding="utf-8")
-    page.write_text(render_html(data), encoding="utf-8")
+def write_report(run_dir: "str | Location") -> tuple[Location, Location]:
+    """Render both files from the run folder's files, local or in storage, into the same folder."""
+    run_dir = as_location(run_dir, "RUN_DIR")
+    data = collect(run_dir)
+    markdown, page = run_dir / "report.md", run_dir / "report.html"
+    markdown.write_text(render_markdown(data))
+    page.write_text(render_html(data))
     return markdown, page

@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 import time
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Iterator
 
 from raytune_it.config.loading import apply_override, parse_override, save_config
 from raytune_it.config.schema import JobConfig
+from raytune_it.storage import Location
 
 STAGES = ("stats and plan", "sweep", "full tuning", "serve", "eval", "report")
 
@@ -29,24 +29,25 @@ def derive(config: JobConfig, overrides: list[str]) -> JobConfig:
     return JobConfig.model_validate(data)
 
 
-def stage_configs(config: JobConfig, run_dir: Path) -> dict[str, JobConfig]:
+def stage_configs(config: JobConfig, run_dir: Location) -> dict[str, JobConfig]:
     """Every stage's job: all inside the run folder, all trained on the families eval does not hold out."""
     from raytune_it.evaluation.driver import seen_families
 
     families = json.dumps(seen_families(config))
-    common = [f"run.storage={run_dir}", f"data.builtin_families={families}"]
+    storage = f"run.storage={json.dumps(run_dir.uri)}"
+    common = [storage, f"data.builtin_families={families}"]
     return {
         "sweep": derive(config, [*common, "run.name=sweep"]),
         "full": derive(config, [*common, "run.name=full", *config.e2e.full_overrides]),
-        "eval": derive(config, [f"run.storage={run_dir}", "run.name=eval"]),
+        "eval": derive(config, [storage, "run.name=eval"]),
     }
 
 
-def _write(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
+def _write(path: Location, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, default=str))
 
 
-def stats_and_plan(config: JobConfig, run_dir: Path, console: Any) -> None:
+def stats_and_plan(config: JobConfig, run_dir: Location, console: Any) -> None:
     from raytune_it.data.pipeline import dataset_stats
     from raytune_it.models.loading import load_tokenizer
     from raytune_it.plan.planner import plan, workload_from_config
@@ -76,7 +77,7 @@ def serve_and_time(config: JobConfig, deployments: list[tuple[str, str, dict[str
     results: dict[str, Any] = {}
     try:
         for base, base_name, adapters in deployments:
-            serve_config = derive(config, [f"serve.base_model={base}", f"serve.model_name={base_name}",
+            serve_config = derive(config, [f"serve.base_model={json.dumps(base)}", f"serve.model_name={base_name}",
                                            f"serve.adapters={json.dumps(adapters)}", "serve.num_replicas=1"])
             with console.status(f"serve: deploying {', '.join([base_name, *adapters])}"):
                 url = start(serve_config)  # replaces the previous deployment of the same application
@@ -104,7 +105,7 @@ def _timed(name: str, times: dict[str, float], console: Any) -> Iterator[None]:
     times[name] = round(time.perf_counter() - started, 1)
 
 
-def run_all(config: JobConfig, console: Any = None) -> Path:
+def run_all(config: JobConfig, console: Any = None) -> Location:
     from rich.console import Console
 
     from raytune_it.cluster import ray_session
@@ -114,8 +115,11 @@ def run_all(config: JobConfig, console: Any = None) -> Path:
     from raytune_it.train.preflight import preflight
     from raytune_it.tune.sweep import sweep
 
+    from raytune_it.storage import check_writable
+
     console = console or Console()
     run_dir = run_dir_of(config)
+    check_writable(run_dir.parent)
     configs = stage_configs(config, run_dir)
     for job in configs.values():  # every stage's config is checked before anything starts
         preflight(job)
@@ -129,10 +133,10 @@ def run_all(config: JobConfig, console: Any = None) -> Path:
             outcome = sweep(configs["sweep"], console=console)
         if outcome.best is None:
             raise RuntimeError("the sweep finished no trial; see its table above")
-        best = str(outcome.folder / "best")
+        best = (outcome.folder / "best").uri
         with _timed("full tuning", times, console):
             full = train(configs["full"], console=console)
-        full_model = str(run_dir / "full" / "export")
+        full_model = (run_dir / "full" / "export").uri
         with _timed("serve", times, console):
             served = serve_and_time(config, [(config.model.name_or_path, "base", {"lora-best": best}),
                                              (full_model, "full", {})], console)
@@ -144,6 +148,6 @@ def run_all(config: JobConfig, console: Any = None) -> Path:
         _write(run_dir / "stages.json", {"seconds": times, "total_seconds": round(time.perf_counter() - started, 1)})
         console.rule("[bold]report")
         paths = write_report(run_dir)
-    console.print(f"full tuning: {full.tokens_per_second:,.0f} tokens/s; report: {paths[0]} and {paths[1]} "
+    console.print(f"full tuning: {full.tokens_per_second:,.0f} tokens/s; report: {paths[0].uri} and {paths[1].uri} "
                   f"({time.perf_counter() - started:.0f} s in all)", markup=False, highlight=False)
     return run_dir

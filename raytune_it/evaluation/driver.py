@@ -14,13 +14,13 @@ The result goes to ``run.storage/run.name/eval/eval.json``, with sample answers.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 from raytune_it.config.schema import JobConfig
 from raytune_it.data.synthetic import FAMILIES
 from raytune_it.evaluation.harness import Effect, effect, load_for_eval, score_model
 from raytune_it.evaluation.sets import families_of_domain, held_out_examples, training_keys
+from raytune_it.storage import Location
 
 
 def seen_families(config: JobConfig) -> list[str]:
@@ -50,12 +50,12 @@ def train_adapters(config: JobConfig, console: Any, given: dict[str, str]) -> di
         job = _adapter_config(config, name, families)
         console.rule(f"eval: training the {name} adapter on {len(families)} families ({', '.join(families)})")
         train(job, console=console)
-        models[name] = str(run_dir_of(job) / "export")
+        models[name] = (run_dir_of(job) / "export").uri
     return models
 
 
 def evaluate(config: JobConfig, console: Any = None, models: dict[str, str] | None = None,
-             folder: Path | None = None) -> dict[str, Any]:
+             folder: Location | None = None) -> dict[str, Any]:
     from rich.console import Console
     from rich.progress import Progress
 
@@ -98,10 +98,9 @@ def evaluate(config: JobConfig, console: Any = None, models: dict[str, str] | No
         "effects": [e.to_dict() for e in effects],
     }
     folder = folder or run_dir_of(config) / "eval"
-    folder.mkdir(parents=True, exist_ok=True)
     (folder / "eval.json").write_text(json.dumps(outcome, indent=2))
     print_eval(outcome, console)
-    console.print(f"eval results: {folder / 'eval.json'}", markup=False, highlight=False)
+    console.print(f"eval results: {(folder / 'eval.json').uri}", markup=False, highlight=False)
     return outcome
 
 

@@ -1,7 +1,9 @@
 """Loading a base model and tokenizer by name or path, as every stage does.
 
-``tiny-llama`` resolves to the locally built directory; anything else goes to
-transformers as a local directory or hub id. Weights load from safetensors only
+``tiny-llama`` resolves to the locally built directory; a storage URI
+(``s3://bucket/models/llama-7b``) to a checked copy in this node's cache
+(``raytune_it.storage.fetch_dir``); anything else goes to transformers as a local
+directory or hub id. Weights load from safetensors only
 (``use_safetensors=True``): a pickled ``.bin`` is never unpickled.
 """
 
@@ -15,10 +17,17 @@ from raytune_it.models.tiny import TINY_NAME, ensure_tiny_model
 Precision = Literal["float32", "bfloat16", "float16"]
 
 
-def resolve_model_path(name_or_path: str) -> str:
-    """A path or hub id transformers can load; builds the tiny model if asked for it."""
+def resolve_model_path(name_or_path: str, key: str = "model.name_or_path", *, weights: bool = True) -> str:
+    """A path or hub id transformers can load; builds the tiny model, or fetches a URI, if asked for it.
+
+    ``weights=False`` is for what needs only the config and tokenizer: a URI's weights are not fetched.
+    """
+    from raytune_it.storage import fetch_dir, is_uri, open_location
+
     if name_or_path == TINY_NAME:
         return str(ensure_tiny_model())
+    if is_uri(name_or_path):
+        return str(fetch_dir(open_location(name_or_path, key), key, weights=weights))
     path = Path(name_or_path).expanduser()
     return str(path) if path.exists() else name_or_path
 
@@ -27,7 +36,7 @@ def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remo
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(
-        resolve_model_path(name_or_path), revision=revision, trust_remote_code=trust_remote_code
+        resolve_model_path(name_or_path, weights=False), revision=revision, trust_remote_code=trust_remote_code
     )
     if tokenizer.pad_token_id is None:
         # LLaMA tokenizers ship without a pad token; padding is masked out of the loss anyway.

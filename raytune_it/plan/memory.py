@@ -93,7 +93,7 @@ def shape_from_hf_config(path: str | Path, name: str | None = None) -> ModelShap
 def shape_of_config(config: JobConfig) -> ModelShape:
     from raytune_it.models.loading import resolve_model_path
 
-    path = resolve_model_path(config.model.name_or_path)
+    path = resolve_model_path(config.model.name_or_path, weights=False)
     if not (Path(path) / "config.json").is_file():
         raise FileNotFoundError(f"{path}: no config.json to read the model's shape from")
     return shape_from_hf_config(path, config.model.name_or_path)

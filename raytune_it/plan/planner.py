@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any, Literal
 
 from raytune_it.errors import UserError
@@ -229,17 +228,20 @@ def plan(workload: Workload) -> Plan:
     return result
 
 
-def measured_throughput(run_dir: Path) -> tuple[float, str]:
-    """The model FLOP/s per device a finished run sustained (its summary.json), and where it came from."""
+def measured_throughput(run_dir: str) -> tuple[float, str]:
+    """The model FLOP/s per device a finished run sustained (its summary.json), and where it came from.
+
+    ``run_dir`` is a local run folder or its storage URI."""
     from raytune_it.config.loading import load_run_config
     from raytune_it.plan.memory import shape_of_config
+    from raytune_it.storage import as_location
 
-    summary_path = Path(run_dir) / "summary.json"
-    if not summary_path.is_file():
+    folder = as_location(run_dir, "--calibrate")
+    if not (folder / "summary.json").is_file():
         raise UserError(f"--calibrate {run_dir}: no summary.json there; point it at a finished run folder "
                                 "(run.storage/run.name)")
-    summary = json.loads(summary_path.read_text())
-    config = load_run_config(Path(run_dir) / "config.yaml")
+    summary = json.loads((folder / "summary.json").read_text())
+    config = load_run_config(folder / "config.yaml")
     shape = shape_of_config(config)
     measured = (flops_per_token(shape, config.method, config.deepspeed.gradient_checkpointing)
                 * summary["tokens_per_second"] / summary["num_workers"])
@@ -247,7 +249,7 @@ def measured_throughput(run_dir: Path) -> tuple[float, str]:
                       f"worker(s), server type {summary.get('server_type')}: {measured / 1e12:.4g} TFLOP/s per device)")
 
 
-def calibrate(workload: Workload, run_dir: Path) -> Workload:
+def calibrate(workload: Workload, run_dir: str) -> Workload:
     """Replace the assumed throughput with the one a finished run measured."""
     measured, source = measured_throughput(run_dir)
     return replace(workload, sustained_flops=measured, calibrated_from=source)

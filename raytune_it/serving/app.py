@@ -237,10 +237,13 @@ def deployment_options(config: JobConfig) -> dict[str, Any]:
 
 
 def build_app(config: JobConfig) -> Any:
+    from raytune_it.config.paths import check_model_path
     from raytune_it.serving.engines.transformers_engine import check_adapter_dir
 
+    # On the driver, before any replica starts; storage URIs are listed here and fetched by each replica.
+    check_model_path(config.serve.base_model, "serve.base_model")
     for name, path in config.serve.adapters.items():
-        check_adapter_dir(name, path)  # on the driver, before any replica starts
+        check_adapter_dir(name, path)
     return OpenAIServer.options(**deployment_options(config)).bind(config.serve.model_dump())
 
 

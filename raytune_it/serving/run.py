@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from raytune_it.config.schema import JobConfig
+from raytune_it.storage import folder_name
 
 
 def start(config: JobConfig) -> str:
@@ -31,7 +32,7 @@ def serve_forever(config: JobConfig, console: Any = None) -> None:
         try:  # Ctrl-C at any point, deploying included, shuts the application down cleanly
             with console.status("starting the Serve application (loading the model)"):
                 url = start(config)
-            names = [config.serve.model_name or config.serve.base_model.rstrip("/").split("/")[-1],
+            names = [config.serve.model_name or folder_name(config.serve.base_model),
                      *config.serve.adapters]
             console.print(f"serving {', '.join(names)} at {url}/v1 (OpenAI-compatible); "
                           f"latency endpoint {url}/v1/latency, metrics {url}/metrics. Ctrl-C stops.",

@@ -2,7 +2,7 @@
 
 The driver streams the records through the foundation pipeline (template,
 masking, truncation, packing, split) and writes the examples to Parquet in the
-run folder. Those files become Ray Datasets (see ``_split_dataset``) and Ray
+run folder, on whatever storage holds it. Those files become Ray Datasets (see ``_split_dataset``) and Ray
 Train splits them equally across workers (``get_dataset_shard``), so every
 worker runs the same number of steps, which the collectives of DDP and ZeRO-3 need. A resumed run finds the files
 already there and trains on exactly the same examples.
@@ -13,20 +13,19 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from itertools import islice
-from pathlib import Path
 from typing import Any, Iterator
 
 from raytune_it.config.schema import JobConfig
 from raytune_it.data.pipeline import iter_examples
 from raytune_it.data.records import ReadReport
 from raytune_it.data.tokenize import TokenizeStats, collate, collate_arrow
+from raytune_it.storage import Location
 
 ROWS_PER_WRITE = 4096
 
 
 @dataclass
 class PreparedData:
-    folder: str
     train_rows: int
     eval_rows: int
     train_tokens: int
@@ -34,11 +33,14 @@ class PreparedData:
     truncated: int
 
     @classmethod
-    def load(cls, folder: Path) -> "PreparedData":
-        return cls(**json.loads((folder / "prepared.json").read_text()))
+    def load(cls, folder: Location) -> "PreparedData":
+        data = json.loads((folder / "prepared.json").read_text())
+        data.pop("folder", None)  # written by earlier versions
+        return cls(**data)
 
 
-def _write_split(config: JobConfig, tokenizer: Any, split: str, target: Path) -> tuple[int, TokenizeStats, ReadReport]:
+def _write_split(config: JobConfig, tokenizer: Any, split: str,
+                 target: Location) -> tuple[int, TokenizeStats, ReadReport]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -48,23 +50,25 @@ def _write_split(config: JobConfig, tokenizer: Any, split: str, target: Path) ->
     columns = ["input_ids", "labels"] + (["position_ids"] if config.data.packing else [])
     schema = pa.schema([(name, pa.list_(pa.int32())) for name in columns])
     rows = 0
-    with pq.ParquetWriter(target, schema) as writer:
+    # On an object store the file appears only when the writer closes (one multipart upload).
+    with target.open_output_stream() as sink, pq.ParquetWriter(sink, schema) as writer:
         while chunk := list(islice(examples, ROWS_PER_WRITE)):
             writer.write_table(pa.Table.from_pylist(chunk, schema=schema))
             rows += len(chunk)
     return rows, stats, report
 
 
-def prepare_data(config: JobConfig, tokenizer: Any, run_dir: Path) -> PreparedData:
-    """Tokenize both splits into ``run_dir/data`` once; later calls reuse the files."""
-    folder = run_dir / "data"
+def prepare_data(config: JobConfig, tokenizer: Any, folder: Location) -> PreparedData:
+    """Tokenize both splits into ``folder`` (the run's ``data/``) once; later calls reuse the files.
+
+    ``prepared.json`` is written last: a run interrupted while tokenizing tokenizes again.
+    """
     if (folder / "prepared.json").is_file():
         return PreparedData.load(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     train_rows, train_stats, report = _write_split(config, tokenizer, "train", folder / "train.parquet")
     eval_rows, eval_stats, _ = _write_split(config, tokenizer, "eval", folder / "eval.parquet")
     prepared = PreparedData(
-        folder=str(folder), train_rows=train_rows, eval_rows=eval_rows, train_tokens=train_stats.tokens,
+        train_rows=train_rows, eval_rows=eval_rows, train_tokens=train_stats.tokens,
         bad_records_skipped=report.bad_records, truncated=train_stats.truncated + eval_stats.truncated,
     )
     (folder / "prepared.json").write_text(json.dumps(asdict(prepared), indent=2))
@@ -78,7 +82,7 @@ IN_MEMORY_MAX_BYTES = 1 << 30
 BLOCK_ROWS = 4096
 
 
-def _split_dataset(path: Path) -> Any:
+def _split_dataset(split: Location) -> Any:
     """One split as a Ray Dataset.
 
     A tokenized instruction set is small (Alpaca's 52k rows are about 75 MB), so
@@ -86,29 +90,30 @@ def _split_dataset(path: Path) -> Any:
     Ray Data's file-listing and read tasks, whose worker processes take 10-15 s to
     start on a small node before the first batch, and workers on other nodes never
     need to see the run folder. Splits over ``IN_MEMORY_MAX_BYTES`` stream from
-    the files instead, which must then be on storage every node can read.
+    the files instead, through the run's filesystem: read tasks on any node read
+    them from remote storage.
     """
     import pyarrow.parquet as pq
 
     import ray.data
 
-    metadata = pq.ParquetFile(path).metadata
+    with split.open_input_file() as handle:
+        metadata = pq.ParquetFile(handle).metadata
     size = sum(metadata.row_group(index).total_byte_size for index in range(metadata.num_row_groups))
     if size > IN_MEMORY_MAX_BYTES:
-        return ray.data.read_parquet(str(path))
-    table = pq.read_table(path)
+        return ray.data.read_parquet(split.path, filesystem=split.filesystem)
+    table = pq.read_table(split.path, filesystem=split.filesystem)
     return ray.data.from_arrow([table.slice(start, BLOCK_ROWS) for start in range(0, max(table.num_rows, 1),
                                                                                    BLOCK_ROWS)])
 
 
-def ray_datasets(prepared: PreparedData) -> dict[str, Any]:
+def ray_datasets(prepared: PreparedData, folder: Location) -> dict[str, Any]:
     import ray.data
 
     # Ray Data's per-operator bars would interleave with the training progress line.
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.enable_operator_progress_bars = False
-    folder = Path(prepared.folder)
     datasets = {"train": _split_dataset(folder / "train.parquet")}
     if prepared.eval_rows:
         datasets["eval"] = _split_dataset(folder / "eval.parquet")

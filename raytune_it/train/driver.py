@@ -6,21 +6,23 @@ progress while it runs -> summary.json and the export.
 
 The run folder ``run.storage/run.name/`` holds ``config.yaml``, ``data/``,
 ``checkpoints/`` (Ray Train's, best N by eval loss), ``metrics.jsonl`` (every
-step), ``summary.json`` and ``export/``. Running again with the same name
-resumes from the latest checkpoint.
+step), ``summary.json`` and ``export/``. It is a local folder or a storage URI
+(``raytune_it.storage``): the driver and the workers reach it through the same
+pyarrow filesystem, so no node needs another's disk. Running again with the same
+name resumes from the latest checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 from raytune_it.config.loading import load_run_config, save_config
 from raytune_it.config.schema import JobConfig
 from raytune_it.errors import ConfigError
 from raytune_it.hardware import SERVER_TYPES
+from raytune_it.storage import Location, check_writable, open_location
 from raytune_it.train.state import StepPlan
 from raytune_it.train.summary import RunSummary, build_summary, print_summary
 
@@ -29,8 +31,8 @@ RESUMABLE_CHANGES = {"train.max_steps", "train.eval_every_steps", "run.storage",
                      "run.max_failures", "scaling.placement_timeout_s", "train.epochs"}
 
 
-def run_dir_of(config: JobConfig) -> Path:
-    return Path(config.run.storage).expanduser().resolve() / config.run.name
+def run_dir_of(config: JobConfig) -> Location:
+    return open_location(config.run.storage) / config.run.name
 
 
 def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
@@ -43,7 +45,7 @@ def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def check_resume_compatible(config: JobConfig, run_dir: Path) -> None:
+def check_resume_compatible(config: JobConfig, run_dir: Location) -> None:
     previous_path = run_dir / "config.yaml"
     if not previous_path.is_file():
         return
@@ -52,7 +54,7 @@ def check_resume_compatible(config: JobConfig, run_dir: Path) -> None:
                      and k not in RESUMABLE_CHANGES and not k.startswith(("tune.", "serve.")))
     if changed:
         raise ConfigError(
-            f"run {config.run.name!r} already exists in {run_dir.parent} with a different config "
+            f"run {config.run.name!r} already exists in {run_dir.parent.uri} with a different config "
             f"({', '.join(f'{k}: {before.get(k)!r} -> {now.get(k)!r}' for k in changed)}). "
             "Re-running a name resumes it; choose another run.name for a new run.")
 
@@ -78,28 +80,37 @@ def memory_warning(config: JobConfig) -> str | None:
     return f"this job {problem}" if problem else None
 
 
-def read_history(metrics_path: Path) -> list[dict]:
+def read_history(metrics_path: Location) -> list[dict]:
     """Every step's metrics; a step reported twice (re-run after a restart) keeps its latest."""
     if not metrics_path.is_file():
         return []
     by_step: dict[int, dict] = {}
-    for line in metrics_path.read_text(encoding="utf-8").splitlines():
+    for line in metrics_path.read_text().splitlines():
         if line.strip():
             item = json.loads(line)
             by_step[item["step"]] = item
     return [by_step[step] for step in sorted(by_step)]
 
 
-def scaling_config(config: JobConfig) -> Any:
-    from ray.train import ScalingConfig
-
+def worker_resources(config: JobConfig) -> dict[str, float]:
+    """One Ray Train worker's resources: its CPUs, a GPU, and one unit of its server type."""
     resources: dict[str, float] = {"CPU": config.scaling.cpus_per_worker}
     if config.scaling.use_gpu:
         resources["GPU"] = 1
     if config.scaling.server_type != "any":
         resources[SERVER_TYPES[config.scaling.server_type].resource] = 1
+    return resources
+
+
+def worker_bundles(config: JobConfig) -> list[dict[str, float]]:
+    return [worker_resources(config)] * config.scaling.num_workers
+
+
+def scaling_config(config: JobConfig) -> Any:
+    from ray.train import ScalingConfig
+
     return ScalingConfig(num_workers=config.scaling.num_workers, use_gpu=config.scaling.use_gpu,
-                         resources_per_worker=resources)
+                         resources_per_worker=worker_resources(config))
 
 
 def deterministic_ingest():
@@ -119,27 +130,28 @@ def train(config: JobConfig, *, console: Any = None, callbacks: list | None = No
     """
     from rich.console import Console
 
-    from raytune_it.cluster import ray_session, wait_for_server_type
+    from raytune_it.cluster import ray_session, wait_for_resources, warn_if_storage_is_not_shared
     from raytune_it.models.loading import load_tokenizer
     from raytune_it.train.data import prepare_data, ray_datasets
     from raytune_it.train.preflight import preflight
 
     console = console or Console()
+    run_dir = run_dir_of(config)
+    check_writable(run_dir.parent)  # unreachable, missing bucket, no permission: now, not in a worker
     preflight(config)
     warning = memory_warning(config)
     if warning:
         console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False)
-    run_dir = run_dir_of(config)
     check_resume_compatible(config, run_dir)
     save_config(config, run_dir)
     tokenizer = load_tokenizer(config.model.name_or_path, revision=config.model.revision,
                                trust_remote_code=config.model.trust_remote_code)
     with console.status("tokenizing the dataset"):
-        prepared = prepare_data(config, tokenizer, run_dir)
+        prepared = prepare_data(config, tokenizer, run_dir / "data")
     plan = plan_steps(config, prepared.train_rows)
     console.print(f"run {config.run.name}: {prepared.train_rows:,} train / {prepared.eval_rows:,} eval sequences, "
                   f"{plan.steps_per_epoch} steps/epoch, {plan.total_steps} steps, "
-                  f"{config.scaling.num_workers} worker(s), folder {run_dir}", markup=False, highlight=False)
+                  f"{config.scaling.num_workers} worker(s), folder {run_dir.uri}", markup=False, highlight=False)
 
     started = time.perf_counter()
     with ray_session(min_cpus=config.scaling.num_workers * config.scaling.cpus_per_worker):
@@ -150,34 +162,35 @@ def train(config: JobConfig, *, console: Any = None, callbacks: list | None = No
         from raytune_it.train.loop import train_loop
         from raytune_it.train.progress import ProgressMonitor
 
-        wait_for_server_type(config.scaling.server_type, config.scaling.num_workers,
-                             config.scaling.placement_timeout_s)
+        warn_if_storage_is_not_shared(run_dir, console)
+        wait_for_resources(worker_bundles(config), config.scaling.server_type, config.scaling.placement_timeout_s)
         queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={
                 "config": config.to_dict(), "plan": plan.__dict__, "progress": queue,
-                "export_dir": str(run_dir / "export"), "has_eval": prepared.eval_rows > 0,
+                "export": run_dir / "export", "has_eval": prepared.eval_rows > 0,
             },
             scaling_config=scaling_config(config),
             torch_config=TorchConfig(backend="nccl" if config.scaling.use_gpu else "gloo"),
             run_config=ray.train.RunConfig(
                 name="checkpoints",
-                storage_path=str(run_dir),
+                storage_path=run_dir.path,
+                storage_filesystem=run_dir.filesystem,
                 checkpoint_config=ray.train.CheckpointConfig(
                     num_to_keep=config.run.keep_checkpoints, checkpoint_score_attribute="eval_loss",
                     checkpoint_score_order="min"),
                 failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
                 callbacks=callbacks or [],
             ),
-            datasets=ray_datasets(prepared),
+            datasets=ray_datasets(prepared, run_dir / "data"),
             dataset_config=ray.train.DataConfig(execution_options=deterministic_ingest()),
         )
         with ProgressMonitor(queue, plan.total_steps, run_dir / "metrics.jsonl", console):
             trainer.fit()
     history = read_history(run_dir / "metrics.jsonl")
     summary = build_summary(config, history, plan.steps_per_epoch, time.perf_counter() - started,
-                            run_dir / "export")
+                            (run_dir / "export").uri)
     summary.write(run_dir)
     print_summary(summary, console)
     return summary

@@ -3,7 +3,8 @@
 set up the strategy -> restore the last checkpoint, if any -> for each step:
 take ``gradient_accumulation_steps`` micro-batches from this worker's shard, step,
 send metrics to the driver -> every ``eval_every_steps`` and at the end: eval loss
-and a checkpoint, reported to Ray Train -> export the tuned model.
+and a checkpoint, reported to Ray Train (which writes it to the run's storage) ->
+export the tuned model and publish it to the run's storage.
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ def train_loop(loop_config: dict) -> None:
     config = JobConfig.model_validate(loop_config["config"])
     plan = StepPlan(**loop_config["plan"])
     progress = loop_config.get("progress")
-    export_dir = Path(loop_config["export_dir"])
+    export = loop_config["export"]  # a storage Location: the run's export/, wherever the run lives
     context = ray.train.get_context()
     rank = context.get_world_rank()
     device = ray.train.torch.get_device()
@@ -244,4 +245,15 @@ def train_loop(loop_config: dict) -> None:
             state.epoch += 1
             state.batches_in_epoch = 0
 
-    strategy.export(export_dir, tokenizer)
+    publish_export(strategy, tokenizer, export, rank)
+
+
+def publish_export(strategy: Any, tokenizer: Any, export: Any, rank: int) -> None:
+    """Every rank takes part in the export (ZeRO-3 gathers its shards); rank 0 writes it to a local folder
+    and publishes it to storage, so readers never see a half-written export, on any node."""
+    from raytune_it.storage import publish_dir
+
+    with tempfile.TemporaryDirectory(prefix="raytune-it-export-") as folder:
+        strategy.export(Path(folder) / "export", tokenizer)
+        if rank == 0:
+            publish_dir(Path(folder) / "export", export)

@@ -13,7 +13,7 @@ def model_module_names(config: JobConfig) -> set[str]:
 
     from raytune_it.models.loading import resolve_model_path
 
-    model_config = AutoConfig.from_pretrained(resolve_model_path(config.model.name_or_path),
+    model_config = AutoConfig.from_pretrained(resolve_model_path(config.model.name_or_path, weights=False),
                                               revision=config.model.revision,
                                               trust_remote_code=config.model.trust_remote_code)
     with torch.device("meta"):

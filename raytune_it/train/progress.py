@@ -2,8 +2,10 @@
 
 Rank 0 puts each step's metrics on a Ray queue; a driver thread drains it while
 ``trainer.fit()`` blocks, shows step, epoch, loss, tokens/s and ETA (a live bar on
-a terminal, a plain line every few steps in ``ray job`` logs), and appends each
-step to ``metrics.jsonl`` in the run folder.
+a terminal, a plain line every few steps in ``ray job`` logs), and keeps every
+step in ``metrics.jsonl`` in the run folder. Object stores cannot append, so the
+file is rewritten whole: at every eval step (so it always covers the latest
+checkpoint), every few seconds otherwise, and at the end.
 """
 
 from __future__ import annotations
@@ -11,19 +13,25 @@ from __future__ import annotations
 import json
 import math
 import threading
-from pathlib import Path
+import time
 from typing import Any
+
+FLUSH_EVERY_S = 5.0
 
 
 class ProgressMonitor:
-    def __init__(self, queue: Any, total_steps: int, metrics_path: Path, console: Any = None) -> None:
+    def __init__(self, queue: Any, total_steps: int, metrics_path: Any, console: Any = None) -> None:
         from rich.console import Console
 
         self.queue = queue
         self.total_steps = total_steps
-        self.metrics_path = metrics_path
+        self.metrics_path = metrics_path  # a storage Location
         self.console = console or Console(stderr=False)
         self.history: list[dict] = []
+        # What an earlier attempt of this run wrote stays first: a resumed run adds to it.
+        self._lines = metrics_path.read_text().splitlines() if metrics_path.is_file() else []
+        self._written = len(self._lines)
+        self._last_flush = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="raytune-it-progress", daemon=True)
 
@@ -35,6 +43,7 @@ class ProgressMonitor:
         self._stop.set()
         self._thread.join(timeout=30)
         self._drain()
+        self._flush()
 
     def _drain(self) -> list[dict]:
         try:
@@ -43,11 +52,22 @@ class ProgressMonitor:
         except Exception:  # the queue actor is gone (cluster shutting down): nothing more will come
             return []
         if items:
-            with self.metrics_path.open("a", encoding="utf-8") as handle:
-                for item in items:
-                    handle.write(json.dumps(item) + "\n")
+            self._lines.extend(json.dumps(item) for item in items)
             self.history.extend(items)
+            if any("eval_loss" in item for item in items) or time.monotonic() - self._last_flush > FLUSH_EVERY_S:
+                self._flush()
         return items
+
+    def _flush(self) -> None:
+        if len(self._lines) == self._written:
+            return
+        try:
+            self.metrics_path.write_text("".join(line + "\n" for line in self._lines))
+        except OSError as exc:  # storage briefly unreachable: keep the lines, try again at the next flush
+            self.console.print(f"warning: could not write {self.metrics_path.uri}: {exc}", style="yellow",
+                               markup=False, highlight=False)
+            return
+        self._written, self._last_flush = len(self._lines), time.monotonic()
 
     def _line(self, m: dict) -> str:
         done = m["step"] / max(1, m["total_steps"])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 from raytune_it.config.schema import JobConfig
@@ -42,7 +41,8 @@ class RunSummary:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def write(self, run_dir: Path) -> Path:
+    def write(self, run_dir: Any) -> Any:
+        """Into the run folder (a storage Location)."""
         path = run_dir / SUMMARY_FILE
         path.write_text(json.dumps(self.to_dict(), indent=2))
         return path
@@ -53,7 +53,7 @@ def _finite(value: Any) -> float | None:
 
 
 def build_summary(config: JobConfig, history: list[dict], steps_per_epoch: int, wall_seconds: float,
-                  export_dir: Path) -> RunSummary:
+                  export_dir: str) -> RunSummary:
     last = history[-1]
     evals = [m for m in history if _finite(m.get("eval_loss")) is not None]
     peaks = [m["peak_memory_bytes"] for m in history if "peak_memory_bytes" in m]
@@ -77,7 +77,7 @@ def build_summary(config: JobConfig, history: list[dict], steps_per_epoch: int, 
         final_eval_loss=_finite(evals[-1]["eval_loss"]) if evals else None,
         initial_train_loss=_finite(history[0]["loss"]) if history[0]["step"] == 1 else None,
         restarts=int(last.get("restarts", 0)),
-        export_dir=str(export_dir),
+        export_dir=export_dir,
         worker_nodes=next((m["worker_nodes"] for m in reversed(history) if "worker_nodes" in m), []),
         strategy=next((m["strategy"] for m in reversed(history) if "strategy" in m), {}),
     )

@@ -1,21 +1,25 @@
-"""A sweep's results: one row per trial, as CSV, Parquet, a printed table, plots and ``best/``."""
+"""A sweep's results: one row per trial, as CSV, Parquet, a printed table, plots and ``best/``.
+
+Everything is written through the sweep folder's storage Location; ``best/`` is
+published (``raytune_it.storage.publish_dir``), so it is never seen half copied.
+"""
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import shutil
-from pathlib import Path
 from typing import Any
 
 from raytune_it.config.schema import JobConfig
+from raytune_it.storage import Location, publish_dir
 from raytune_it.train.driver import read_history
 from raytune_it.tune.space import Trial
 
 STATUS_FINISHED, STATUS_STOPPED, STATUS_SKIPPED, STATUS_FAILED = "finished", "stopped early", "skipped", "failed"
 
 
-def _trial_metrics(trial_dir: Path) -> dict[str, Any]:
+def _trial_metrics(trial_dir: Location) -> dict[str, Any]:
     summary_path = trial_dir / "summary.json"
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text())
@@ -34,7 +38,7 @@ def _trial_metrics(trial_dir: Path) -> dict[str, Any]:
             "steps": last["step"]}
 
 
-def collect_rows(config: JobConfig, trials: list[Trial], grid: Any, trials_dir: Path) -> list[dict]:
+def collect_rows(config: JobConfig, trials: list[Trial], grid: Any, trials_dir: Location) -> list[dict]:
     results = {}
     if grid is not None:
         for result in grid:
@@ -74,7 +78,14 @@ def best_row(rows: list[dict]) -> dict | None:
     return min(finished, key=lambda r: r["final_eval_loss"]) if finished else None
 
 
-def _plot(rows: list[dict], swept: list[str], folder: Path) -> list[Path]:
+def _save(fig: Any, target: Location) -> Location:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=120, format="png")
+    target.write_bytes(buffer.getvalue())
+    return target
+
+
+def _plot(rows: list[dict], swept: list[str], folder: Location) -> list[Location]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -100,8 +111,7 @@ def _plot(rows: list[dict], swept: list[str], folder: Path) -> list[Path]:
     ax.set_title("Eval loss by " + x_key)
     ax.legend()
     fig.tight_layout()
-    written.append(folder / "eval_loss_vs_rank.png" if x_key == "lora.rank" else folder / "eval_loss.png")
-    fig.savefig(written[-1], dpi=120)
+    written.append(_save(fig, folder / ("eval_loss_vs_rank.png" if x_key == "lora.rank" else "eval_loss.png")))
     plt.close(fig)
 
     batch_key = "train.micro_batch_size"
@@ -115,31 +125,30 @@ def _plot(rows: list[dict], swept: list[str], folder: Path) -> list[Path]:
     ax.set_ylabel("training tokens / s")
     ax.set_title("Throughput by " + key)
     fig.tight_layout()
-    written.append(folder / "throughput_vs_batch_size.png")
-    fig.savefig(written[-1], dpi=120)
+    written.append(_save(fig, folder / "throughput_vs_batch_size.png"))
     plt.close(fig)
     return written
 
 
-def write_outputs(config: JobConfig, rows: list[dict], folder: Path, console: Any) -> dict | None:
+def write_outputs(config: JobConfig, rows: list[dict], folder: Location, console: Any) -> dict | None:
     import pandas as pd
     from rich.table import Table
 
     swept = list(config.tune.search_space)
     frame = pd.DataFrame(rows)
-    frame.to_csv(folder / "results.csv", index=False)
-    frame.to_parquet(folder / "results.parquet", index=False)
+    (folder / "results.csv").write_text(frame.to_csv(index=False))
+    parquet = io.BytesIO()
+    frame.to_parquet(parquet, index=False)
+    (folder / "results.parquet").write_bytes(parquet.getvalue())
     if any(r["final_eval_loss"] is not None for r in rows):
         _plot(rows, swept, folder)
     best = best_row(rows)
     target = folder / "best"
     if best is not None:
-        if target.exists():
-            shutil.rmtree(target)
         trial_dir = folder / "trials" / f"trial-{best['trial']:03d}"
-        shutil.copytree(trial_dir / "export", target)
-        shutil.copy2(trial_dir / "config.yaml", target / "config.yaml")
-        (target / "best.json").write_text(json.dumps(best, indent=2, default=str))
+        publish_dir(trial_dir / "export", target, extra={
+            "config.yaml": (trial_dir / "config.yaml").read_text(),
+            "best.json": json.dumps(best, indent=2, default=str)})
 
     table = Table(title=f"sweep {config.run.name}: {len(rows)} trials")
     columns = ["trial", *swept, "status", "final_eval_loss", "tokens_per_second", "steps", "reason"]
@@ -155,7 +164,7 @@ def write_outputs(config: JobConfig, rows: list[dict], folder: Path, console: An
         table.add_row(*cells, style=style)
     console.print(table)
     if best is not None:
-        console.print(f"best: trial {best['trial']} (eval loss {best['final_eval_loss']:.4f}) -> {target}",
+        console.print(f"best: trial {best['trial']} (eval loss {best['final_eval_loss']:.4f}) -> {target.uri}",
                       markup=False, highlight=False)
-    console.print(f"results: {folder / 'results.csv'}", markup=False, highlight=False)
+    console.print(f"results: {(folder / 'results.csv').uri}", markup=False, highlight=False)
     return best

@@ -9,7 +9,9 @@ model says cannot fit are skipped with the reason and never launched.
 Layout: ``run.storage/run.name/`` holds ``config.yaml``, ``tune/`` (Tune's
 state; a re-run with the same name restores it), ``trials/trial-NNN/`` (each a
 normal run folder, so an interrupted trial resumes from its checkpoint),
-``results.csv``, ``results.parquet``, the plots and ``best/``.
+``results.csv``, ``results.parquet``, the plots and ``best/``, on whatever
+storage ``run.storage`` names (Tune keeps its state there through the same
+pyarrow filesystem).
 """
 
 from __future__ import annotations
@@ -17,12 +19,12 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from raytune_it.config.loading import save_config
 from raytune_it.config.schema import JobConfig
 from raytune_it.hardware import SERVER_TYPES
+from raytune_it.storage import Location, check_writable
 from raytune_it.tune.space import Trial, expand_trials
 
 TRIAL_NAME = "trial-{index:03d}"
@@ -87,7 +89,7 @@ def run_trial(params: dict, trial_configs: dict, trials_dir: str) -> None:
 
 @dataclass
 class SweepOutcome:
-    folder: Path
+    folder: Location
     rows: list[dict]
     best: dict | None
 
@@ -114,10 +116,11 @@ def sweep(config: JobConfig, *, console: Any = None) -> SweepOutcome:
     from raytune_it.tune.results import collect_rows, write_outputs
 
     console = console or Console()
+    folder = run_dir_of(config)
+    check_writable(folder.parent)
     trials = expand_trials(config)
     preflight(trials[0].config)
     mark_infeasible(trials, memory_budget_bytes(config))
-    folder = run_dir_of(config)
     save_config(config, folder)
     runnable = [t for t in trials if t.skipped_reason is None]
     for trial in trials:
@@ -142,13 +145,13 @@ def sweep(config: JobConfig, *, console: Any = None) -> SweepOutcome:
     return SweepOutcome(folder=folder, rows=rows, best=best)
 
 
-def _run_tuner(config: JobConfig, runnable: list[Trial], folder: Path, console: Any) -> Any:
+def _run_tuner(config: JobConfig, runnable: list[Trial], folder: Location, console: Any) -> Any:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     trial_configs = {t.index: t.config.to_dict() for t in runnable}
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, trial_configs=trial_configs, trials_dir=str(folder / "trials")),
+        tune.with_parameters(run_trial, trial_configs=trial_configs, trials_dir=(folder / "trials").uri),
         # The trial only drives its TorchTrainer; the workers reserve the real resources.
         {"CPU": 0.01},
     )
@@ -163,18 +166,18 @@ def _run_tuner(config: JobConfig, runnable: list[Trial], folder: Path, console: 
     tune_dir = folder / "tune"
     concurrency = config.tune.max_concurrent_trials or default_concurrency(config)
     console.print(f"sweep {config.run.name}: {len(runnable)} trial(s), up to {concurrency} at once, "
-                  f"scheduler {config.tune.scheduler}, folder {folder}", markup=False, highlight=False)
-    if tune.Tuner.can_restore(str(tune_dir)):
+                  f"scheduler {config.tune.scheduler}, folder {folder.uri}", markup=False, highlight=False)
+    if tune.Tuner.can_restore(tune_dir.path, storage_filesystem=tune_dir.filesystem):
         console.print("resuming the interrupted sweep", markup=False, highlight=False)
-        tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True,
-                                   resume_errored=True)
+        tuner = tune.Tuner.restore(tune_dir.path, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True, storage_filesystem=tune_dir.filesystem)
     else:
         tuner = tune.Tuner(
             trainable,
             param_space={"trial": tune.grid_search([t.index for t in runnable])},
             tune_config=tune.TuneConfig(metric="eval_loss", mode="min", scheduler=scheduler,
                                         max_concurrent_trials=concurrency),
-            run_config=tune.RunConfig(name="tune", storage_path=str(folder),
+            run_config=tune.RunConfig(name="tune", storage_path=folder.path, storage_filesystem=folder.filesystem,
                                       failure_config=tune.FailureConfig(max_failures=0),
                                       verbose=1 if os.environ.get("RAYTUNE_IT_TUNE_VERBOSE") else 0),
         )

@@ -17,16 +17,47 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 from raytune_it.serving.engines.base import GenerationRequest, GenerationResult, StreamChunk, check_request
+from raytune_it.storage import folder_name
 
 
-def check_adapter_dir(name: str, path: str) -> Path:
-    """Adapters load from their configured directory only, and only as safetensors."""
-    folder = Path(path).expanduser().resolve()
-    if not (folder / "adapter_config.json").is_file():
-        raise ValueError(f"serve.adapters.{name}: {path!r} is not a peft adapter directory (no adapter_config.json)")
-    if not (folder / "adapter_model.safetensors").is_file():
-        raise ValueError(f"serve.adapters.{name}: {path!r} has no adapter_model.safetensors; only safetensors "
-                         "weights are loaded (a pickled adapter_model.bin is never unpickled)")
+def _adapter_problem(files: set[str]) -> str | None:
+    if "adapter_config.json" not in files:
+        return "is not a peft adapter directory (no adapter_config.json)"
+    if "adapter_model.safetensors" not in files:
+        return ("has no adapter_model.safetensors; only safetensors weights are loaded (a pickled "
+                "adapter_model.bin is never unpickled)")
+    return None
+
+
+def check_adapter_dir(name: str, path: str) -> None:
+    """On the driver, before any replica starts: the adapter folder exists, locally or in storage
+    (listed, not downloaded), and holds safetensors weights."""
+    from raytune_it.storage import is_uri, open_location
+
+    key = f"serve.adapters.{name}"
+    if is_uri(path):
+        try:
+            files = set(open_location(path, key).files())
+        except OSError as exc:
+            raise ValueError(f"{key}: cannot list {path!r}: {str(exc).split(' (Request ID')[0]}") from None
+    else:
+        folder = Path(path).expanduser().resolve()
+        files = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+    problem = _adapter_problem(files)
+    if problem:
+        raise ValueError(f"{key}: {path!r} {problem}")
+
+
+def local_adapter_dir(name: str, path: str) -> Path:
+    """On a replica: adapters load from their configured folder only (a URI is fetched into this node's
+    cache first), and only as safetensors."""
+    from raytune_it.storage import fetch_dir, is_uri, open_location
+
+    key = f"serve.adapters.{name}"
+    folder = fetch_dir(open_location(path, key), key) if is_uri(path) else Path(path).expanduser().resolve()
+    problem = _adapter_problem({p.name for p in folder.iterdir()} if folder.is_dir() else set())
+    if problem:
+        raise ValueError(f"{key}: {path!r} {problem}")
     return folder
 
 
@@ -43,12 +74,12 @@ class TransformersEngine:
             dtype = "bfloat16" if self.device.type == "cuda" else "float32"
         self.dtype = dtype
         base_path = resolve_model_path(serve_config["base_model"])
-        self.base_name = serve_config.get("model_name") or Path(serve_config["base_model"]).name
+        self.base_name = serve_config.get("model_name") or folder_name(serve_config["base_model"])
         self.tokenizer = load_tokenizer(base_path)
         model = load_causal_lm(base_path, precision=dtype).to(self.device).eval()
         self.adapter_names: list[str] = []
         for name, path in serve_config["adapters"].items():
-            folder = check_adapter_dir(name, path)
+            folder = local_adapter_dir(name, path)
             if not self.adapter_names:
                 from peft import PeftModel
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 import itertools
 import time
 import uuid
-from pathlib import Path
 from typing import AsyncIterator
 
 from raytune_it.serving.engines.base import GenerationRequest, GenerationResult, StreamChunk, check_request
-from raytune_it.serving.engines.transformers_engine import check_adapter_dir
+from raytune_it.serving.engines.transformers_engine import local_adapter_dir
+from raytune_it.storage import folder_name
 
 
 class VLLMEngine:
@@ -27,11 +27,11 @@ class VLLMEngine:
 
         self.config = serve_config
         base_path = resolve_model_path(serve_config["base_model"])
-        self.base_name = serve_config.get("model_name") or Path(serve_config["base_model"]).name
+        self.base_name = serve_config.get("model_name") or folder_name(serve_config["base_model"])
         self.dtype = "bfloat16" if serve_config["dtype"] == "auto" else serve_config["dtype"]
         self.tokenizer = load_tokenizer(base_path)
         ids = itertools.count(1)
-        self.loras = {name: LoRARequest(name, next(ids), str(check_adapter_dir(name, path)))
+        self.loras = {name: LoRARequest(name, next(ids), str(local_adapter_dir(name, path)))
                       for name, path in serve_config["adapters"].items()}
         self.engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(
             model=base_path, dtype=self.dtype, max_model_len=serve_config["max_model_len"],

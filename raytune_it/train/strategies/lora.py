@@ -151,4 +151,5 @@ def merge_adapter(config: JobConfig, adapter_dir: Path, target: Path) -> None:
     merged.config.use_cache = True
     merged.save_pretrained(target, safe_serialization=True)
     load_tokenizer(str(adapter_dir)).save_pretrained(target)
-    (target / "raytune_it_merge.json").write_text(json.dumps({"adapter": str(adapter_dir)}))
+    # The adapter is the folder above: this merge is published with it.
+    (target / "raytune_it_merge.json").write_text(json.dumps({"adapter": ".."}))
