@@ -57,7 +57,7 @@ def uri_problem(text: str) -> str | None:
         return (f"scheme {scheme!r} is not supported; allowed: a local path, or "
                 f"{', '.join(s + '://' for s in SCHEMES)}")
     parts = urlsplit(text)
-    if parts.username or parts.password or re.search(r"(access_key|secret|session_token|password)=",
+    if parts.username or parts.password or re.search(r"(access_key|secret\w*|session_token|password)=",
                                                       parts.query, re.I):
         return ("credentials in the URI would be saved in config.yaml and shown in logs; remove them and give "
                 "them to every node the usual way (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, an instance "

@@ -1,11 +1,20 @@
-"""`raytune-it run` end to end with every stage cut small, and `raytune-it report` rebuilding its report."""
+"""`raytune-it run` end to end with every stage cut small, and `raytune-it report` rebuilding its report.
 
+The run lives in a real S3-compatible bucket (moto on 127.0.0.1), so this one run also shows every stage
+writing to and reading from remote storage: the sweep and its best/, ZeRO-3 with 2 workers, serving an adapter
+and a full model given as s3:// URIs, eval, and the report rebuilt from the bucket. Nothing lands on the local
+disk (the run's working directory stays empty).
+"""
+
+import io
 import json
 import subprocess
 import sys
 
 import pandas as pd
 import pytest
+
+from raytune_it.storage import open_location
 
 pytestmark = pytest.mark.integration
 
@@ -16,21 +25,29 @@ MINIMAL = ["data.builtin_records=300", "train.max_steps=4", "train.eval_every_st
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    storage = tmp_path_factory.mktemp("e2e")
+def finished_run(tmp_path_factory, s3_endpoint):
+    from conftest import s3_uri
+
+    storage = s3_uri(s3_endpoint, "e2e")
+    cwd = tmp_path_factory.mktemp("cwd")
     result = subprocess.run([sys.executable, "-m", "raytune_it", "run", "tiny-run", f"run.storage={storage}",
-                             *MINIMAL], capture_output=True, text=True, timeout=1200)
+                             *MINIMAL], capture_output=True, text=True, timeout=1200, cwd=cwd)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return storage / "tiny-run", result.stdout
+    assert not list(cwd.iterdir()), "a run in s3:// storage wrote nothing to the local disk"
+    return open_location(storage) / "tiny-run", result.stdout
 
 
 def test_run_completes_and_every_stage_leaves_its_files(finished_run):
     run_dir, stdout = finished_run
     for name in ("stats.json", "plan.json", "sweep/results.csv", "sweep/best/adapter_model.safetensors",
-                 "full/export/model.safetensors", "serve.json", "eval/eval.json", "stages.json", "report.md",
-                 "report.html"):
+                 "sweep/best/_PUBLISHED.json", "full/export/model.safetensors", "full/export/_PUBLISHED.json",
+                 "full/checkpoints/checkpoint_manager_snapshot.json", "serve.json", "eval/eval.json",
+                 "stages.json", "report.md", "report.html"):
         assert (run_dir / name).is_file(), name
     assert "report:" in stdout and "report.md" in stdout
+    served = json.loads((run_dir / "serve.json").read_text())
+    assert served["lora-best"]["adapter"].startswith("s3://") and served["full"]["base"].startswith("s3://")
+    assert json.loads((run_dir / "eval/eval.json").read_text())["models"]["full"].startswith("s3://")
     stages = json.loads((run_dir / "stages.json").read_text())["seconds"]
     assert list(stages) == ["stats and plan", "sweep", "full tuning", "serve", "eval"]
 
@@ -54,7 +71,7 @@ def test_report_numbers_come_from_the_runs_own_files(finished_run):
     assert f"| {full['tokens_per_second']:,.0f} |" in full_row and f"| {full['num_workers']} |" in full_row
     assert f"| {served['full']['tokens_per_second']:.1f} |" in full_row and full["method"].startswith("full")
     assert "| 7B | full | a800-80g | 2 | 8 | 3.0 | 2 / 8 / 3.0 |" in report
-    trials = pd.read_csv(run_dir / "sweep/results.csv")
+    trials = pd.read_csv(io.StringIO((run_dir / "sweep/results.csv").read_text()))
     sweep_section = report.split("## Sweep (Ray Tune)")[1].split("## ")[0]
     assert sum(line.startswith("| ") for line in sweep_section.splitlines()) == 1 + len(trials)
     effects = json.loads((run_dir / "eval/eval.json").read_text())["effects"]
@@ -65,14 +82,15 @@ def test_report_numbers_come_from_the_runs_own_files(finished_run):
     assert "data:image/png;base64," in (run_dir / "report.html").read_text()  # self-contained plots
 
 
-def test_report_command_regenerates_an_identical_report(finished_run):
+def test_report_command_regenerates_an_identical_report_from_the_bucket(finished_run, tmp_path):
     run_dir, _ = finished_run
     before = {name: (run_dir / name).read_bytes() for name in ("report.md", "report.html")}
-    (run_dir / "report.md").unlink()
-    result = subprocess.run([sys.executable, "-m", "raytune_it", "report", str(run_dir)], capture_output=True,
-                            text=True, timeout=300)
+    (run_dir / "report.md").delete()
+    result = subprocess.run([sys.executable, "-m", "raytune_it", "report", run_dir.uri], capture_output=True,
+                            text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert {name: (run_dir / name).read_bytes() for name in before} == before
-    missing = subprocess.run([sys.executable, "-m", "raytune_it", "report", str(run_dir / "sweep")],
+    assert not list(tmp_path.iterdir())
+    missing = subprocess.run([sys.executable, "-m", "raytune_it", "report", (run_dir / "sweep").uri],
                              capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "not a finished 'raytune-it run' folder" in missing.stderr
