@@ -50,7 +50,7 @@ def wait_for_resources(bundles: list[dict[str, float]], server_type: str, timeou
 
     if server_type == "any":
         return
-    group = placement_group(bundles, strategy="PACK", name=f"raytune-it-wait-{server_type}")
+    group = placement_group(bundles, strategy="PACK")  # unnamed: concurrent sweep trials each wait
     try:
         ready, _ = ray.wait([group.ready()], timeout=max(timeout_s, 1.0))
     finally:

@@ -84,6 +84,14 @@ def server_type(name: str) -> ServerType:
         raise KeyError(f"unknown server type {name!r}; known: {known}") from None
 
 
+def autoscaler_node_resources(name: str, cpus: int) -> dict[str, float]:
+    """What a node of this server type offers the autoscaler (``available_node_types.<name>.resources`` in
+    ``cluster/*.yaml``, the worker groups' resources in KubeRay): its GPUs, and one unit of its type per GPU.
+    CPUs differ by machine, so the caller gives them."""
+    kind = SERVER_TYPES[name]
+    return {"CPU": cpus, "GPU": kind.gpus_per_node, kind.resource: kind.gpus_per_node}
+
+
 def node_resources(gpu_names: list[str]) -> dict[str, float]:
     """The custom resources a node with these GPUs advertises (``ray start --resources``).
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raytune_it.hardware import SERVER_TYPES, node_resources
+from raytune_it.hardware import SERVER_TYPES, autoscaler_node_resources, node_resources
 
 ROOT = Path(__file__).parents[1]
 RESOURCES = {t.resource for t in SERVER_TYPES.values()}
@@ -48,6 +48,7 @@ def test_cloud_node_types_carry_the_packages_resources_and_gpu_counts():
     types = config["available_node_types"]
     for name, kind in SERVER_TYPES.items():
         node = types[name]
+        assert node["resources"] == autoscaler_node_resources(name, node["resources"]["CPU"])
         assert node["resources"][kind.resource] == kind.gpus_per_node == node["resources"]["GPU"]
         assert node["min_workers"] == 0 and node["max_workers"] >= 1
     used = {k for t in types.values() for k in t["resources"] if k.startswith("server_type:")}
