@@ -253,3 +253,27 @@ def test_small_splits_load_from_the_driver_and_large_ones_stream_the_same_rows(l
     streamed = data._split_dataset(local(path))
     assert not isinstance(streamed, MaterializedDataset)  # a lazy read of the file
     assert in_memory.take_all() == streamed.take_all() == rows
+
+
+def test_lora_in_a_bucket_reloads_from_it_and_a_rerun_by_name_resumes_there(local_ray, s3_storage, empty_cwd,
+                                                                             tiny_model_dir):
+    """A 2-worker INT8 LoRA run whose whole folder is in s3:// storage: its export reloads from the bucket and
+    generates, and running the same name again continues from the bucket's checkpoint."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from raytune_it.storage import fetch_dir
+
+    overrides = [f"run.storage={s3_storage}", "train.eval_every_steps=4", "lora.dropout=0"]
+    first = train(load_config("tiny-lora", [*overrides, "train.max_steps=4"]))
+    run = run_dir_of(load_config("tiny-lora", overrides))
+    assert first.export_dir == (run / "export").uri and first.export_dir.startswith("s3://")
+    export = fetch_dir(run / "export", "export")
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), export)
+    assert generate_text(tuned, AutoTokenizer.from_pretrained(export))
+
+    second = train(load_config("tiny-lora", [*overrides, "train.max_steps=8"]))
+    history = raw_metrics(run)
+    assert [m["step"] for m in history] == list(range(1, 9)), "steps 5-8 follow the checkpoint at step 4"
+    assert [m["restarts"] for m in history] == [0] * 4 + [1] * 4 and second.restarts == 1
+    assert history[4]["loss"] < history[0]["loss"]
