@@ -283,6 +283,7 @@ def publish_dir(source: "Path | Location", dest: Location, extra: dict[str, str]
                            "published_at": time.time()}, indent=1)
     if dest.is_local:
         staging = dest.parent / f".{dest.name}.partial-{uuid.uuid4().hex[:8]}"
+        staging.mkdir()  # copy_files creates only the folders below it
         pafs.copy_files(src.path, staging.path, source_filesystem=src.filesystem,
                         destination_filesystem=dest.filesystem)
         for name, text in {**extra, MANIFEST: manifest}.items():

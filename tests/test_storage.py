@@ -33,12 +33,15 @@ def test_a_uri_is_storage_not_a_local_folder(s3_endpoint):
     assert open_location("file:///tmp/x").is_local and open_location("./runs").is_local
 
 
-def _folder(tmp_path, name="src"):
+def _folder(tmp_path, name="src", nested=True):
     folder = tmp_path / name
-    (folder / "sub").mkdir(parents=True)
+    folder.mkdir(parents=True)
+    if nested:
+        (folder / "sub").mkdir()
     (folder / "adapter_config.json").write_text('{"r": 4}')
     (folder / "adapter_model.safetensors").write_bytes(b"\0" * 1000)
-    (folder / "sub" / "weights.bin").write_bytes(b"pickle")
+    if nested:
+        (folder / "sub" / "weights.bin").write_bytes(b"pickle")
     return folder
 
 
@@ -62,6 +65,14 @@ def test_published_folder_is_whole_fetched_checked_and_without_pickles(tmp_path,
     publish_dir(tmp_path / "src", dest)
     again = fetch_dir(dest, "k")
     assert again != fetched and json.loads((again / "adapter_config.json").read_text()) == {"r": 16}
+
+
+def test_a_flat_folder_publishes_to_a_new_local_place_and_replaces_the_old(tmp_path):
+    dest = local(tmp_path / "runs" / "run") / "export"
+    publish_dir(_folder(tmp_path, nested=False), dest)
+    publish_dir(_folder(tmp_path, "other", nested=False), dest)
+    assert sorted(p.name for p in (tmp_path / "runs" / "run").iterdir()) == ["export"], "no staging left behind"
+    assert sorted(dest.files()) == [MANIFEST, "adapter_config.json", "adapter_model.safetensors"]
 
 
 def test_fetch_refuses_a_folder_that_does_not_match_its_manifest(tmp_path, s3_storage):

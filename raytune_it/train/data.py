@@ -110,10 +110,12 @@ def _split_dataset(split: Location) -> Any:
 def ray_datasets(prepared: PreparedData, folder: Location) -> dict[str, Any]:
     import ray.data
 
-    # Ray Data's per-operator bars would interleave with the training progress line.
+    # Ray Data's per-operator bars and its per-execution plan lines (each split, at every restart) would
+    # interleave with the training progress line.
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.enable_operator_progress_bars = False
+    context.print_on_execution_start = False
     datasets = {"train": _split_dataset(folder / "train.parquet")}
     if prepared.eval_rows:
         datasets["eval"] = _split_dataset(folder / "eval.parquet")

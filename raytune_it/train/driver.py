@@ -116,9 +116,14 @@ def scaling_config(config: JobConfig) -> Any:
 def deterministic_ingest():
     """Ray Train's ingest options with ``preserve_order``: blocks reach the shards in the same order and to
     the same workers on every run, so a resumed run skips to exactly the batches it had not yet trained on."""
-    import ray.train
+    import warnings
 
-    options = ray.train.DataConfig.default_ingest_options()
+    import ray.train
+    from ray.util.annotations import RayDeprecationWarning
+
+    with warnings.catch_warnings():  # Ray's own defaults set an option Ray deprecated: not the user's to fix
+        warnings.simplefilter("ignore", RayDeprecationWarning)
+        options = ray.train.DataConfig.default_ingest_options()
     options.preserve_order = True
     return options
 

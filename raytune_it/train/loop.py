@@ -86,12 +86,29 @@ def evaluate(strategy: Any, batches: list[dict], device: Any) -> float | None:
 
 
 def quiet_worker_logs() -> None:
-    """Per-step INFO lines from Ray Train and a per-call bitsandbytes notice would drown the progress output."""
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    try:  # Ray Train names these loggers by file path
-        from ray.train.v2._internal.execution import context, storage
+    """Keep the driver's console to progress, the summary and real errors.
 
-        for module in (context, storage):
+    Every worker's lines reach the driver (``log_to_driver``): per-step INFO lines
+    from Ray Train, a per-call bitsandbytes notice, transformers' weight-loading
+    bars and the FutureWarnings that peft's and DDP's calls of transformers'
+    renamed checkpointing methods raise would repeat for every worker and every
+    restart. Warnings and errors still come through, and Ray keeps each worker's
+    full log in its session folder.
+    """
+    import warnings
+
+    from transformers.utils import logging as transformers_logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    transformers_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning,
+                            message=r"`(gradient_checkpointing_enable|is_gradient_checkpointing)` is deprecated")
+    try:  # Ray Train names some loggers by file path
+        from ray.train.torch import config as torch_config
+        from ray.train.v2._internal.execution import context, storage
+        from ray.train.v2.torch import train_loop_utils
+
+        for module in (context, storage, torch_config, train_loop_utils):
             for name in (module.__file__, module.__name__):
                 logging.getLogger(name).setLevel(logging.WARNING)
     except ImportError:
