@@ -358,6 +358,28 @@ def fetch_dir(folder: Location, key: str, *, weights: bool = True) -> Path:
     return target
 
 
+def fetch_file(file: Location, key: str) -> Path:
+    """A storage file as a local file (kept under its own name): itself on a local disk, else a copy in this
+    node's cache, fetched again when its size or modification time changes."""
+    from filelock import FileLock
+
+    if file.is_local:
+        return Path(file.path)
+    info = file.filesystem.get_file_info(file.path)
+    if not info.is_file:
+        raise UserError(f"{key}: {redact_uri(file.uri)} does not exist or is not a file")
+    digest = hashlib.sha256(f"{file.uri}\n{info.size}\n{info.mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_root() / digest / file.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target.parent) + ".lock", timeout=3600):
+        if not target.is_file():
+            staging = target.with_name(f".{file.name}.partial")
+            with file.filesystem.open_input_stream(file.path) as src, staging.open("wb") as out:
+                shutil.copyfileobj(src, out, 1 << 22)
+            os.replace(staging, target)
+    return target
+
+
 def _download(folder: Location, staging: Path, names: Iterable[str]) -> None:
     for name in names:
         target = staging / name

@@ -1,6 +1,7 @@
 """Run storage against a real S3-compatible server (moto on 127.0.0.1): URIs, publishing, fetching, bad storage."""
 
 import json
+import os
 
 import pytest
 
@@ -105,3 +106,27 @@ def test_bad_storage_fails_before_ray_starts_naming_the_key_and_the_cause(s3_end
     blocked.write_text("")
     assert attempt(str(blocked / "runs")).startswith("run.storage: cannot create")
     assert not ray.is_initialized(), "no Ray cluster (so no worker) was started for bad storage"
+
+
+def test_data_and_model_uris_are_checked_on_the_driver_and_fetched_once(s3_storage, tiny_model_dir):
+    from raytune_it.data.pipeline import resolve_data_path
+    from raytune_it.models.loading import resolve_model_path
+
+    records = open_location(s3_storage) / "data" / "alpaca.jsonl"
+    records.write_text('{"instruction": "Say hi.", "input": "", "output": "hi"}\n')
+    config = load_config("tiny-lora", [f"data.path={records.uri}"])
+    local_copy = resolve_data_path(config.data)
+    assert local_copy.name == "alpaca.jsonl" and local_copy.read_text().startswith('{"instruction"')
+    assert resolve_data_path(config.data) == local_copy
+    with pytest.raises(ConfigError, match=r"data.path: s3://.*/nothing.jsonl.* does not exist in storage"):
+        load_config("tiny-lora", [f"data.path={(open_location(s3_storage) / 'nothing.jsonl').uri}"])
+
+    model = open_location(s3_storage) / "models" / "tiny"
+    publish_dir(tiny_model_dir, model)
+    load_config("tiny-lora", [f"model.name_or_path={model.uri}"])  # listed, not downloaded
+    meta = resolve_model_path(model.uri, weights=False)
+    assert not any(name.endswith(".safetensors") for name in os.listdir(meta))
+    full = resolve_model_path(model.uri)
+    assert any(name.endswith(".safetensors") for name in os.listdir(full))
+    with pytest.raises(ConfigError, match="is not a Hugging Face model folder"):
+        load_config("tiny-lora", [f"model.name_or_path={(open_location(s3_storage) / 'data').uri}"])

@@ -69,6 +69,17 @@ def check_data_path(name: str, key: str = "data.path") -> None:
         return
     if name.startswith("builtin:"):
         raise ConfigError(f"{key}: unknown built-in dataset {name!r}; built-ins: {', '.join(BUILTIN_DATA)}")
+    if is_uri(name):
+        from raytune_it.storage import open_location, redact_uri
+
+        try:
+            found = open_location(name, key).is_file()
+        except OSError as exc:
+            raise ConfigError(f"{key}: cannot read {redact_uri(name)}: {str(exc).split(' (Request ID')[0]}") from None
+        if not found:
+            raise ConfigError(f"{key}: {redact_uri(name)} does not exist in storage. Pass a .json, .jsonl or "
+                              f".parquet file of Alpaca records, or {BUILTIN_DATA[0]}")
+        return
     if not Path(os.path.expanduser(name)).is_file():
         raise ConfigError(f"{key}: {name!r} does not exist. Pass a .json, .jsonl or .parquet file of Alpaca records, "
                           f"or {BUILTIN_DATA[0]}")

@@ -60,9 +60,10 @@ class ModelSection(Section):
 class DataSection(Section):
     path: str = Field(
         "builtin:tasks",
-        description="Alpaca records: a .json (array), .jsonl or .parquet file, or 'builtin:tasks' "
-        "for the project's generated instruction data.",
+        description="Alpaca records: a .json (array), .jsonl or .parquet file (a local path or storage URI, "
+        "read by the driver), or 'builtin:tasks' for the project's generated instruction data.",
     )
+
     format: Literal["alpaca"] = Field("alpaca", description="Record format: instruction / input / output fields.")
     file_type: Literal["auto", "json", "jsonl", "parquet"] = Field(
         "auto", description="File type; 'auto' detects it from the file name and first byte."
@@ -89,6 +90,11 @@ class DataSection(Section):
         None, description="Task families 'builtin:tasks' draws from (default: all 13, listed in an error for a wrong name); "
         "a domain's families tune a domain model, leaving families out measures task generalization."
     )
+
+    @field_validator("path")
+    @classmethod
+    def _data_uri(cls, value: str) -> str:
+        return _checked_uri(value)
 
     @field_validator("builtin_families")
     @classmethod

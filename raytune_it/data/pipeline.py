@@ -16,6 +16,7 @@ from raytune_it.config.schema import DataSection
 from raytune_it.data.records import ReadReport, iter_records
 from raytune_it.data.synthetic import generate, write_jsonl
 from raytune_it.data.tokenize import TokenizeStats, pack_examples, tokenize_records
+from raytune_it.storage import fetch_file, is_uri, open_location
 
 Split = Literal["train", "eval"]
 BUILTIN_VERSION = 1
@@ -38,6 +39,8 @@ def resolve_data_path(data: DataSection) -> Path:
             if not target.exists():
                 write_jsonl(generate(data.builtin_records, seed=0, families=families), target)
         return target
+    if is_uri(data.path):  # read on the driver only: a copy in its cache
+        return fetch_file(open_location(data.path, "data.path"), "data.path")
     return Path(data.path).expanduser()
 
 
