@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -78,7 +79,7 @@ def test_two_by_two_sweep_writes_results_plots_and_best(tmp_path, tiny_model_dir
     config = load_config("tiny-sweep", [f"run.storage={tmp_path}", "train.max_steps=8", "train.eval_every_steps=4",
                                         "tune.scheduler=none"])
     outcome = sweep(config)
-    folder = outcome.folder
+    folder = Path(outcome.folder.path)
     table = pd.read_csv(folder / "results.csv")
     assert len(table) == 4 and set(table["status"]) == {"finished"}
     assert sorted(zip(table["lora.rank"], table["train.micro_batch_size"])) == [(4, 2), (4, 4), (16, 2), (16, 4)]
@@ -107,7 +108,7 @@ def test_asha_stops_weak_trials_early(tmp_path):
     stopped = [r for r in outcome.rows if r["status"] == "stopped early"]
     assert stopped, outcome.rows
     assert all(r["steps"] < 24 and "ASHA stopped it" in r["reason"] for r in stopped)
-    table = pd.read_csv(outcome.folder / "results.csv")
+    table = pd.read_csv(Path(outcome.folder.path) / "results.csv")
     assert (table["status"] == "stopped early").sum() == len(stopped)
 
 
