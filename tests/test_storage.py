@@ -130,3 +130,47 @@ def test_data_and_model_uris_are_checked_on_the_driver_and_fetched_once(s3_stora
     assert any(name.endswith(".safetensors") for name in os.listdir(full))
     with pytest.raises(ConfigError, match="is not a Hugging Face model folder"):
         load_config("tiny-lora", [f"model.name_or_path={(open_location(s3_storage) / 'data').uri}"])
+
+
+def test_storage_without_write_permission_is_refused_before_launch(monkeypatch):
+    """moto with IAM enforced: a user that may only read the bucket gets a clear error, before Ray starts."""
+    import subprocess
+    import sys
+    import time
+
+    import boto3
+
+    from helpers import free_port
+
+    port = free_port()
+    # The first 4 requests go unauthenticated (they set up the bucket, the user and its key); IAM after that.
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "4"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        options = dict(endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1")
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                boto3.client("s3", **options).create_bucket(Bucket="read-only")
+                break
+            except Exception:
+                assert time.monotonic() < deadline, "moto did not start"
+                time.sleep(0.3)
+        iam = boto3.client("iam", **options)
+        iam.create_user(UserName="reader")
+        iam.put_user_policy(UserName="reader", PolicyName="read", PolicyDocument=json.dumps({
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Action": ["s3:GetObject", "s3:ListBucket"], "Resource": "*"}]}))
+        key = iam.create_access_key(UserName="reader")["AccessKey"]
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+        from raytune_it.train.driver import train
+
+        with pytest.raises(ConfigError, match=r"^run.storage: no write permission; give this node's credentials "
+                                              r"write access"):
+            train(load_config("tiny-lora", [f"run.storage=s3://read-only/runs?endpoint_override=127.0.0.1:{port}"
+                                            "&scheme=http"]))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
