@@ -1,5 +1,6 @@
 """Ray Tune sweeps on a real local Ray: a 2x2 grid, ASHA early stopping, bad spaces, resume."""
 
+import io
 import json
 import os
 import signal
@@ -113,11 +114,14 @@ def test_asha_stops_weak_trials_early(tmp_path):
 
 
 @pytest.mark.integration
-def test_interrupted_sweep_resumes(tmp_path):
-    command = [sys.executable, "-m", "raytune_it", "sweep", "tiny-sweep", f"run.storage={tmp_path}",
+def test_interrupted_sweep_resumes_from_the_bucket(s3_storage, empty_cwd):
+    """Tune's state, the trials and the results all live in s3:// storage: the re-run restores Tune from there."""
+    from raytune_it.storage import open_location
+
+    command = [sys.executable, "-m", "raytune_it", "sweep", "tiny-sweep", f"run.storage={s3_storage}",
                "train.max_steps=8", "train.eval_every_steps=4", "tune.scheduler=none", "tune.max_concurrent_trials=1",
                'tune.search_space={"lora.rank": [4, 8]}']
-    folder = tmp_path / "tiny-sweep"
+    folder = open_location(s3_storage) / "tiny-sweep"
     first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 400
     try:
@@ -134,7 +138,7 @@ def test_interrupted_sweep_resumes(tmp_path):
     second = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resuming the interrupted sweep" in second.stdout
-    table = pd.read_csv(folder / "results.csv")
+    table = pd.read_csv(io.StringIO((folder / "results.csv").read_text()))
     assert len(table) == 2 and set(table["status"]) == {"finished"}
     # the finished trial was not trained again
     assert (folder / "trials" / "trial-000" / "metrics.jsonl").read_text() == trial0_metrics
