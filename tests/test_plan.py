@@ -91,16 +91,20 @@ def test_cli_table_writes_markdown_with_the_survey_column(tmp_path):
     assert "| 7B | full | a800-80g | 2 | 8 | 3.0 | 2 / 8 / 3.0 |" in target.read_text()
 
 
-def test_calibration_replaces_the_assumed_throughput(tmp_path):
-    config = load_config("tiny-lora", [f"run.storage={tmp_path}"])
-    run_dir = tmp_path / "tiny-lora"
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_calibration_replaces_the_assumed_throughput(tmp_path, where, request):
+    from raytune_it.storage import local, open_location
+
+    storage = request.getfixturevalue("s3_storage") if where == "s3" else str(tmp_path)
+    config = load_config("tiny-lora", [f"run.storage={storage}"])
+    run_dir = (open_location(storage) if where == "s3" else local(tmp_path)) / "tiny-lora"
     save_config(config, run_dir)
     (run_dir / "summary.json").write_text(json.dumps(
         {"tokens_per_second": 4000.0, "num_workers": 2, "device": "cpu", "server_type": "any"}))
     workload = Workload(shape=LLAMA_SHAPES["7B"], method="lora", server_type="a800-80g")
-    calibrated = plan(calibrate(workload, run_dir))
+    calibrated = plan(calibrate(workload, run_dir.uri))
     assumed = plan(workload)
-    assert calibrated.assumptions["calibrated_from"].startswith(str(run_dir))
+    assert calibrated.assumptions["calibrated_from"].startswith(run_dir.uri)
     # the tiny model's FLOPs per token (LoRA with checkpointing: 6 P) x 2,000 tokens/s per worker
     expected = flops_per_token(shape_of_config(config), "lora", True) * 2000
     assert flops_per_token(shape_of_config(config), "lora", True) == 6 * shape_of_config(config).parameters
