@@ -90,9 +90,10 @@ def quiet_worker_logs() -> None:
 
     Every worker's lines reach the driver (``log_to_driver``): per-step INFO lines
     from Ray Train, a per-call bitsandbytes notice, transformers' weight-loading
-    bars and the FutureWarnings that peft's and DDP's calls of transformers'
-    renamed checkpointing methods raise would repeat for every worker and every
-    restart. Warnings and errors still come through, and Ray keeps each worker's
+    bars, the FutureWarnings that peft's and DDP's calls of transformers'
+    renamed checkpointing methods raise, and those DeepSpeed's calls of
+    torch.distributed's old collective names raise at every step, would repeat
+    for every worker and every restart. Warnings and errors still come through, and Ray keeps each worker's
     full log in its session folder.
     """
     import warnings
@@ -103,6 +104,8 @@ def quiet_worker_logs() -> None:
     transformers_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning,
                             message=r"`(gradient_checkpointing_enable|is_gradient_checkpointing)` is deprecated")
+    # DeepSpeed's ZeRO-3 calls torch.distributed's old collective names at every step.
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.distributed\.\w+` is deprecated")
     try:  # Ray Train names some loggers by file path
         from ray.train.torch import config as torch_config
         from ray.train.v2._internal.execution import context, storage
