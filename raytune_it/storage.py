@@ -137,14 +137,6 @@ class Location:
 
         return self._info().type == FileType.File
 
-    def is_dir(self) -> bool:
-        from pyarrow.fs import FileSelector, FileType
-
-        if self._info().type != FileType.Directory:
-            return False
-        # Object stores report any prefix as a directory; a folder worth reading has something in it.
-        return bool(self.filesystem.get_file_info(FileSelector(self.path, allow_not_found=True)))
-
     def files(self) -> dict[str, int]:
         """Relative path -> size of every file below this folder."""
         from pyarrow.fs import FileSelector, FileType
