@@ -73,6 +73,11 @@ def check_uri(text: str, key: str) -> None:
         raise ConfigError(f"{key}: {redact_uri(text)!r}: {problem}")
 
 
+def storage_cause(exc: OSError) -> str:
+    """pyarrow's storage error without the request id: the part a person can act on."""
+    return str(exc).split(" (Request ID")[0]
+
+
 def folder_name(path_or_uri: str) -> str:
     """The last path segment of a local path or URI (its query cut off): a model's default served name."""
     return path_or_uri.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
@@ -248,7 +253,7 @@ def check_writable(location: Location, key: str = "run.storage") -> None:
     except ConfigError:
         raise
     except OSError as exc:
-        cause = str(exc).split(" (Request ID")[0]
+        cause = storage_cause(exc)
         if "NETWORK_CONNECTION" in cause or "connect" in cause.lower():
             hint = "the storage endpoint is unreachable; check endpoint_override / AWS_ENDPOINT_URL and the network"
         elif "ACCESS_DENIED" in cause or "AccessDenied" in cause or "Forbidden" in cause:
@@ -319,11 +324,12 @@ def fetch_dir(folder: Location, key: str, *, weights: bool = True) -> Path:
     try:
         listing = folder.files()
     except OSError as exc:
-        raise UserError(f"{key}: cannot read {redact_uri(folder.uri)}: {str(exc).split(' (Request ID')[0]}") from None
+        raise UserError(f"{key}: cannot read {redact_uri(folder.uri)}: {storage_cause(exc)}") from None
     if not listing:
         raise UserError(f"{key}: {redact_uri(folder.uri)} is empty or does not exist")
-    expected = json.loads((folder / MANIFEST).read_text())["files"] if MANIFEST in listing else None
-    signature = (folder / MANIFEST).read_text() if expected is not None else json.dumps(sorted(listing.items()))
+    manifest = (folder / MANIFEST).read_text() if MANIFEST in listing else None
+    expected = json.loads(manifest)["files"] if manifest is not None else None
+    signature = manifest if manifest is not None else json.dumps(sorted(listing.items()))
     digest = hashlib.sha256(f"{folder.uri}\n{signature}".encode()).hexdigest()[:16]
     target = cache_root() / f"{folder.name}-{digest}{'' if weights else '-meta'}"
     if target.is_dir():  # complete: a fetch appears only by its final rename
@@ -343,7 +349,7 @@ def fetch_dir(folder: Location, key: str, *, weights: bool = True) -> Path:
                     shutil.rmtree(staging, ignore_errors=True)
                     raise UserError(f"{key}: {name} in {redact_uri(folder.uri)} is {size} bytes, its manifest says "
                                     f"{expected[name]}; the folder changed while it was read: try again")
-            (staging / MANIFEST).write_text((folder / MANIFEST).read_text())
+            (staging / MANIFEST).write_text(manifest)
         else:
             (staging / ".fetched").write_text(folder.uri)
         os.replace(staging, target)

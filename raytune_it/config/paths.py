@@ -12,7 +12,7 @@ from pathlib import Path
 
 from raytune_it.config.schema import JobConfig
 from raytune_it.errors import ConfigError
-from raytune_it.storage import is_uri
+from raytune_it.storage import is_uri, storage_cause
 
 BUILTIN_MODELS = ("tiny-llama",)
 BUILTIN_DATA = ("builtin:tasks",)
@@ -53,7 +53,7 @@ def check_stored_model(uri: str, key: str, *, adapter_ok: bool = False) -> None:
     try:
         files = open_location(uri, key).files()
     except OSError as exc:
-        raise ConfigError(f"{key}: cannot list {redact_uri(uri)}: {str(exc).split(' (Request ID')[0]}") from None
+        raise ConfigError(f"{key}: cannot list {redact_uri(uri)}: {storage_cause(exc)}") from None
     if not files:
         raise ConfigError(f"{key}: {redact_uri(uri)} does not exist or is empty")
     if adapter_ok and "adapter_config.json" in files:
@@ -75,7 +75,7 @@ def check_data_path(name: str, key: str = "data.path") -> None:
         try:
             found = open_location(name, key).is_file()
         except OSError as exc:
-            raise ConfigError(f"{key}: cannot read {redact_uri(name)}: {str(exc).split(' (Request ID')[0]}") from None
+            raise ConfigError(f"{key}: cannot read {redact_uri(name)}: {storage_cause(exc)}") from None
         if not found:
             raise ConfigError(f"{key}: {redact_uri(name)} does not exist in storage. Pass a .json, .jsonl or "
                               f".parquet file of Alpaca records, or {BUILTIN_DATA[0]}")

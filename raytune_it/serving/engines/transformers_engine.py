@@ -32,14 +32,14 @@ def _adapter_problem(files: set[str]) -> str | None:
 def check_adapter_dir(name: str, path: str) -> None:
     """On the driver, before any replica starts: the adapter folder exists, locally or in storage
     (listed, not downloaded), and holds safetensors weights."""
-    from raytune_it.storage import is_uri, open_location
+    from raytune_it.storage import is_uri, open_location, storage_cause
 
     key = f"serve.adapters.{name}"
     if is_uri(path):
         try:
             files = set(open_location(path, key).files())
         except OSError as exc:
-            raise ValueError(f"{key}: cannot list {path!r}: {str(exc).split(' (Request ID')[0]}") from None
+            raise ValueError(f"{key}: cannot list {path!r}: {storage_cause(exc)}") from None
     else:
         folder = Path(path).expanduser().resolve()
         files = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
