@@ -21,7 +21,7 @@ def test_auto_picks_transformers_without_a_gpu_and_never_imports_vllm():
 
 
 def test_adapter_directories_are_checked(tmp_path):
-    from raytune_it.serving.engines.transformers_engine import check_adapter_dir
+    from raytune_it.serving.adapters import check_adapter_dir
 
     with pytest.raises(ValueError, match="not a peft adapter directory"):
         check_adapter_dir("med", str(tmp_path))

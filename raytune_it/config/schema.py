@@ -224,8 +224,21 @@ class ServeSection(Section):
                             "storage URI, hub id or tiny-llama.")
     model_name: str | None = Field(None, description="Name clients use for the base model; default: its folder name.")
     adapters: dict[str, str] = Field(default_factory=dict, description="Adapter name -> peft adapter directory "
-                                     "or storage URI (fetched into the replica node's cache); one replica hosts "
-                                     "all and picks per request.")
+                                     "or storage URI (fetched into the replica node's cache). Loaded on first "
+                                     "request, like those under adapter_root.")
+    adapter_root: str | None = Field(None, description="A folder or storage URI whose every adapter is servable "
+                                     "by its folder name without redeploying: <root>/<name>/ (a peft adapter) or "
+                                     "<root>/<name>/export/ (a raytune-it run). Loaded on first request.")
+    max_adapters_per_replica: PositiveInt = Field(
+        8, description="Adapters one replica keeps loaded (least recently used evicted); Serve routes a request "
+        "to a replica that holds its adapter.")
+    max_lora_rank: PositiveInt | None = Field(
+        None, description="vLLM: largest LoRA rank servable (its memory is reserved at start); default: the largest "
+        "rank among the adapters there are at start, at least 8.")
+    kv_cache_gib: float | None = Field(
+        None, gt=0, description="vLLM: KV cache size per replica; default: vLLM's share of GPU memory, 1 GiB on CPU.")
+    enforce_eager: bool = Field(
+        False, description="vLLM: no torch.compile or CUDA graphs (starts in seconds instead of a minute; slower).")
     host: str = Field("127.0.0.1", description="HTTP bind address; 0.0.0.0 exposes it to the network.")
     port: Annotated[int, Field(ge=1, le=65535)] = Field(8000, description="HTTP port.")
     api_key: str | None = Field(None, description="If set, requests need 'Authorization: Bearer <key>' "
@@ -263,6 +276,11 @@ class ServeSection(Section):
     @classmethod
     def _base_uri(cls, value: str) -> str:
         return _checked_uri(value)
+
+    @field_validator("adapter_root")
+    @classmethod
+    def _root_uri(cls, value: str | None) -> str | None:
+        return None if value is None else _checked_uri(value)
 
 
 class EvalSection(Section):

@@ -1,15 +1,20 @@
-"""The Ray Serve application: OpenAI-compatible routes over an engine.
+"""The Ray Serve application: an OpenAI-compatible HTTP ingress over the model deployment.
 
 Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both
 with ``stream``), POST /v1/latency (batch-1 timing runs), GET /metrics
 (Prometheus), GET /health. Every error is an OpenAI-style JSON body with a 4xx
-status; nothing a client sends takes the replica down.
+status; nothing a client sends takes a replica down.
+
+The ingress parses, authenticates and shapes answers; it reaches the model only
+through the ``ModelServer`` deployment's handle, with the requested adapter as
+the multiplexed model id (``model_server``), and never touches an engine.
 
 ``build_app(config)`` is what ``raytune-it serve`` runs; ``app_builder(args)`` is
 the import path for ``serve run`` / ``serve deploy`` (see ``serve/*.yaml``).
 """
 
 
+import asyncio
 import hmac
 import json
 import os
@@ -22,10 +27,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
 
 from raytune_it.config.schema import JobConfig
 from raytune_it.hardware import SERVER_TYPES
-from raytune_it.serving.engines.base import EngineError, GenerationRequest
+from raytune_it.serving.engines.base import EngineError, GenerationRequest, GenerationResult
 from raytune_it.serving.schemas import ChatRequest, CompletionRequest, LatencyRequest
 
 api = FastAPI(title="raytune-it", description="OpenAI-compatible serving of tuned models")
@@ -38,6 +45,11 @@ def error(status: int, message: str, code: str, param: str | None = None) -> JSO
                         status_code=status)
 
 
+def overloaded() -> EngineError:
+    return EngineError("the server is at capacity (serve.max_queued_requests requests are waiting); retry later",
+                       status=503, code="overloaded")
+
+
 def _validation_error(exc: ValidationError) -> JSONResponse:
     first = exc.errors()[0]
     param = ".".join(str(p) for p in first["loc"]) or None
@@ -47,14 +59,17 @@ def _validation_error(exc: ValidationError) -> JSONResponse:
 @serve.deployment
 @serve.ingress(api)
 class OpenAIServer:
-    def __init__(self, serve_config: dict) -> None:
-        from raytune_it.serving.engines import create_engine
+    def __init__(self, serve_config: dict, models: DeploymentHandle) -> None:
+        from raytune_it.serving.adapters import AdapterCatalog
         from raytune_it.serving.metrics import ServeMetrics
+        from raytune_it.serving.model_server import base_model_name
 
         self.config = serve_config
         self.api_key = serve_config.get("api_key") or os.environ.get("RAYTUNE_IT_API_KEY") or None
-        self.engine = create_engine(serve_config)
-        self.metrics = ServeMetrics(self.engine.model_names())
+        self.model_server = models
+        self.base_name = base_model_name(serve_config)
+        self.catalog = AdapterCatalog(serve_config["adapters"], serve_config.get("adapter_root"))
+        self.metrics = ServeMetrics([self.base_name, *serve_config["adapters"]])
 
     # --- request plumbing ----------------------------------------------------------------
 
@@ -90,9 +105,30 @@ class OpenAIServer:
                          "max_tokens")
         return body
 
-    def _generation(self, body: Any, prompt: str) -> GenerationRequest:
-        return GenerationRequest(model=body.model, prompt=prompt, max_tokens=body.max_tokens,
-                                 temperature=body.temperature, top_p=body.top_p, stop=body.stop, seed=body.seed)
+    def _generation(self, body: Any, **prompt: Any) -> GenerationRequest:
+        return GenerationRequest(model=body.model, max_tokens=body.max_tokens, temperature=body.temperature,
+                                 top_p=body.top_p, stop=body.stop, seed=body.seed, **prompt)
+
+    def _route(self, model: str) -> DeploymentHandle | EngineError:
+        """The handle that reaches a replica able to serve ``model``: any replica for the base model, one
+        holding (or loading) the adapter otherwise, through Serve's model multiplexing."""
+        if model == self.base_name:
+            return self.model_server
+        if not self.catalog.knows(model):
+            return EngineError(f"model {model!r} does not exist; available: "
+                               f"{', '.join([self.base_name, *self.catalog.configured])}"
+                               + (" and the adapters under serve.adapter_root" if self.catalog.root else ""),
+                               status=404, code="model_not_found", param="model")
+        return self.model_server.options(multiplexed_model_id=model)
+
+    async def _generate(self, generation: GenerationRequest) -> GenerationResult | EngineError:
+        handle = self._route(generation.model)
+        if isinstance(handle, EngineError):
+            return handle
+        try:
+            return await handle.generate.remote(generation)
+        except BackPressureError:
+            return overloaded()
 
     def _usage(self, result: Any) -> dict:
         return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
@@ -100,17 +136,29 @@ class OpenAIServer:
                 "time_to_first_token_s": round(result.time_to_first_token_s, 6),
                 "latency_s": round(result.latency_s, 6), "tokens_per_second": round(result.tokens_per_second, 3)}
 
-    async def _respond(self, body: Any, prompt: str, chat: bool) -> Response:
-        generation = self._generation(body, prompt)
+    def _refuse(self, model: str, exc: EngineError) -> JSONResponse:
+        self.metrics.count(model, exc.status)
+        return error(exc.status, str(exc), exc.code, exc.param)
+
+    async def _respond(self, body: Any, chat: bool, **prompt: Any) -> Response:
+        generation = self._generation(body, **prompt)
         created, rid = int(time.time()), f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        try:
-            self.engine.check(generation)  # refuse a bad request before a stream starts
-            if body.stream:
-                return StreamingResponse(self._sse(generation, rid, created, chat), media_type="text/event-stream")
-            result = await self.engine.generate(generation)
-        except EngineError as exc:
-            self.metrics.count(body.model, exc.status)
-            return error(exc.status, str(exc), exc.code, exc.param)
+        if body.stream:
+            handle = self._route(body.model)
+            if isinstance(handle, EngineError):
+                return self._refuse(body.model, handle)
+            chunks = handle.options(stream=True).stream.remote(generation)
+            try:
+                first = await chunks.__anext__()  # a refused request is a 4xx, not a stream that carries an error
+            except BackPressureError:
+                first = overloaded()
+            if isinstance(first, EngineError):
+                return self._refuse(body.model, first)
+            return StreamingResponse(self._sse(generation, first, chunks, rid, created, chat),
+                                     media_type="text/event-stream")
+        result = await self._generate(generation)
+        if isinstance(result, EngineError):
+            return self._refuse(body.model, result)
         self.metrics.observe(body.model, result)
         self.metrics.count(body.model, 200)
         if chat:
@@ -122,7 +170,8 @@ class OpenAIServer:
                              "created": created, "model": body.model, "choices": [choice],
                              "usage": self._usage(result)})
 
-    async def _sse(self, generation: GenerationRequest, rid: str, created: int, chat: bool):
+    async def _sse(self, generation: GenerationRequest, first: Any, chunks: Any, rid: str, created: int,
+                   chat: bool):
         kind = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(text: str | None, finish: str | None, usage: dict | None = None, role: bool = False) -> str:
@@ -136,20 +185,27 @@ class OpenAIServer:
                 payload["usage"] = usage
             return f"data: {json.dumps(payload)}\n\n"
 
-        if chat:
-            yield chunk(None, None, role=True)
+        async def pieces():
+            yield first
+            async for piece in chunks:
+                yield piece
+
         try:
-            async for piece in self.engine.stream(generation):
-                if piece.result is not None:
+            if chat:
+                yield chunk(None, None, role=True)
+            async for piece in pieces():
+                if isinstance(piece, EngineError):
+                    self.metrics.count(generation.model, piece.status)
+                    yield f"data: {json.dumps({'error': {'message': str(piece), 'code': piece.code}})}\n\n"
+                elif piece.result is not None:
                     self.metrics.observe(generation.model, piece.result)
                     self.metrics.count(generation.model, 200)
                     yield chunk(None, piece.result.finish_reason, self._usage(piece.result))
                 elif piece.text:
                     yield chunk(piece.text, None)
-        except EngineError as exc:
-            self.metrics.count(generation.model, exc.status)
-            yield f"data: {json.dumps({'error': {'message': str(exc), 'code': exc.code}})}\n\n"
-        yield "data: [DONE]\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            chunks.cancel()  # a client that left stops its generation on the model replica
 
     # --- routes ------------------------------------------------------------------------------
 
@@ -162,10 +218,10 @@ class OpenAIServer:
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @api.get("/v1/models")
-    async def models(self, request: Request) -> Response:
+    async def list_models(self, request: Request) -> Response:
         if not self._authorized(request):
             return error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "invalid_api_key")
-        names = self.engine.model_names()
+        names = [self.base_name, *(await asyncio.to_thread(self.catalog.names))]
         return JSONResponse({"object": "list", "data": [
             {"id": name, "object": "model", "created": 0, "owned_by": "raytune-it",
              "root": names[0], "parent": None if name == names[0] else names[0]} for name in names]})
@@ -176,7 +232,7 @@ class OpenAIServer:
         if isinstance(body, Response):
             self.metrics.count("-", body.status_code)
             return body
-        return await self._respond(body, body.prompt, chat=False)
+        return await self._respond(body, chat=False, prompt=body.prompt)
 
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request) -> Response:
@@ -184,8 +240,7 @@ class OpenAIServer:
         if isinstance(body, Response):
             self.metrics.count("-", body.status_code)
             return body
-        prompt = self.engine.render_chat([m.model_dump() for m in body.messages])
-        return await self._respond(body, prompt, chat=True)
+        return await self._respond(body, chat=True, messages=[m.model_dump() for m in body.messages])
 
     @api.post("/v1/latency")
     async def latency(self, request: Request) -> Response:
@@ -195,32 +250,26 @@ class OpenAIServer:
             return body
         if (body.prompt is None) == (body.prompt_tokens is None):
             return error(400, "give exactly one of prompt or prompt_tokens", "invalid_request", "prompt")
-        prompt: str | list[int] = body.prompt if body.prompt is not None else self._synthetic_prompt(body.prompt_tokens)
         runs = []
         for _ in range(body.repeats):
-            generation = GenerationRequest(model=body.model, prompt=prompt, max_tokens=body.max_tokens,
-                                           temperature=0.0, ignore_eos=body.ignore_eos)
-            try:
-                result = await self.engine.generate(generation)
-            except EngineError as exc:
-                return error(exc.status, str(exc), exc.code, exc.param)
+            result = await self._generate(GenerationRequest(
+                model=body.model, prompt=body.prompt, synthetic_tokens=body.prompt_tokens,
+                max_tokens=body.max_tokens, temperature=0.0, ignore_eos=body.ignore_eos))
+            if isinstance(result, EngineError):
+                return self._refuse(body.model, result)
             self.metrics.observe(body.model, result)
             runs.append({"time_to_first_token_s": result.time_to_first_token_s, "latency_s": result.latency_s,
                          "time_per_output_token_s": result.time_per_output_token_s,
                          "tokens_per_second": result.tokens_per_second, "prompt_tokens": result.prompt_tokens,
                          "completion_tokens": result.completion_tokens})
         median = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+        info = await self._route(body.model).info.remote()
         return JSONResponse({"model": body.model, "batch_size": 1, "repeats": body.repeats,
-                             **self.engine.info(), "median": median, "runs": runs})
-
-    def _synthetic_prompt(self, length: int) -> list[int]:
-        tokenizer = self.engine.tokenizer
-        filler = tokenizer(" the", add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
-        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-        return (bos + filler * length)[:length]
+                             **info, "median": median, "runs": runs})
 
 
 def deployment_options(config: JobConfig) -> dict[str, Any]:
+    """The model deployment's options: replicas, their resources, and the queue past which clients get 503."""
     serve_config = config.serve
     actor: dict[str, Any] = {"num_cpus": serve_config.cpus_per_replica}
     if serve_config.use_gpu:
@@ -236,15 +285,30 @@ def deployment_options(config: JobConfig) -> dict[str, Any]:
     return options
 
 
+def ingress_options(config: JobConfig) -> dict[str, Any]:
+    """The HTTP ingress only parses and awaits: no CPU reserved, and it holds every request the model
+    deployment may be serving or queueing (that deployment's own queue limit answers 503)."""
+    serve_config = config.serve
+    replicas = serve_config.autoscaling.max_replicas if serve_config.autoscaling else serve_config.num_replicas
+    queued = max(serve_config.max_queued_requests, 0)
+    return {"ray_actor_options": {"num_cpus": 0}, "num_replicas": 1,
+            "max_ongoing_requests": serve_config.max_ongoing_requests * replicas + queued + 16}
+
+
 def build_app(config: JobConfig) -> Any:
     from raytune_it.config.paths import check_model_path
-    from raytune_it.serving.engines.transformers_engine import check_adapter_dir
+    from raytune_it.serving.adapters import check_adapter_dir, check_adapter_root
+    from raytune_it.serving.model_server import ModelServer
 
     # On the driver, before any replica starts; storage URIs are listed here and fetched by each replica.
     check_model_path(config.serve.base_model, "serve.base_model")
     for name, path in config.serve.adapters.items():
         check_adapter_dir(name, path)
-    return OpenAIServer.options(**deployment_options(config)).bind(config.serve.model_dump())
+    if config.serve.adapter_root:
+        check_adapter_root(config.serve.adapter_root)
+    serve_config = config.serve.model_dump()
+    models = ModelServer.options(**deployment_options(config)).bind(serve_config)
+    return OpenAIServer.options(**ingress_options(config)).bind(serve_config, models)
 
 
 def app_builder(args: dict) -> Any:

