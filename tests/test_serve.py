@@ -218,3 +218,31 @@ def test_sixteen_concurrent_clients_and_metrics_count_them(endpoint):
     assert before("200") - start_ok == 80
     assert "raytune_it_request_latency_seconds_bucket" in metrics and "raytune_it_tokens_per_second" in metrics
     assert 'raytune_it_requests_total{model="-",status="400"}' in metrics
+
+
+AGREEMENT_PROMPTS = [PROMPT, "### Instruction:\nConvert 4 hours to minutes.\n\n### Response:\n",
+                     "Below is an instruction. Classify: The tenant shall pay rent monthly.", "Hello"]
+
+
+def test_the_engine_answers_as_the_transformers_engine_does_at_temperature_zero(endpoint, adapters):
+    """Greedy decoding of the tiny model in float32: the served engine (vLLM in its environment) gives the
+    same tokens as the transformers engine run in-process, and counts them the same way (EOS included)."""
+    import asyncio
+
+    from raytune_it.models.loading import resolve_model_path
+    from raytune_it.serving.engines.base import GenerationRequest
+    from raytune_it.serving.engines.transformers_engine import TransformersEngine
+
+    config = load_config("tiny-lora", ["serve.model_name=tiny-llama", "serve.max_model_len=256"])
+    reference = TransformersEngine(config.serve.model_dump(), resolve_model_path("tiny-llama"), "tiny-llama")
+    reference.load_adapter("medicine", str(adapters["medicine"]))
+    for model in ("tiny-llama", "medicine"):
+        for prompt in AGREEMENT_PROMPTS:
+            expected = asyncio.run(reference.generate(GenerationRequest(
+                model=model, prompt=prompt, max_tokens=24, temperature=0,
+                adapter_folder=str(adapters["medicine"]) if model == "medicine" else None)))
+            body = complete(endpoint, model=model, prompt=prompt, max_tokens=24).json()
+            assert body["choices"][0]["text"] == expected.text, (model, prompt)
+            assert body["choices"][0]["finish_reason"] == expected.finish_reason
+            assert body["usage"]["completion_tokens"] == expected.completion_tokens
+            assert body["usage"]["prompt_tokens"] == expected.prompt_tokens == len(reference.tokenizer(prompt)["input_ids"])

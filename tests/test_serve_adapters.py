@@ -26,8 +26,15 @@ def upload(folder, root):
         (destination / path.name).write_bytes(path.read_bytes())
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory, s3_endpoint):
+ENGINES = ["transformers", pytest.param("vllm", marks=pytest.mark.vllm)]
+# vLLM reserves its LoRA memory at start for the largest rank it will serve: the root holds rank-8 adapters
+# now and a rank-16 one is trained later, so the deployment names its maximum.
+ENGINE_OPTIONS = {"transformers": [], "vllm": ["serve.enforce_eager=true", "serve.kv_cache_gib=0.25",
+                                               "serve.max_lora_rank=16"]}
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def served(request, tmp_path_factory, s3_endpoint):
     import ray
     from ray import serve
 
@@ -46,7 +53,8 @@ def served(tmp_path_factory, s3_endpoint):
     port = free_port()
     config = load_config("tiny-lora", [
         f"serve.adapter_root={root}", "serve.max_adapters_per_replica=2", f"serve.port={port}",
-        "serve.model_name=tiny-llama", "serve.max_model_len=256", f"serve.app_name={APP}"])
+        "serve.model_name=tiny-llama", "serve.max_model_len=256", f"serve.app_name={APP}",
+        f"serve.engine={request.param}", *ENGINE_OPTIONS[request.param]])
     ray.init(num_cpus=4)
     url = start(config)
     with httpx.Client(base_url=url, timeout=120) as client:
@@ -116,10 +124,11 @@ def test_an_adapter_trained_while_the_server_runs_is_served_by_name(served):
     from raytune_it.train.driver import train
 
     client, root = served
-    assert complete(client, "fresh").status_code == 404
-    train(load_config("tiny-lora", [f"run.storage={root}", "run.name=fresh", "train.max_steps=3",
+    run_name = f"fresh-{uuid.uuid4().hex[:6]}"
+    assert complete(client, run_name).status_code == 404
+    train(load_config("tiny-lora", [f"run.storage={root}", f"run.name={run_name}", "train.max_steps=3",
                                     "train.eval_every_steps=3", "scaling.num_workers=1"]))
-    assert "fresh" in [m["id"] for m in client.get("/v1/models").json()["data"]]
-    response = complete(client, "fresh")
+    assert run_name in [m["id"] for m in client.get("/v1/models").json()["data"]]
+    response = complete(client, run_name)
     assert response.status_code == 200, response.text
     assert response.json()["usage"]["completion_tokens"] >= 1

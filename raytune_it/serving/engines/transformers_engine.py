@@ -129,7 +129,8 @@ class TransformersEngine:
         """Make the request's adapter the active one (loading it if it was evicted meanwhile), or disable
         the adapters for the base model. The lock is held."""
         if request.adapter_folder is not None:
-            self.model.set_adapter(self._ensure(request.model, request.adapter_folder))
+            peft_name = self._ensure(request.model, request.adapter_folder)  # may wrap self.model: first
+            self.model.set_adapter(peft_name)
             return contextlib.nullcontext()
         return self.model.disable_adapter() if self._peft_names or self._retired else contextlib.nullcontext()
 
