@@ -252,7 +252,9 @@ class ServeSection(Section):
                                           "to this: raise it for CPU inference).")
     num_replicas: PositiveInt = Field(1, description="Replicas, when autoscaling is not set.")
     autoscaling: AutoscalingSection | None = Field(None, description="Autoscale replicas on ongoing requests.")
-    max_ongoing_requests: PositiveInt = Field(4, description="Requests one replica holds at once; more queue.")
+    max_ongoing_requests: PositiveInt | None = Field(
+        None, description="Requests one replica holds at once; more queue. Default: 64 for vLLM (its continuous "
+        "batch), 4 for transformers (it generates one at a time).")
     max_queued_requests: int = Field(64, ge=-1, description="Requests queued per deployment before clients get "
                                      "503; -1: unbounded.")
     server_type: ServerTypeChoice = Field("any", description="Place replicas on nodes of this server type.")

@@ -197,12 +197,13 @@ class OpenAIServer:
                 if isinstance(piece, EngineError):
                     self.metrics.count(generation.model, piece.status)
                     yield f"data: {json.dumps({'error': {'message': str(piece), 'code': piece.code}})}\n\n"
-                elif piece.result is not None:
+                    continue
+                if piece.text:
+                    yield chunk(piece.text, None)
+                if piece.result is not None:
                     self.metrics.observe(generation.model, piece.result)
                     self.metrics.count(generation.model, 200)
                     yield chunk(None, piece.result.finish_reason, self._usage(piece.result))
-                elif piece.text:
-                    yield chunk(piece.text, None)
             yield "data: [DONE]\n\n"
         finally:
             chunks.cancel()  # a client that left stops its generation on the model replica
@@ -268,6 +269,15 @@ class OpenAIServer:
                              **info, "median": median, "runs": runs})
 
 
+def max_ongoing_requests(config: JobConfig) -> int:
+    """vLLM batches what a replica holds, so it holds many; the transformers engine runs one at a time."""
+    serve_config = config.serve
+    if serve_config.max_ongoing_requests is not None:
+        return serve_config.max_ongoing_requests
+    batching = serve_config.engine == "vllm" or (serve_config.engine == "auto" and serve_config.use_gpu)
+    return 64 if batching else 4
+
+
 def deployment_options(config: JobConfig) -> dict[str, Any]:
     """The model deployment's options: replicas, their resources, and the queue past which clients get 503."""
     serve_config = config.serve
@@ -276,7 +286,7 @@ def deployment_options(config: JobConfig) -> dict[str, Any]:
         actor["num_gpus"] = 1
     if serve_config.server_type != "any":
         actor["resources"] = {SERVER_TYPES[serve_config.server_type].resource: 1}
-    options: dict[str, Any] = {"ray_actor_options": actor, "max_ongoing_requests": serve_config.max_ongoing_requests,
+    options: dict[str, Any] = {"ray_actor_options": actor, "max_ongoing_requests": max_ongoing_requests(config),
                                "max_queued_requests": serve_config.max_queued_requests}
     if serve_config.autoscaling is not None:
         options["autoscaling_config"] = serve_config.autoscaling.model_dump()
@@ -292,7 +302,7 @@ def ingress_options(config: JobConfig) -> dict[str, Any]:
     replicas = serve_config.autoscaling.max_replicas if serve_config.autoscaling else serve_config.num_replicas
     queued = max(serve_config.max_queued_requests, 0)
     return {"ray_actor_options": {"num_cpus": 0}, "num_replicas": 1,
-            "max_ongoing_requests": serve_config.max_ongoing_requests * replicas + queued + 16}
+            "max_ongoing_requests": max_ongoing_requests(config) * replicas + queued + 16}
 
 
 def build_app(config: JobConfig) -> Any:

@@ -48,10 +48,12 @@ def bench(url: str, model: str, n: int, prompt: str, max_tokens: int, concurrenc
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    with httpx.Client(headers=headers, timeout=600) as client:
+    started = time.perf_counter()
+    with httpx.Client(headers=headers, timeout=600, limits=httpx.Limits(max_connections=concurrency + 4)) as client:
         with ThreadPoolExecutor(max_workers=concurrency) as pool:
             results = list(pool.map(lambda _: one_request(client, url.rstrip("/"), model, prompt, max_tokens),
                                     range(n)))
+    wall = time.perf_counter() - started
     ok = [r for r in results if "error" not in r]
     errors = [r["error"] for r in results if "error" in r]
     latency = [r["latency_s"] for r in ok]
@@ -63,4 +65,5 @@ def bench(url: str, model: str, n: int, prompt: str, max_tokens: int, concurrenc
         "tokens_per_second_client": statistics.median([r["client_tokens_per_second"] for r in ok]) if ok else 0.0,
         "tokens_per_second_server": statistics.median([r["server_tokens_per_second"] for r in ok]) if ok else 0.0,
         "completion_tokens_mean": statistics.mean([r["completion_tokens"] for r in ok]) if ok else 0.0,
+        "aggregate_tokens_per_second": sum(r["completion_tokens"] for r in ok) / wall if wall > 0 else 0.0,
     }

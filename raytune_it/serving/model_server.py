@@ -13,6 +13,7 @@ with their own status whatever Serve does with exceptions on the way.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any, AsyncIterator
 
 from ray import serve
@@ -20,6 +21,24 @@ from ray import serve
 from raytune_it.serving.adapters import AdapterCatalog, check_adapter, read_base_config
 from raytune_it.serving.engines.base import EngineError, GenerationRequest, GenerationResult, StreamChunk
 from raytune_it.storage import folder_name
+
+
+# Streamed text crosses two Serve hops per chunk; one chunk per token would cost more than a small model's
+# token takes, so text is sent at most every 50 ms (as Ray Serve LLM batches its streams). The first chunk
+# and the last go at once.
+STREAM_BATCH_S = 0.05
+
+
+async def coalesce(chunks: AsyncIterator[StreamChunk], interval: float) -> AsyncIterator[StreamChunk]:
+    pending, sent_at = "", None
+    async for chunk in chunks:
+        pending += chunk.text
+        now = time.monotonic()
+        if chunk.result is not None or sent_at is None or now - sent_at >= interval:
+            yield StreamChunk(pending, chunk.result)
+            pending, sent_at = "", now
+    if pending:
+        yield StreamChunk(pending)
 
 
 def base_model_name(serve_config: dict) -> str:
@@ -99,7 +118,7 @@ class ModelServer:
             yield exc
             return
         try:
-            async for chunk in self.engine.stream(request):
+            async for chunk in coalesce(self.engine.stream(request), STREAM_BATCH_S):
                 yield chunk
         except EngineError as exc:
             yield exc
