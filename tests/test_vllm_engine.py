@@ -1,0 +1,75 @@
+"""The vLLM engine against the transformers engine, in-process, on a model whose greedy answers end with EOS.
+
+The tiny model never picks EOS by itself, so the test makes a copy that does: EOS's output row becomes a
+copy of a token T's row scaled by 1.001, so greedy decoding ends with EOS exactly where it would have
+produced T. Both engines must then stop at the same place, leave EOS out of the text and count it.
+"""
+
+import asyncio
+import subprocess
+import sys
+
+import pytest
+
+from raytune_it.config import load_config
+
+PROMPTS = ["### Instruction:\nWhat is the total dose for 40 kg at 5 mg per kg?\n\n### Response:\n",
+           "### Instruction:\nConvert 4 hours to minutes.\n\n### Response:\n", "Hello"]
+
+
+def test_each_engine_imports_without_the_other():
+    code = ("import sys, raytune_it.serving.engines.vllm_engine, raytune_it.serving.app; "
+            "print('raytune_it.serving.engines.transformers_engine' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def model_that_stops(folder, tiny_model_dir):
+    """A copy of the tiny model whose greedy answer to PROMPTS[0] ends with EOS where the first token it had
+    not produced before its sixth would come; returns the folder and that answer's length, EOS included."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = tokenizer(PROMPTS[0], return_tensors="pt")["input_ids"]
+    greedy = model.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1]:].tolist()
+    position, target = next((i, t) for i, t in enumerate(greedy) if i >= 5 and t not in greedy[:i])
+    with torch.no_grad():
+        model.lm_head.weight[tokenizer.eos_token_id] = model.lm_head.weight[target] * 1.001
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder, position + 1
+
+
+@pytest.mark.vllm
+def test_both_engines_stop_at_eos_in_the_same_place_and_count_it(tmp_path, tiny_model_dir):
+    from raytune_it.serving.engines import create_engine
+    from raytune_it.serving.engines.base import GenerationRequest
+
+    folder, length = model_that_stops(tmp_path / "stops", tiny_model_dir)
+    base = str(folder)
+    options = ["serve.max_model_len=256", "serve.enforce_eager=true", "serve.kv_cache_gib=0.25"]
+
+    async def run():
+        results = {}
+        for engine_name in ("transformers", "vllm"):
+            config = load_config("tiny-lora", [*options, f"serve.engine={engine_name}"]).serve.model_dump()
+            engine = create_engine(config, base, "stops", 8)
+            try:
+                results[engine_name] = [
+                    await engine.generate(GenerationRequest(model="stops", prompt=p, max_tokens=24, temperature=0,
+                                                            ignore_eos=ignore))
+                    for p in PROMPTS for ignore in (False, True)]
+            finally:
+                engine.shutdown()
+        return results
+
+    results = asyncio.run(run())
+    for ours, theirs in zip(results["transformers"], results["vllm"], strict=True):
+        assert (ours.text, ours.finish_reason, ours.completion_tokens, ours.prompt_tokens) == (
+            theirs.text, theirs.finish_reason, theirs.completion_tokens, theirs.prompt_tokens)
+    stopped = results["vllm"][0]
+    assert stopped.finish_reason == "stop" and stopped.completion_tokens == length, "EOS ends it, and is counted"
+    assert "</s>" not in stopped.text
+    assert results["vllm"][1].completion_tokens == 24, "ignore_eos generates exactly max_tokens"
