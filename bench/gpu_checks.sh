@@ -2,7 +2,8 @@
 # What only a GPU shows, in one short pass (about 6 minutes on one H100): INT8 LoRA and
 # DeepSpeed ZeRO-3 (NCCL) training through `raytune-it train` with the exports reloaded, the
 # training-overhead benchmark on the GPU for the tiny model and a ~0.85B random LLaMA, and
-# the batch-1 generation rate of both. Each check has its own time limit and log; a failed
+# the batch-1 generation rate of both, and vLLM's batch-1 decode of a 7B-shaped LLaMA against the
+# memory-bandwidth bound where vLLM is installed. Each check has its own time limit and log; a failed
 # check is reported and the next one runs.
 #
 #   [ONLY="CHECK ..."] bash bench/gpu_checks.sh [LOG_DIR]   (needs raytune-it's dependencies and a CUDA torch)
@@ -53,5 +54,13 @@ check bench-train-tiny 300 python3 bench/train_overhead.py --device cuda --varia
 check random-llama 90 python3 bench/random_llama.py "$WORK/llama-0.85b"
 check bench-train-0.85b 200 python3 bench/train_overhead.py --device cuda --model "$WORK/llama-0.85b" --variants bare trainer raytune-it --steps 60 --warmup-steps 10 --repeats 1
 check generate-rate 90 bash -c "python3 bench/serve_rate.py --in-process-only --device cuda --max-tokens 128 --repeats 3 && python3 bench/serve_rate.py --in-process-only --device cuda --model $WORK/llama-0.85b --max-tokens 128 --repeats 3"
+# vLLM on the GPU (where the vllm extra is installed): the 7B-shaped random LLaMA in bf16 at batch 1,
+# against the bound of reading every weight once per token (BANDWIDTH_TBS: H100 SXM 3.35, H200 4.8).
+if python3 -c "import vllm" 2>/dev/null; then
+  check random-llama-7b 240 python3 bench/random_llama.py "$WORK/llama-7b" --hidden 4096 --layers 32 --intermediate 11008 --heads 32
+  check vllm-7b-decode 300 python3 bench/vllm_decode.py "$WORK/llama-7b" --bandwidth-tbs "${BANDWIDTH_TBS:-3.35}"
+else
+  echo "=== vllm-7b-decode: skipped (vLLM is not installed here; pip install -e '.[vllm]')"
+fi
 rm -rf "$WORK"
 exit $status

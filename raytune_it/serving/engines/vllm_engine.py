@@ -82,7 +82,12 @@ class VLLMEngine:
         self._loras.pop(name, None)
 
     def shutdown(self) -> None:
-        self.engine.shutdown()
+        # Shut down now and drop the engine while the interpreter is whole: vLLM's __del__ shuts down again,
+        # which fails with a traceback if it first runs at interpreter exit.
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            engine.shutdown()
+        del engine
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
         from vllm import SamplingParams, TokensPrompt
