@@ -38,7 +38,7 @@ def _load(args: argparse.Namespace):
 
 def cmd_config_show(args: argparse.Namespace) -> int:
     config = _load(args)
-    print(json.dumps(config.to_dict(redact=True), indent=2) if args.json else config.to_yaml(), end="" if not args.json else "\n")
+    print(json.dumps(config.to_dict(), indent=2) if args.json else config.to_yaml(), end="" if not args.json else "\n")
     return 0
 
 

@@ -1,3 +1,4 @@
+import json
 import sys
 
 import pytest
@@ -137,3 +138,14 @@ def test_loading_a_config_does_not_import_ray():
             "print('ray' in sys.modules, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_secrets_never_reach_saved_or_printed_configs(tmp_path):
+    config = load_config("tiny-lora", ["serve.api_key=s3cret-key-123"])
+    assert config.serve.api_key == "s3cret-key-123"
+    assert "s3cret" not in config.to_yaml() and "s3cret" not in json.dumps(config.to_dict())
+    saved = save_config(config, tmp_path)
+    assert "s3cret" not in saved.read_text()
+    assert load_run_config(saved).serve.api_key is None, "serving a saved config sets no key nobody chose"
+    with pytest.raises(ConfigError, match="placeholder"):
+        load_config("tiny-lora", ["serve.api_key=<redacted>"])

@@ -163,7 +163,7 @@ def load_run_config(path: "str | Path | Location") -> JobConfig:
 
 
 def save_config(config: JobConfig, folder: "str | Path | Location") -> "Location":
-    """Write ``config.yaml`` into a run folder on any storage; secrets are redacted (JobConfig.to_yaml)."""
+    """Write ``config.yaml`` into a run folder on any storage, without secrets (JobConfig.to_yaml)."""
     from raytune_it.storage import as_location
 
     target = as_location(folder) / "config.yaml"

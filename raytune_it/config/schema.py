@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from raytune_it.hardware import ServerTypeChoice
 
 #: Run and adapter names become folder names: keep them to a safe alphabet.
+# (section, key) of every secret a config may hold: never saved, never printed.
+SECRETS = (("serve", "api_key"),)
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -242,7 +244,7 @@ class ServeSection(Section):
     host: str = Field("127.0.0.1", description="HTTP bind address; 0.0.0.0 exposes it to the network.")
     port: Annotated[int, Field(ge=1, le=65535)] = Field(8000, description="HTTP port.")
     api_key: str | None = Field(None, description="If set, requests need 'Authorization: Bearer <key>' "
-                                "(also read from RAYTUNE_IT_API_KEY).")
+                                "(also read from RAYTUNE_IT_API_KEY). Never saved with a run's config.")
     engine: Literal["auto", "transformers", "vllm"] = Field(
         "auto", description="Inference engine; auto: vllm where installed and a GPU exists, else transformers.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -278,6 +280,14 @@ class ServeSection(Section):
     @classmethod
     def _base_uri(cls, value: str) -> str:
         return _checked_uri(value)
+
+    @field_validator("api_key")
+    @classmethod
+    def _chosen_key(cls, value: str | None) -> str | None:
+        if value is not None and (not value.strip() or value.strip() == "<redacted>"):
+            raise ValueError("an API key must be a chosen secret (this one is empty or the '<redacted>' placeholder "
+                             "of an old saved config); set it with RAYTUNE_IT_API_KEY or serve.api_key=...")
+        return value
 
     @field_validator("adapter_root")
     @classmethod
@@ -341,15 +351,19 @@ class JobConfig(Section):
     eval: EvalSection = Field(default_factory=EvalSection)
     e2e: EndToEndSection = Field(default_factory=EndToEndSection)
 
-    def to_dict(self, redact: bool = False) -> dict[str, Any]:
+    def to_dict(self, include_secrets: bool = False) -> dict[str, Any]:
+        """The config as data. Secrets (``SECRETS``) are left out unless asked for: this dict is saved in run
+        folders, sweep state and trial configs, and a saved secret would be both a leak and, read back, a
+        key nobody chose."""
         data = self.model_dump(mode="json")
-        if redact and data["serve"].get("api_key"):
-            data["serve"]["api_key"] = "<redacted>"
+        if not include_secrets:
+            for section, key in SECRETS:
+                data[section][key] = None
         return data
 
-    def to_yaml(self, redact: bool = True) -> str:
-        """YAML for people and run folders: secrets are redacted (set them again, or by environment)."""
-        return yaml.safe_dump(self.to_dict(redact=redact), sort_keys=False)
+    def to_yaml(self) -> str:
+        """YAML for people and run folders, without secrets (set them again, or by environment)."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
 SECTIONS: dict[str, type[Section]] = {
