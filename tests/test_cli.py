@@ -38,6 +38,22 @@ def test_bad_config_exits_nonzero_with_the_key_and_no_traceback():
     assert result.returncode == 2 and "unknown preset 'no-such-preset'" in result.stderr
 
 
+def test_serve_names_a_missing_model_or_adapter_before_ray_starts(tmp_path):
+    import json
+
+    env_free = {"RAY_ADDRESS": ""}
+    for overrides, needle in [
+        (["serve.base_model=/no/such/model"], "serve.base_model: '/no/such/model' does not exist"),
+        ([f"serve.adapters={json.dumps({'med': str(tmp_path / 'nope')})}"], "serve.adapters.med:"),
+        ([f"serve.adapter_root={tmp_path / 'none'}"], "serve.adapter_root:"),
+    ]:
+        result = subprocess.run([sys.executable, "-m", "raytune_it", "serve", "tiny-lora", *overrides],
+                                capture_output=True, text=True, env={**__import__("os").environ, **env_free})
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert needle in result.stderr and "Traceback" not in result.stderr
+        assert "Ray instance" not in result.stderr + result.stdout, "refused before Ray started"
+
+
 def test_data_inspect_shows_stats_and_the_two_spans(tmp_path):
     result = run("data", "inspect", "tiny-lora", "data.builtin_records=200", check=True)
     out = result.stdout

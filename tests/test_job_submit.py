@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).parents[1]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_head():
     """A head started with --block in its own process group, so that teardown stops this head only."""
     bin_dir = Path(sys.executable).parent
@@ -41,7 +41,7 @@ def ray_head():
                              capture_output=True, timeout=60).returncode != 0:
             assert head.poll() is None and time.monotonic() < deadline, "the Ray head did not come up"
             time.sleep(1)
-        yield ray_bin, address, env
+        yield ray_bin, address, dict(env, RAYTUNE_IT_TEST_GCS=f"127.0.0.1:{gcs}")
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
@@ -76,3 +76,38 @@ def test_ray_job_submit_runs_train_and_logs_the_summary(ray_head, tmp_path):
     bad = subprocess.run([str(ray_bin), "job", "status", "--address", address, job_id],
                          env=dict(env, RAY_AUTH_TOKEN="0" * 64), capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "token" in (bad.stdout + bad.stderr).lower()
+
+
+def test_serve_attached_to_a_cluster_enforces_a_key_given_only_by_environment(ray_head):
+    """RAYTUNE_IT_API_KEY set for `raytune-it serve` alone (not on the cluster): replicas still require it."""
+    import httpx
+
+    ray_bin, _, env = ray_head
+    port, key = free_port(), secrets.token_hex(16)
+    serve_env = dict(env, RAY_ADDRESS=env["RAYTUNE_IT_TEST_GCS"], RAYTUNE_IT_API_KEY=key)
+    server = subprocess.Popen([sys.executable, "-m", "raytune_it", "serve", "tiny-lora", f"serve.port={port}",
+                               "serve.model_name=tiny-llama"], env=serve_env, cwd=ROOT, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, "raytune-it serve did not come up"
+            time.sleep(2)
+        assert httpx.get(f"{url}/v1/models", timeout=30).status_code == 401
+        body = {"model": "tiny-llama", "prompt": "hi", "max_tokens": 2}
+        assert httpx.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 401
+        authorized = httpx.post(f"{url}/v1/completions", json=body, timeout=60,
+                                headers={"Authorization": f"Bearer {key}"})
+        assert authorized.status_code == 200, authorized.text
+    finally:
+        os.killpg(server.pid, signal.SIGINT)  # Ctrl-C: the app shuts down and the cluster stays
+        try:
+            server.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)

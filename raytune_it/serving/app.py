@@ -35,6 +35,7 @@ from raytune_it.hardware import SERVER_TYPES
 from raytune_it.serving.engines.base import EngineError, GenerationRequest, GenerationResult
 from raytune_it.serving.schemas import ChatRequest, CompletionRequest, LatencyRequest
 
+API_KEY_ENV = "RAYTUNE_IT_API_KEY"
 api = FastAPI(title="raytune-it", description="OpenAI-compatible serving of tuned models")
 
 
@@ -65,7 +66,7 @@ class OpenAIServer:
         from raytune_it.serving.model_server import base_model_name
 
         self.config = serve_config
-        self.api_key = serve_config.get("api_key") or os.environ.get("RAYTUNE_IT_API_KEY") or None
+        self.api_key = serve_config.get("api_key") or os.environ.get(API_KEY_ENV) or None
         self.model_server = models
         self.base_name = base_model_name(serve_config)
         self.catalog = AdapterCatalog(serve_config["adapters"], serve_config.get("adapter_root"))
@@ -305,18 +306,31 @@ def ingress_options(config: JobConfig) -> dict[str, Any]:
             "max_ongoing_requests": max_ongoing_requests(config) * replicas + queued + 16}
 
 
-def build_app(config: JobConfig) -> Any:
+def check_paths(config: JobConfig) -> None:
+    """What the deployment will load exists: the base model, each configured adapter (safetensors), the
+    adapter root. On the driver, before Ray starts; storage URIs are listed, never downloaded."""
     from raytune_it.config.paths import check_model_path
+    from raytune_it.errors import ConfigError
     from raytune_it.serving.adapters import check_adapter_dir, check_adapter_root
+
+    check_model_path(config.serve.base_model, "serve.base_model")
+    try:
+        for name, path in config.serve.adapters.items():
+            check_adapter_dir(name, path)
+        if config.serve.adapter_root:
+            check_adapter_root(config.serve.adapter_root)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def build_app(config: JobConfig) -> Any:
     from raytune_it.serving.model_server import ModelServer
 
-    # On the driver, before any replica starts; storage URIs are listed here and fetched by each replica.
-    check_model_path(config.serve.base_model, "serve.base_model")
-    for name, path in config.serve.adapters.items():
-        check_adapter_dir(name, path)
-    if config.serve.adapter_root:
-        check_adapter_root(config.serve.adapter_root)
+    check_paths(config)
     serve_config = config.serve.model_dump()
+    # The key is resolved here, where the user gave it (config or this process's environment), and handed to
+    # the ingress: replicas on an attached cluster do not see the driver's environment.
+    serve_config["api_key"] = config.serve.api_key or os.environ.get(API_KEY_ENV) or None
     models = ModelServer.options(**deployment_options(config)).bind(serve_config)
     return OpenAIServer.options(**ingress_options(config)).bind(serve_config, models)
 

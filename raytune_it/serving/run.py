@@ -25,7 +25,10 @@ def serve_forever(config: JobConfig, console: Any = None) -> None:
 
     from raytune_it.cluster import ray_session
 
+    from raytune_it.serving.app import check_paths
+
     console = console or Console()
+    check_paths(config)  # a missing model or adapter is named now, not after Ray and Serve have started
     with ray_session(min_cpus=config.serve.num_replicas * config.serve.cpus_per_replica + 1):
         from ray import serve
 
