@@ -38,8 +38,8 @@ def endpoint(request, adapters):
     port = free_port()
     config = load_config("tiny-lora", [
         f"serve.adapters={json.dumps({k: str(v) for k, v in adapters.items()})}", f"serve.port={port}",
-        f"serve.api_key={API_KEY}", "serve.model_name=tiny-llama", "serve.max_model_len=256",
-        "serve.max_tokens_limit=64", "serve.max_body_bytes=20000", f"serve.engine={request.param}",
+        f"serve.api_key={API_KEY}", "serve.model_name=tiny-llama", "serve.max_model_len=2048",
+        "serve.max_tokens_limit=1500", "serve.max_body_bytes=20000", f"serve.engine={request.param}",
         *ENGINE_OPTIONS[request.param]])
     ray.init(num_cpus=4)
     url = start(config)
@@ -147,11 +147,18 @@ def test_openai_client_unchanged(endpoint):
         ({"json": {"model": "tiny-llama", "prompt": "hi", "max_tokens": "many"}}, 400, "invalid_request"),
         ({"json": {"model": "no-such-adapter", "prompt": "hi"}}, 404, "model_not_found"),
         ({"json": {"model": "../../etc/passwd", "prompt": "hi"}}, 404, "model_not_found"),
-        ({"json": {"model": "tiny-llama", "prompt": "word " * 400}}, 400, "context_length_exceeded"),
+        ({"json": {"model": "tiny-llama", "prompt": "word " * 2100}}, 400, "context_length_exceeded"),
         ({"json": {"model": "tiny-llama", "prompt": "hi", "max_tokens": 0}}, 400, "invalid_request"),
-        ({"json": {"model": "tiny-llama", "prompt": "hi", "max_tokens": 65}}, 400, "invalid_request"),
+        ({"json": {"model": "tiny-llama", "prompt": "hi", "max_tokens": 1501}}, 400, "invalid_request"),
         ({"json": {"model": "tiny-llama", "prompt": "hi", "temperature": -1}}, 400, "invalid_request"),
         ({"json": {"model": "tiny-llama", "prompt": "x" * 30000}}, 413, "request_too_large"),
+        ({"json": {"model": "tiny-llama", "prompt": "hi", "seed": 10**30}}, 400, "invalid_request"),
+        ({"json": {"model": "tiny-llama", "prompt": "hi", "top_p": 0}}, 400, "invalid_request"),
+        ({"json": {"model": "tiny-llama", "prompt": "hi", "n": 2}}, 400, "unsupported_parameter"),
+        ({"json": {"model": "tiny-llama", "prompt": "hi", "logprobs": 3}}, 400, "unsupported_parameter"),
+        ({"json": {"model": "tiny-llama", "prompt": "hi", "best_of": 4}}, 400, "unsupported_parameter"),
+        ({"json": {"model": "tiny-llama", "prompt": "hi", "frobnicate": True}}, 400, "invalid_request"),
+        ({"content": b'{"model": "tiny-llama", "prompt": "a\\ud800b"}'}, 400, "invalid_request"),
     ],
 )
 def test_bad_input_gets_a_json_4xx_and_the_replica_keeps_serving(endpoint, request_kwargs, status, code):
@@ -160,6 +167,67 @@ def test_bad_input_gets_a_json_4xx_and_the_replica_keeps_serving(endpoint, reque
     error = response.json()["error"]
     assert error["code"] == code and error["message"]
     assert complete(endpoint, max_tokens=2).status_code == 200
+
+
+def test_edge_cases_answer_in_json_and_never_500(endpoint):
+    greedy = complete(endpoint, max_tokens=6).json()["choices"][0]["text"]
+    tiny = complete(endpoint, max_tokens=6, temperature=1e-30, seed=2**63 - 1)
+    assert tiny.status_code == 200 and tiny.json()["choices"][0]["text"] == greedy, "a tiny temperature is greedy"
+    for method, path, status, code in [("GET", "/v1/nope", 404, "not_found"),
+                                       ("GET", "/v1/completions", 405, "method_not_allowed")]:
+        response = endpoint.request(method, path)
+        assert response.status_code == status and response.json()["error"]["code"] == code
+    neutral = complete(endpoint, max_tokens=6, n=1, logprobs=None, presence_penalty=0, user="u",
+                       stream_options={"include_usage": True})
+    assert neutral.status_code == 200 and neutral.json()["choices"][0]["text"] == greedy
+    for body, status in [({"prompt_tokens": 10**9}, 400), ({"prompt_tokens": 100_000}, 400)]:
+        response = endpoint.post("/v1/latency", json={"model": "tiny-llama", "max_tokens": 2, **body})
+        assert response.status_code == status and response.json()["error"]["message"]
+    parts = {"role": "user", "content": [{"type": "text", "text": "Dose for"}, {"type": "text", "text": "30 kg?"}]}
+    joined = {"role": "user", "content": "Dose for\n30 kg?"}
+    answers = [endpoint.post("/v1/chat/completions", json={"model": "medicine", "max_tokens": 6, "temperature": 0,
+                                                           "messages": [m]}) for m in (parts, joined)]
+    assert [a.status_code for a in answers] == [200, 200]
+    assert answers[0].json()["choices"] == answers[1].json()["choices"], "text parts are the joined text"
+    image = endpoint.post("/v1/chat/completions", json={"model": "medicine", "messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}]})
+    assert image.status_code == 400 and "text parts only" in image.json()["error"]["message"]
+
+
+def test_streamed_answer_with_a_stop_string_equals_the_non_streamed_one(endpoint):
+    full = complete(endpoint, model="law", max_tokens=24).json()["choices"][0]["text"]
+    for stop in {full[3:6], full[10:14], full[-3:]}:
+        if not stop.strip():
+            continue
+        body = {"model": "law", "prompt": PROMPT, "max_tokens": 24, "temperature": 0, "stop": [stop]}
+        whole = endpoint.post("/v1/completions", json=body).json()["choices"][0]
+        streamed, _ = _stream(endpoint, "/v1/completions", body)
+        assert streamed == whole["text"] == full[:full.find(stop)] and whole["finish_reason"] == "stop"
+
+
+def model_server_stats():
+    from ray import serve
+
+    return serve.get_deployment_handle("ModelServer", "raytune-it").stats.remote().result()
+
+
+def test_a_client_that_leaves_mid_stream_stops_its_generation(endpoint):
+    import time
+
+    before = model_server_stats()
+    body = {"model": "tiny-llama", "prompt": PROMPT, "max_tokens": 1500, "temperature": 0, "stream": True}
+    with endpoint.stream("POST", "/v1/completions", json=body) as response:
+        lines = response.iter_lines()
+        assert all(next(lines) is not None for _ in range(3)), "the stream started"
+    # Leaving the block closes the connection mid-stream.
+    deadline = time.monotonic() + 60
+    while model_server_stats()["abandoned_streams"] == before["abandoned_streams"]:
+        assert time.monotonic() < deadline, "the replica never saw the client leave"
+        time.sleep(0.2)
+    after = complete(endpoint, max_tokens=4)
+    assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] == 4
+    generated = model_server_stats()["tokens_generated"] - before["tokens_generated"]
+    assert generated < 1500, f"the abandoned generation went on ({generated} tokens): it must stop at once"
 
 
 def test_api_key_is_required(endpoint):

@@ -53,7 +53,8 @@ def served(request, tmp_path_factory, s3_endpoint):
     port = free_port()
     config = load_config("tiny-lora", [
         f"serve.adapter_root={root}", "serve.max_adapters_per_replica=2", f"serve.port={port}",
-        "serve.model_name=tiny-llama", "serve.max_model_len=256", f"serve.app_name={APP}",
+        "serve.model_name=tiny-llama", "serve.max_model_len=512", f"serve.app_name={APP}",
+        "serve.max_ongoing_requests=1", "serve.max_queued_requests=1",
         f"serve.engine={request.param}", *ENGINE_OPTIONS[request.param]])
     ray.init(num_cpus=4)
     url = start(config)
@@ -132,3 +133,26 @@ def test_an_adapter_trained_while_the_server_runs_is_served_by_name(served):
     response = complete(client, run_name)
     assert response.status_code == 200, response.text
     assert response.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_past_the_queue_limit_clients_get_a_json_503_and_the_rest_are_served(served):
+    import threading
+
+    client, _ = served
+    answers = []
+
+    def one():
+        with httpx.Client(base_url=client.base_url, timeout=300) as own:
+            response = complete(own, "tiny-llama", max_tokens=200)
+            answers.append((response.status_code, response.json()))
+
+    threads = [threading.Thread(target=one) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    statuses = [status for status, _ in answers]
+    assert set(statuses) <= {200, 503} and 200 in statuses and 503 in statuses, statuses
+    refused = [body for status, body in answers if status == 503]
+    assert all(b["error"]["code"] == "overloaded" and "retry" in b["error"]["message"] for b in refused)
+    assert complete(client, "tiny-llama").status_code == 200

@@ -17,6 +17,7 @@ the import path for ``serve run`` / ``serve deploy`` (see ``serve/*.yaml``).
 import asyncio
 import hmac
 import json
+import logging
 import os
 import statistics
 import time
@@ -24,6 +25,7 @@ import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
@@ -33,7 +35,7 @@ from ray.serve.handle import DeploymentHandle
 from raytune_it.config.schema import JobConfig
 from raytune_it.hardware import SERVER_TYPES
 from raytune_it.serving.engines.base import EngineError, GenerationRequest, GenerationResult
-from raytune_it.serving.schemas import ChatRequest, CompletionRequest, LatencyRequest
+from raytune_it.serving.schemas import ChatRequest, CompletionRequest, LatencyRequest, UnsupportedParameter
 
 API_KEY_ENV = "RAYTUNE_IT_API_KEY"
 api = FastAPI(title="raytune-it", description="OpenAI-compatible serving of tuned models")
@@ -41,9 +43,28 @@ api = FastAPI(title="raytune-it", description="OpenAI-compatible serving of tune
 
 def error(status: int, message: str, code: str, param: str | None = None) -> JSONResponse:
     kind = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error",
-            503: "service_unavailable"}.get(status, "invalid_request_error")
+            500: "server_error", 503: "service_unavailable"}.get(status, "invalid_request_error")
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
                         status_code=status)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Unknown routes (404) and wrong methods (405) answer in the same JSON as every other error."""
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    message = {404: f"no route {request.url.path}; routes: /v1/models, /v1/completions, /v1/chat/completions, "
+                    "/v1/latency, /metrics, /health",
+               405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
+    response = error(exc.status_code, message, codes.get(exc.status_code, "http_error"))
+    if exc.headers:
+        response.headers.update(exc.headers)
+    return response
+
+
+@api.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    logging.getLogger("ray.serve").exception("unhandled error on %s", request.url.path)
+    return error(500, "internal server error; the error is in the replica's log", "internal_error")
 
 
 def overloaded() -> EngineError:
@@ -54,7 +75,8 @@ def overloaded() -> EngineError:
 def _validation_error(exc: ValidationError) -> JSONResponse:
     first = exc.errors()[0]
     param = ".".join(str(p) for p in first["loc"]) or None
-    return error(400, f"{param}: {first['msg']}" if param else first["msg"], "invalid_request", param)
+    message = first["msg"].removeprefix("Value error, ")
+    return error(400, f"{param}: {message}" if param else message, "invalid_request", param)
 
 
 @serve.deployment
@@ -98,7 +120,9 @@ class OpenAIServer:
         if not isinstance(data, dict):
             return error(400, "the body must be a JSON object", "invalid_request")
         try:
-            body = schema.model_validate(data)
+            body = schema.model_validate(schema.normalise(data) if hasattr(schema, "normalise") else data)
+        except UnsupportedParameter as exc:
+            return error(400, str(exc), "unsupported_parameter", exc.param)
         except ValidationError as exc:
             return _validation_error(exc)
         if getattr(body, "max_tokens", 0) > self.config["max_tokens_limit"]:
@@ -242,7 +266,7 @@ class OpenAIServer:
         if isinstance(body, Response):
             self.metrics.count("-", body.status_code)
             return body
-        return await self._respond(body, chat=True, messages=[m.model_dump() for m in body.messages])
+        return await self._respond(body, chat=True, messages=[m.as_dict() for m in body.messages])
 
     @api.post("/v1/latency")
     async def latency(self, request: Request) -> Response:

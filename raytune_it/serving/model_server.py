@@ -13,6 +13,7 @@ with their own status whatever Serve does with exceptions on the way.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any, AsyncIterator
 
@@ -22,6 +23,8 @@ from raytune_it.serving.adapters import AdapterCatalog, check_adapter, read_base
 from raytune_it.serving.engines.base import EngineError, GenerationRequest, GenerationResult, StreamChunk
 from raytune_it.storage import folder_name
 
+
+logger = logging.getLogger("ray.serve")
 
 # Streamed text crosses two Serve hops per chunk; one chunk per token would cost more than a small model's
 # token takes, so text is sent at most every 50 ms (as Ray Serve LLM batches its streams). The first chunk
@@ -39,6 +42,12 @@ async def coalesce(chunks: AsyncIterator[StreamChunk], interval: float) -> Async
             pending, sent_at = "", now
     if pending:
         yield StreamChunk(pending)
+
+
+def internal_error(request: GenerationRequest) -> EngineError:
+    logger.exception("generation for model %r failed", request.model)
+    return EngineError("the server failed to generate; the error is in the replica's log", status=500,
+                       code="internal_error")
 
 
 def base_model_name(serve_config: dict) -> str:
@@ -73,6 +82,7 @@ class ModelServer:
         self.engine = create_engine(serve_config, base_path, self.base_name, max_rank)
         self.max_rank = getattr(self.engine, "max_lora_rank", None)
         self.loaded: dict[str, LoadedAdapter] = {}
+        self.abandoned_streams = 0
 
         async def load(name: str) -> LoadedAdapter:  # Serve multiplexes plain functions, not bound methods
             return await self._load_adapter(name)
@@ -103,25 +113,37 @@ class ModelServer:
         """This replica's adapters, least recently loaded first (for operators and tests)."""
         return list(self.loaded)
 
+    def stats(self) -> dict[str, int]:
+        """This replica's counts: tokens its engine generated and streams their clients abandoned."""
+        return {"tokens_generated": self.engine.tokens_generated, "abandoned_streams": self.abandoned_streams}
+
     async def generate(self, request: GenerationRequest) -> GenerationResult | EngineError:
         try:
             return await self.engine.generate(await self._prepare(request))
         except EngineError as exc:
             return exc
+        except Exception:  # noqa: BLE001 - logged here; the client gets a JSON 500, the replica goes on
+            return internal_error(request)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk | EngineError]:
         """Chunks of text, the last with the result; or a single EngineError, before any text."""
         try:
             request = await self._prepare(request)
             await asyncio.to_thread(self.engine.prompt_ids, request)  # refuse before the stream starts
+            finished, stream = False, self.engine.stream(request)
+            chunks = coalesce(stream, STREAM_BATCH_S)
+            try:
+                async for chunk in chunks:
+                    finished = chunk.result is not None
+                    yield chunk
+            finally:  # closed early (the client left): closing the engine's stream stops its generation now
+                await chunks.aclose()
+                await stream.aclose()
+                self.abandoned_streams += not finished
         except EngineError as exc:
             yield exc
-            return
-        try:
-            async for chunk in coalesce(self.engine.stream(request), STREAM_BATCH_S):
-                yield chunk
-        except EngineError as exc:
-            yield exc
+        except Exception:  # noqa: BLE001 - as in generate
+            yield internal_error(request)
 
     def __del__(self) -> Any:
         engine = self.__dict__.get("engine")

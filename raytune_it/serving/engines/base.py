@@ -18,6 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Protocol
 
 
+# Below this temperature sampling is greedy (vLLM's rule too): dividing logits by it would overflow.
+SAMPLING_EPS = 1e-5
+
+
 class EngineError(Exception):
     """A request the engine refuses; ``status`` is the HTTP status to answer with."""
 
@@ -100,6 +104,7 @@ class Engine(Protocol):
     loaded from a folder it has already checked (``serving.adapters``)."""
 
     base_name: str
+    tokens_generated: int  # every token this engine generated, abandoned generations included
 
     def info(self) -> dict[str, str]:
         """engine, dtype and device, for the latency report."""
@@ -140,7 +145,11 @@ class PromptBuilder:
         if len(text) > 16 * self.max_model_len:
             raise EngineError(f"the prompt ({len(text)} characters) cannot fit the context of "
                               f"{self.max_model_len} tokens", code="context_length_exceeded", param="prompt")
-        ids = self.tokenizer(text)["input_ids"]
+        try:
+            ids = self.tokenizer(text)["input_ids"]
+        except Exception as exc:  # noqa: BLE001 - text the tokenizer cannot take (lone surrogates ...) is the client's
+            raise EngineError(f"the prompt cannot be tokenized: {type(exc).__name__}: {exc}"[:300],
+                              param="messages" if request.messages is not None else "prompt") from None
         check_length(len(ids), request.max_tokens, self.max_model_len)
         return ids
 

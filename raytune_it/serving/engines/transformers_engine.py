@@ -18,8 +18,8 @@ import threading
 import time
 from typing import Any, AsyncIterator, Callable
 
-from raytune_it.serving.engines.base import (EngineError, GenerationRequest, GenerationResult, PromptBuilder,
-                                             StopScanner, StreamChunk)
+from raytune_it.serving.engines.base import (SAMPLING_EPS, EngineError, GenerationRequest, GenerationResult,
+                                             PromptBuilder, StopScanner, StreamChunk)
 
 
 class TransformersEngine:
@@ -42,6 +42,7 @@ class TransformersEngine:
         self._retired: list[str] = []
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
+        self.tokens_generated = 0
 
     # --- protocol ---------------------------------------------------------------------------
 
@@ -137,7 +138,7 @@ class TransformersEngine:
     def _next_token(self, logits: Any, request: GenerationRequest, generator: Any) -> int:
         import torch
 
-        if request.temperature == 0:
+        if request.temperature < SAMPLING_EPS:
             return int(torch.argmax(logits))
         probs = torch.softmax(logits.float() / request.temperature, dim=-1)
         if request.top_p < 1.0:
@@ -172,6 +173,7 @@ class TransformersEngine:
                 if first_token_at is None:
                     first_token_at = time.perf_counter()
                 tokens.append(token)  # EOS included: it is a generated token (see base)
+                self.tokens_generated += 1
                 if token == eos and not request.ignore_eos:
                     finish = "stop"
                     break

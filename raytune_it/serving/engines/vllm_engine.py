@@ -56,6 +56,7 @@ class VLLMEngine:
         ))
         self._lora_ids = itertools.count(1)
         self._loras: dict[str, object] = {}
+        self.tokens_generated = 0
 
     def info(self) -> dict[str, str]:
         import torch
@@ -117,6 +118,7 @@ class VLLMEngine:
                 if completion.finish_reason is not None:
                     finish, done = ("stop" if completion.finish_reason == "stop" else "length"), True
         finally:
+            self.tokens_generated += len(tokens)
             if not done:  # a stop string, or a client that left mid-stream: free the batch slot now
                 await outputs.aclose()
                 await self.engine.abort(request_id)
