@@ -115,19 +115,17 @@ def test_rayservice_runs_the_serve_application():
 
 
 def test_monitoring_queries_name_metrics_the_endpoint_exports():
-    from raytune_it.serving.metrics import ServeMetrics
+    from raytune_it.serving.metrics import FAMILIES
 
-    families = {line.split()[2] for line in ServeMetrics(["m"]).render().decode().splitlines()
-                if line.startswith("# TYPE")}
     dashboard = json.loads((ROOT / "infra" / "monitoring" / "grafana-dashboard.json").read_text())
     queried = {name for panel in dashboard["panels"] for target in panel["targets"]
-               for name in re.findall(r"raytune_it_[a-z_]+", target["expr"])}
+               for name in re.findall(r"ray_raytune_it_[a-z_]+", target["expr"])}
     assert queried
     for name in queried:
-        assert any(name == f or name.startswith(f + "_") for f in families), name
+        assert any(name == f or name.startswith(f + "_") for f in FAMILIES), name
     prometheus = yaml.safe_load((ROOT / "infra" / "monitoring" / "prometheus.yaml").read_text())
-    [serve_job] = [j for j in prometheus["scrape_configs"] if j["job_name"] == "raytune-it-serve"]
-    assert serve_job["metrics_path"] == "/metrics"
+    [ray_job] = [j for j in prometheus["scrape_configs"] if j["job_name"] == "ray"]
+    assert ray_job["file_sd_configs"], "every node's Ray metrics endpoint, found through Ray's discovery file"
 
 
 def test_dockerfile_has_a_cuda_base_and_the_vllm_extra():

@@ -254,19 +254,13 @@ def test_latency_endpoint_reports_batch_one_runs(endpoint):
     assert endpoint.post("/v1/latency", json={"model": "medicine", "max_tokens": 4}).status_code == 400
 
 
-def test_sixteen_concurrent_clients_and_metrics_count_them(endpoint):
-    def before(status):
-        text = endpoint.get("/metrics").text
-        line = [l for l in text.splitlines()
-                if l.startswith(f'raytune_it_requests_total{{model="medicine",status="{status}"}}')]
-        return float(line[0].split()[-1]) if line else 0.0
-
-    start_ok = before("200")
+def test_sixteen_concurrent_clients_are_all_answered(endpoint):
+    """Concurrency on each engine (vLLM batches them); the metrics under load: test_serve_load.py."""
     failures, done = [], []
 
     def client_thread():
         with httpx.Client(base_url=endpoint.base_url, headers=endpoint.headers, timeout=300) as client:
-            for _ in range(5):
+            for _ in range(3):
                 response = complete(client, model="medicine", max_tokens=6)
                 if response.status_code != 200:
                     failures.append(response.text)
@@ -281,12 +275,7 @@ def test_sixteen_concurrent_clients_and_metrics_count_them(endpoint):
         thread.start()
     for thread in threads:
         thread.join()
-    assert not failures and len(done) == 80
-    metrics = endpoint.get("/metrics").text
-    assert before("200") - start_ok == 80
-    assert "raytune_it_request_latency_seconds_bucket" in metrics and "raytune_it_tokens_per_second" in metrics
-    assert 'raytune_it_requests_total{model="-",status="400"}' in metrics
-
+    assert not failures and len(done) == 48
 
 AGREEMENT_PROMPTS = [PROMPT, "### Instruction:\nConvert 4 hours to minutes.\n\n### Response:\n",
                      "Below is an instruction. Classify: The tenant shall pay rent monthly.", "Hello"]

@@ -10,6 +10,7 @@ rebuild it without running anything.
 from __future__ import annotations
 
 import json
+import os
 import time
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -22,7 +23,7 @@ STAGES = ("stats and plan", "sweep", "full tuning", "serve", "eval", "report")
 
 
 def derive(config: JobConfig, overrides: list[str]) -> JobConfig:
-    data = config.to_dict()
+    data = config.to_dict(include_secrets=True)  # a stage serves with the key the user set; saving drops it
     for text in overrides:
         path, value = parse_override(text)
         apply_override(data, path, value)
@@ -75,6 +76,9 @@ def serve_and_time(config: JobConfig, deployments: list[tuple[str, str, dict[str
     from raytune_it.serving.run import start
 
     results: dict[str, Any] = {}
+    # The deployment requires the key the user set (the config's, or RAYTUNE_IT_API_KEY): send it.
+    key = config.serve.api_key or os.environ.get("RAYTUNE_IT_API_KEY")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
         for base, base_name, adapters in deployments:
             serve_config = derive(config, [f"serve.base_model={json.dumps(base)}", f"serve.model_name={base_name}",
@@ -82,7 +86,7 @@ def serve_and_time(config: JobConfig, deployments: list[tuple[str, str, dict[str
             with console.status(f"serve: deploying {', '.join([base_name, *adapters])}"):
                 url = start(serve_config)  # replaces the previous deployment of the same application
             for name in [base_name, *adapters]:
-                response = httpx.post(f"{url}/v1/latency", timeout=600, json={
+                response = httpx.post(f"{url}/v1/latency", timeout=600, headers=headers, json={
                     "model": name, "prompt_tokens": 32, "max_tokens": config.e2e.latency_max_tokens,
                     "repeats": config.e2e.latency_repeats, "ignore_eos": True})
                 response.raise_for_status()

@@ -35,6 +35,7 @@ from ray.serve.handle import DeploymentHandle
 from raytune_it.config.schema import JobConfig
 from raytune_it.hardware import SERVER_TYPES
 from raytune_it.serving.engines.base import EngineError, GenerationRequest, GenerationResult
+from raytune_it.serving.metrics import CLIENT_CLOSED, cluster_metrics
 from raytune_it.serving.schemas import ChatRequest, CompletionRequest, LatencyRequest, UnsupportedParameter
 
 API_KEY_ENV = "RAYTUNE_IT_API_KEY"
@@ -65,6 +66,10 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     logging.getLogger("ray.serve").exception("unhandled error on %s", request.url.path)
     return error(500, "internal server error; the error is in the replica's log", "internal_error")
+
+
+def unauthorized() -> JSONResponse:
+    return error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "invalid_api_key")
 
 
 def overloaded() -> EngineError:
@@ -106,7 +111,7 @@ class OpenAIServer:
     async def _body(self, request: Request, schema: type) -> Any:
         """Parse and validate a JSON body, or return the JSONResponse that says what is wrong."""
         if not self._authorized(request):
-            return error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "invalid_api_key")
+            return unauthorized()
         limit = self.config["max_body_bytes"]
         if int(request.headers.get("content-length") or 0) > limit:
             return error(413, f"request body over {limit} bytes", "request_too_large")
@@ -161,42 +166,47 @@ class OpenAIServer:
                 "time_to_first_token_s": round(result.time_to_first_token_s, 6),
                 "latency_s": round(result.latency_s, 6), "tokens_per_second": round(result.tokens_per_second, 3)}
 
-    def _refuse(self, model: str, exc: EngineError) -> JSONResponse:
-        self.metrics.count(model, exc.status)
-        return error(exc.status, str(exc), exc.code, exc.param)
+    def _answer(self, route: str, arrived: float, model: str, response: Response) -> Response:
+        """Every request is counted once, here or (streams) when its stream ends."""
+        self.metrics.count(route, model, response.status_code, time.perf_counter() - arrived)
+        return response
 
-    async def _respond(self, body: Any, chat: bool, **prompt: Any) -> Response:
+    def _refuse(self, route: str, arrived: float, model: str, exc: EngineError) -> Response:
+        return self._answer(route, arrived, model, error(exc.status, str(exc), exc.code, exc.param))
+
+    async def _respond(self, route: str, arrived: float, body: Any, chat: bool, **prompt: Any) -> Response:
         generation = self._generation(body, **prompt)
         created, rid = int(time.time()), f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         if body.stream:
             handle = self._route(body.model)
             if isinstance(handle, EngineError):
-                return self._refuse(body.model, handle)
+                return self._refuse(route, arrived, body.model, handle)
             chunks = handle.options(stream=True).stream.remote(generation)
             try:
                 first = await chunks.__anext__()  # a refused request is a 4xx, not a stream that carries an error
             except BackPressureError:
                 first = overloaded()
             if isinstance(first, EngineError):
-                return self._refuse(body.model, first)
-            return StreamingResponse(self._sse(generation, first, chunks, rid, created, chat),
-                                     media_type="text/event-stream")
+                return self._refuse(route, arrived, body.model, first)
+            first_token = time.perf_counter() - arrived
+            return StreamingResponse(self._sse(route, arrived, first_token, generation, first, chunks, rid, created,
+                                               chat), media_type="text/event-stream")
         result = await self._generate(generation)
         if isinstance(result, EngineError):
-            return self._refuse(body.model, result)
-        self.metrics.observe(body.model, result)
-        self.metrics.count(body.model, 200)
+            return self._refuse(route, arrived, body.model, result)
+        # From arrival: everything before the engine's last token, less the decoding after its first.
+        self.metrics.observe(body.model, result, time.perf_counter() - arrived - result.decode_seconds)
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
                       "finish_reason": result.finish_reason, "logprobs": None}
         else:
             choice = {"index": 0, "text": result.text, "finish_reason": result.finish_reason, "logprobs": None}
-        return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
-                             "created": created, "model": body.model, "choices": [choice],
-                             "usage": self._usage(result)})
+        return self._answer(route, arrived, body.model, JSONResponse({
+            "id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+            "model": body.model, "choices": [choice], "usage": self._usage(result)}))
 
-    async def _sse(self, generation: GenerationRequest, first: Any, chunks: Any, rid: str, created: int,
-                   chat: bool):
+    async def _sse(self, route: str, arrived: float, first_token: float, generation: GenerationRequest, first: Any,
+                   chunks: Any, rid: str, created: int, chat: bool):
         kind = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(text: str | None, finish: str | None, usage: dict | None = None, role: bool = False) -> str:
@@ -215,23 +225,25 @@ class OpenAIServer:
             async for piece in chunks:
                 yield piece
 
+        status = CLIENT_CLOSED  # unless the stream reaches its end
         try:
             if chat:
                 yield chunk(None, None, role=True)
             async for piece in pieces():
                 if isinstance(piece, EngineError):
-                    self.metrics.count(generation.model, piece.status)
+                    status = piece.status
                     yield f"data: {json.dumps({'error': {'message': str(piece), 'code': piece.code}})}\n\n"
                     continue
                 if piece.text:
                     yield chunk(piece.text, None)
                 if piece.result is not None:
-                    self.metrics.observe(generation.model, piece.result)
-                    self.metrics.count(generation.model, 200)
+                    status = 200
+                    self.metrics.observe(generation.model, piece.result, first_token)
                     yield chunk(None, piece.result.finish_reason, self._usage(piece.result))
             yield "data: [DONE]\n\n"
         finally:
             chunks.cancel()  # a client that left stops its generation on the model replica
+            self.metrics.count(route, generation.model, status, time.perf_counter() - arrived)
 
     # --- routes ------------------------------------------------------------------------------
 
@@ -241,57 +253,63 @@ class OpenAIServer:
 
     @api.get("/metrics")
     async def prometheus(self) -> Response:
-        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
+        """The app's metrics summed over every replica on every node (Prometheus should scrape Ray's own
+        metrics endpoints; this is the same numbers at a glance)."""
+        return Response(await cluster_metrics(), media_type="text/plain; version=0.0.4")
 
     @api.get("/v1/models")
     async def list_models(self, request: Request) -> Response:
+        arrived = time.perf_counter()
         if not self._authorized(request):
-            return error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "invalid_api_key")
+            return self._answer("/v1/models", arrived, "-", unauthorized())
         names = [self.base_name, *(await asyncio.to_thread(self.catalog.names))]
-        return JSONResponse({"object": "list", "data": [
+        return self._answer("/v1/models", arrived, "-", JSONResponse({"object": "list", "data": [
             {"id": name, "object": "model", "created": 0, "owned_by": "raytune-it",
-             "root": names[0], "parent": None if name == names[0] else names[0]} for name in names]})
+             "root": names[0], "parent": None if name == names[0] else names[0]} for name in names]}))
 
     @api.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
+        arrived = time.perf_counter()
         body = await self._body(request, CompletionRequest)
         if isinstance(body, Response):
-            self.metrics.count("-", body.status_code)
-            return body
-        return await self._respond(body, chat=False, prompt=body.prompt)
+            return self._answer("/v1/completions", arrived, "-", body)
+        return await self._respond("/v1/completions", arrived, body, chat=False, prompt=body.prompt)
 
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request) -> Response:
+        arrived = time.perf_counter()
         body = await self._body(request, ChatRequest)
         if isinstance(body, Response):
-            self.metrics.count("-", body.status_code)
-            return body
-        return await self._respond(body, chat=True, messages=[m.as_dict() for m in body.messages])
+            return self._answer("/v1/chat/completions", arrived, "-", body)
+        return await self._respond("/v1/chat/completions", arrived, body, chat=True,
+                                   messages=[m.as_dict() for m in body.messages])
 
     @api.post("/v1/latency")
     async def latency(self, request: Request) -> Response:
         """Batch-1 timing: ``repeats`` generations one after another, each run's numbers and the medians."""
+        route, arrived = "/v1/latency", time.perf_counter()
         body = await self._body(request, LatencyRequest)
         if isinstance(body, Response):
-            return body
+            return self._answer(route, arrived, "-", body)
         if (body.prompt is None) == (body.prompt_tokens is None):
-            return error(400, "give exactly one of prompt or prompt_tokens", "invalid_request", "prompt")
+            return self._answer(route, arrived, body.model, error(
+                400, "give exactly one of prompt or prompt_tokens", "invalid_request", "prompt"))
         runs = []
         for _ in range(body.repeats):
             result = await self._generate(GenerationRequest(
                 model=body.model, prompt=body.prompt, synthetic_tokens=body.prompt_tokens,
                 max_tokens=body.max_tokens, temperature=0.0, ignore_eos=body.ignore_eos))
             if isinstance(result, EngineError):
-                return self._refuse(body.model, result)
-            self.metrics.observe(body.model, result)
+                return self._refuse(route, arrived, body.model, result)
+            self.metrics.observe(body.model, result, result.time_to_first_token_s)
             runs.append({"time_to_first_token_s": result.time_to_first_token_s, "latency_s": result.latency_s,
                          "time_per_output_token_s": result.time_per_output_token_s,
                          "tokens_per_second": result.tokens_per_second, "prompt_tokens": result.prompt_tokens,
                          "completion_tokens": result.completion_tokens})
         median = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
         info = await self._route(body.model).info.remote()
-        return JSONResponse({"model": body.model, "batch_size": 1, "repeats": body.repeats,
-                             **info, "median": median, "runs": runs})
+        return self._answer(route, arrived, body.model, JSONResponse({
+            "model": body.model, "batch_size": 1, "repeats": body.repeats, **info, "median": median, "runs": runs}))
 
 
 def max_ongoing_requests(config: JobConfig) -> int:
@@ -321,13 +339,20 @@ def deployment_options(config: JobConfig) -> dict[str, Any]:
 
 
 def ingress_options(config: JobConfig) -> dict[str, Any]:
-    """The HTTP ingress only parses and awaits: no CPU reserved, and it holds every request the model
-    deployment may be serving or queueing (that deployment's own queue limit answers 503)."""
+    """The HTTP ingress only parses and awaits: no CPU reserved, as many replicas as the model deployment
+    (so no single one is in every request's path), each holding every request the model deployment may be
+    serving or queueing (that deployment's own queue limit answers 503)."""
     serve_config = config.serve
     replicas = serve_config.autoscaling.max_replicas if serve_config.autoscaling else serve_config.num_replicas
     queued = max(serve_config.max_queued_requests, 0)
-    return {"ray_actor_options": {"num_cpus": 0}, "num_replicas": 1,
-            "max_ongoing_requests": max_ongoing_requests(config) * replicas + queued + 16}
+    options: dict[str, Any] = {"ray_actor_options": {"num_cpus": 0},
+                               "max_ongoing_requests": max_ongoing_requests(config) * replicas + queued + 16}
+    if serve_config.autoscaling is not None:
+        options["autoscaling_config"] = {**serve_config.autoscaling.model_dump(),
+                                         "min_replicas": max(serve_config.autoscaling.min_replicas, 1)}
+    else:
+        options["num_replicas"] = serve_config.num_replicas
+    return options
 
 
 def check_paths(config: JobConfig) -> None:
