@@ -16,6 +16,14 @@ from raytune_it.errors import UserError
 from raytune_it.hardware import SERVER_TYPES
 
 
+LOOPBACK = "127.0.0.1"
+
+
+# Ray's own switch for a machine that is not part of a cluster (it sets it on macOS and Windows): the node's
+# address is the loopback one, and every server Ray starts binds it.
+SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
 @contextlib.contextmanager
 def ray_session(min_cpus: int = 0) -> Iterator[None]:
     import ray
@@ -25,14 +33,40 @@ def ray_session(min_cpus: int = 0) -> Iterator[None]:
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
-    else:
-        # Logical CPUs: Ray Train reserves whole CPUs for workers, and Ray Data needs some left over
-        # to read the shards; on a small machine the reservation would otherwise starve it.
-        ray.init(num_cpus=max(os.cpu_count() or 1, min_cpus + 2), log_to_driver=True)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+        return
+    # Logical CPUs: Ray Train reserves whole CPUs for workers, and Ray Data needs some left over to read
+    # the shards; on a small machine the reservation would otherwise starve it.
+    with _single_machine():
+        ray.init(num_cpus=max(os.cpu_count() or 1, min_cpus + 2), log_to_driver=True,
+                 _node_ip_address=LOOPBACK, dashboard_host=LOOPBACK)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+
+
+@contextlib.contextmanager
+def _single_machine() -> Iterator[None]:
+    """The local Ray raytune-it starts is for this process alone: its GCS, raylet, object manager, workers,
+    agents and dashboard listen on 127.0.0.1, not on every interface (Ray otherwise swaps 127.0.0.1 for the
+    machine's address and binds wildcards). Restored afterwards, for a later Ray in the same process."""
+    from ray._private import ray_constants
+
+    saved_env, saved_flag = os.environ.get(SINGLE_MACHINE_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[SINGLE_MACHINE_ENV] = "0"  # for the processes Ray starts
+    ray_constants.ENABLE_RAY_CLUSTER = False  # for this one, which read the variable at import
     try:
         yield
     finally:
-        ray.shutdown()
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(SINGLE_MACHINE_ENV, None)
+        else:
+            os.environ[SINGLE_MACHINE_ENV] = saved_env
 
 
 def wait_for_resources(bundles: list[dict[str, float]], server_type: str, timeout_s: float,

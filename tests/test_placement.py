@@ -36,3 +36,4 @@ def test_job_lands_on_the_server_type_it_asked_for(two_type_cluster, tmp_path):
     rtx_node = two_type_cluster["rtx3090-24g"].node_id
     assert summary.worker_nodes == [rtx_node, rtx_node]
     assert summary.server_type == "rtx3090-24g"
+
