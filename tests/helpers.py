@@ -65,3 +65,31 @@ def train_tiny_adapter(folder: Path, families: list[str], steps: int = 12, seed:
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def concurrent_completions(client, clients: int, per_client: int, body: dict) -> list[str]:
+    """``clients`` threads, each with its own connection, send ``per_client`` completions one after another;
+    returns a description of every answer that was not a 200 with exactly ``max_tokens`` tokens or an EOS."""
+    import threading
+
+    import httpx
+
+    failures: list[str] = []
+
+    def one_client() -> None:
+        with httpx.Client(base_url=client.base_url, headers=client.headers, timeout=300) as own:
+            for _ in range(per_client):
+                response = own.post("/v1/completions", json=body)
+                answer = response.json() if response.status_code == 200 else {}
+                choice = (answer.get("choices") or [{}])[0]
+                tokens = answer.get("usage", {}).get("completion_tokens", 0)
+                if response.status_code != 200 or not (
+                        tokens == body["max_tokens"] or (choice.get("finish_reason") == "stop" and tokens >= 1)):
+                    failures.append(f"{response.status_code}: {response.text[:300]}")
+
+    threads = [threading.Thread(target=one_client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return failures

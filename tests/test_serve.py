@@ -4,12 +4,11 @@ environment)."""
 
 import json
 import secrets
-import threading
 
 import httpx
 import pytest
 
-from helpers import free_port, train_tiny_adapter
+from helpers import concurrent_completions, free_port, train_tiny_adapter
 from raytune_it.config import load_config
 
 pytestmark = pytest.mark.integration
@@ -256,26 +255,10 @@ def test_latency_endpoint_reports_batch_one_runs(endpoint):
 
 def test_sixteen_concurrent_clients_are_all_answered(endpoint):
     """Concurrency on each engine (vLLM batches them); the metrics under load: test_serve_load.py."""
-    failures, done = [], []
+    failures = concurrent_completions(endpoint, clients=16, per_client=3, body={
+        "model": "medicine", "prompt": PROMPT, "max_tokens": 6, "temperature": 0})
+    assert not failures, failures[:3]
 
-    def client_thread():
-        with httpx.Client(base_url=endpoint.base_url, headers=endpoint.headers, timeout=300) as client:
-            for _ in range(3):
-                response = complete(client, model="medicine", max_tokens=6)
-                if response.status_code != 200:
-                    failures.append(response.text)
-                    continue
-                choice = response.json()["choices"][0]
-                if choice["finish_reason"] not in ("stop", "length") or response.json()["usage"]["completion_tokens"] < 1:
-                    failures.append(response.text)
-                done.append(1)
-
-    threads = [threading.Thread(target=client_thread) for _ in range(16)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not failures and len(done) == 48
 
 AGREEMENT_PROMPTS = [PROMPT, "### Instruction:\nConvert 4 hours to minutes.\n\n### Response:\n",
                      "Below is an instruction. Classify: The tenant shall pay rent monthly.", "Hello"]

@@ -2,13 +2,12 @@
 metrics, summed over replicas by GET /metrics) count exactly what was sent, 4xx answers and a stream the
 client abandoned included."""
 
-import threading
 import time
 
 import httpx
 import pytest
 
-from helpers import free_port
+from helpers import concurrent_completions, free_port
 from raytune_it.config import load_config
 
 pytestmark = pytest.mark.integration
@@ -59,24 +58,9 @@ def wait_for_metrics(client, check, timeout: float = 90):
 
 
 def test_sixteen_clients_on_two_replicas_and_metrics_add_up(endpoint):
-    failures, done = [], []
-
-    def client_thread():
-        with httpx.Client(base_url=endpoint.base_url, timeout=300) as client:
-            for _ in range(5):
-                response = client.post("/v1/completions", json={"model": "tiny-llama", "prompt": PROMPT,
-                                                                 "max_tokens": 6, "temperature": 0})
-                body = response.json() if response.status_code == 200 else {}
-                if response.status_code != 200 or body["usage"]["completion_tokens"] != 6:
-                    failures.append(response.text)
-                done.append(1)
-
-    threads = [threading.Thread(target=client_thread) for _ in range(16)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not failures and len(done) == 80
+    failures = concurrent_completions(endpoint, clients=16, per_client=5, body={
+        "model": "tiny-llama", "prompt": PROMPT, "max_tokens": 6, "temperature": 0})
+    assert not failures, failures[:3]
     for body, status in [({"model": "tiny-llama"}, 400), ({"model": "nope", "prompt": "hi"}, 404)]:
         assert endpoint.post("/v1/completions", json=body).status_code == status
     with endpoint.stream("POST", "/v1/completions", json={"model": "tiny-llama", "prompt": PROMPT, "stream": True,

@@ -92,6 +92,18 @@ def read_history(metrics_path: Location) -> list[dict]:
     return [by_step[step] for step in sorted(by_step)]
 
 
+def progress_queue() -> Any:
+    """The queue workers report every step through, on the driver's own node. A zero-CPU actor left to the
+    scheduler can land on a worker node, which the autoscaler may release as idle or lose mid-run, and
+    the steps after that would never reach metrics.jsonl or the summary."""
+    import ray
+    from ray.util.queue import Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return Queue(maxsize=10_000, actor_options={"num_cpus": 0, "scheduling_strategy": here})
+
+
 def worker_resources(config: JobConfig) -> dict[str, float]:
     """One Ray Train worker's resources: its CPUs, a GPU, and one unit of its server type."""
     resources: dict[str, float] = {"CPU": config.scaling.cpus_per_worker}
@@ -162,14 +174,13 @@ def train(config: JobConfig, *, console: Any = None, callbacks: list | None = No
     with ray_session(min_cpus=config.scaling.num_workers * config.scaling.cpus_per_worker):
         import ray.train
         from ray.train.torch import TorchConfig, TorchTrainer
-        from ray.util.queue import Queue
 
         from raytune_it.train.loop import train_loop
         from raytune_it.train.progress import ProgressMonitor
 
         warn_if_storage_is_not_shared(run_dir, console)
         wait_for_resources(worker_bundles(config), config.scaling.server_type, config.scaling.placement_timeout_s)
-        queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
+        queue = progress_queue()
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={

@@ -94,7 +94,12 @@ class TransformersEngine:
         pass
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
-        return await asyncio.to_thread(self._generate, request, None, threading.Event())
+        cancelled = threading.Event()
+        try:
+            return await asyncio.to_thread(self._generate, request, None, cancelled)
+        except asyncio.CancelledError:  # the caller went away (Serve cancels a request whose client left)
+            cancelled.set()
+            raise
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
         loop = asyncio.get_running_loop()
