@@ -33,14 +33,6 @@ class EngineError(Exception):
         return EngineError, (str(self), self.status, self.code, self.param)
 
 
-def check_request(model: str, names: list[str], prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
-    """The checks every engine makes before generating: a served model, and room in the context."""
-    if model not in names:
-        raise EngineError(f"model {model!r} does not exist; available: {', '.join(names)}",
-                          status=404, code="model_not_found", param="model")
-    check_length(prompt_tokens, max_tokens, max_model_len)
-
-
 def check_length(prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
     if prompt_tokens == 0:
         raise EngineError("the prompt is empty", param="prompt")
