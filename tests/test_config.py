@@ -72,9 +72,16 @@ def test_survey_preset_names_the_values_the_user_must_supply():
         ("data.eval_fraction=0.9", "data.eval_fraction: got 0.9; input should be less than or equal to 0.5"),
         ("run.name=../../etc", "run.name: got '../../etc'"),
         ("lora.target_modules=[]", "lora.target_modules: got []"),
+        # Strict types: a boolean or a float is never taken for a count, nor a number for a switch.
+        ("lora.rank=true", "lora.rank: got True; input should be a valid integer"),
+        ("train.max_steps=1.0", "train.max_steps: got 1.0; input should be a valid integer"),
+        ("train.learning_rate=true", "train.learning_rate: got True; value error, a number is required"),
+        ("lora.int8=1", "lora.int8: got 1; input should be a valid boolean"),
+        ("train.learning_rate=.nan", "train.learning_rate: got nan"),
     ],
 )
 def test_bad_values_name_key_value_and_allowed(override, needle):
+    """Each refused before Ray starts, naming the key, the value and what is allowed."""
     with pytest.raises(ConfigError) as err:
         load_config("tiny-lora", [override])
     assert needle in str(err.value)

@@ -12,7 +12,7 @@ from raytune_it.data.records import ReadReport, iter_records
 from raytune_it.data.synthetic import DOMAINS, FAMILIES, generate
 from raytune_it.data.templates import render_prompt
 from raytune_it.data.tokenize import IGNORE_INDEX, collate, collate_arrow, pack_examples, tokenize_records
-from raytune_it.errors import DataError
+from raytune_it.errors import ConfigError, DataError
 
 GOOD = {"instruction": "Add the numbers.", "input": "2, 3", "output": "5"}
 
@@ -42,6 +42,30 @@ def test_unmasked_labels_decode_to_exactly_response_plus_eos(tokenizer):
         masked = example["input_ids"][: len(example["labels"]) - len(trained)]
         assert tokenizer.decode(masked) == tokenizer.bos_token + render_prompt(record)
         assert example["labels"][: len(masked)] == [IGNORE_INDEX] * len(masked)
+
+
+@pytest.mark.parametrize("style", ["sentencepiece", "byte-level"])
+def test_trained_ids_are_those_of_the_prompt_plus_response_text(style):
+    """With both tokenizer styles LLaMA models use (built here: SentencePiece-style Metaspace like LLaMA 2,
+    byte-level BPE like LLaMA 3), an example's ids are the tokenization of the joined text, as inference
+    sees it, and the labels train exactly the response's tokens and EOS."""
+    from raytune_it.models.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer(style, vocab_size=1024)
+    records = list(generate(40, seed=5))
+    examples = tokenize_records(records, tokenizer, max_seq_len=512)
+    separately_differs = 0
+    for record, example in zip(records, examples):
+        prompt = render_prompt(record)
+        joined = tokenizer(prompt + record["output"])["input_ids"]  # BOS from the tokenizer itself
+        assert example["input_ids"] == joined + [tokenizer.eos_token_id]
+        masked = len(tokenizer(prompt)["input_ids"])
+        assert example["labels"] == [IGNORE_INDEX] * masked + example["input_ids"][masked:]
+        assert tokenizer.decode(example["input_ids"][masked:-1]) == record["output"]
+        separately = tokenizer(prompt)["input_ids"] + tokenizer(record["output"], add_special_tokens=False)["input_ids"]
+        separately_differs += separately != joined
+    if style == "sentencepiece":  # what tokenizing apart did: a prefix-space token before every response
+        assert separately_differs == len(records)
 
 
 def test_truncation_keeps_the_prompt_and_cuts_the_response(tokenizer):
@@ -240,3 +264,39 @@ def test_generator_is_deterministic_and_covers_families_and_domains():
     assert f"{weight * dose} mg" in dosage["output"]
     only = list(generate(20, seed=1, families=["bmi"]))
     assert {r["family"] for r in only} == {"bmi"}
+
+
+def test_files_that_start_with_a_byte_order_mark_are_read(tmp_path):
+    """Windows tools write UTF-8 with a BOM, JSON Lines and JSON alike."""
+    rows = [GOOD, dict(GOOD, output="second")]
+    lines = tmp_path / "bom.jsonl"
+    lines.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in rows).encode())
+    array = tmp_path / "bom.json"
+    array.write_bytes(b"\xef\xbb\xbf" + json.dumps(rows, indent=2).encode())
+    lines_named_json = tmp_path / "bom-lines.json"
+    lines_named_json.write_bytes(lines.read_bytes())
+    for path in (lines, array, lines_named_json):
+        assert [r["output"] for r in iter_records(path)] == [GOOD["output"], "second"], path.name
+
+
+def test_a_json_object_where_an_array_is_needed_says_so(tmp_path):
+    path = tmp_path / "one.json"
+    path.write_text(json.dumps(GOOD, indent=2))
+    with pytest.raises(DataError, match=r"one.json: a .json file must be one array of records .* it is an object"):
+        list(iter_records(path))
+
+
+def test_a_file_whose_every_record_is_bad_stops_with_nothing_to_train_on(tmp_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "x"}, {"output": "y"}])
+    with pytest.raises(DataError, match=r"bad.jsonl: no usable record: all 2 were bad .*missing field"):
+        list(iter_records(path, skip_bad_records=True))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(DataError, match="holds no records"):
+        list(iter_records(empty))
+
+
+def test_a_directory_as_data_path_is_named_as_one(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", [GOOD])
+    with pytest.raises(ConfigError, match=r"is a directory \(it holds train.jsonl\); pass one .json"):
+        load_config("tiny-lora", [f"data.path={tmp_path}"])

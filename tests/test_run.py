@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 from raytune_it.storage import open_location
+from raytune_it.train.summary import method_label
 
 pytestmark = pytest.mark.integration
 
@@ -64,12 +65,13 @@ def test_report_numbers_come_from_the_runs_own_files(finished_run):
     full = json.loads((run_dir / "full/summary.json").read_text())
     served = json.loads((run_dir / "serve.json").read_text())
     lines = {line.split(" | ")[0].lstrip("| "): line for line in report.splitlines() if line.startswith("| ")}
-    lora_row = lines[f"{lora['method']}, best sweep trial"]
-    full_row = lines[full["method"]]
+    assert lora["method"] == "lora" and full["method"] == "full", "summary.json keeps the config's value"
+    lora_row = lines[f"{method_label('lora', lora['strategy'])}, best sweep trial"]
+    full_row = lines["full (ZeRO-3)"]
     assert f"| {lora['tokens_per_second']:,.0f} |" in lora_row and f"| {lora['tuning_seconds']:.1f} |" in lora_row
     assert f"| {served['lora-best']['tokens_per_second']:.1f} |" in lora_row
     assert f"| {full['tokens_per_second']:,.0f} |" in full_row and f"| {full['num_workers']} |" in full_row
-    assert f"| {served['full']['tokens_per_second']:.1f} |" in full_row and full["method"].startswith("full")
+    assert f"| {served['full']['tokens_per_second']:.1f} |" in full_row
     assert "| 7B | full | a800-80g | 2 | 8 | 3.0 | 2 / 8 / 3.0 |" in report
     trials = pd.read_csv(io.StringIO((run_dir / "sweep/results.csv").read_text()))
     sweep_section = report.split("## Sweep (Ray Tune)")[1].split("## ")[0]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from rich.console import Console
 
 from raytune_it.config import load_config
 from raytune_it.errors import ConfigError
@@ -77,14 +78,16 @@ def test_two_by_two_sweep_writes_results_plots_and_best(tmp_path, tiny_model_dir
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    config = load_config("tiny-sweep", [f"run.storage={tmp_path}", "train.max_steps=8", "train.eval_every_steps=4",
-                                        "tune.scheduler=none"])
+    # train.max_steps=8 is shorter than the preset's eval interval (10): the trials evaluate every 2 steps.
+    config = load_config("tiny-sweep", [f"run.storage={tmp_path}", "train.max_steps=8", "tune.scheduler=none"])
     outcome = sweep(config)
     folder = Path(outcome.folder.path)
     table = pd.read_csv(folder / "results.csv")
     assert len(table) == 4 and set(table["status"]) == {"finished"}
     assert sorted(zip(table["lora.rank"], table["train.micro_batch_size"])) == [(4, 2), (4, 4), (16, 2), (16, 4)]
     assert (table["steps"] == 8).all() and (table["tokens_per_second"] > 0).all()
+    metrics = [json.loads(line) for line in (folder / "trials/trial-000/metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "eval_loss" in m] == [2, 4, 6, 8]
     assert pd.read_parquet(folder / "results.parquet").shape == table.shape
     for plot in ("eval_loss_vs_rank.png", "throughput_vs_batch_size.png"):
         assert (folder / plot).stat().st_size > 1000
@@ -94,6 +97,26 @@ def test_two_by_two_sweep_writes_results_plots_and_best(tmp_path, tiny_model_dir
     assert json.loads((best_dir / "adapter_config.json").read_text())["r"] == best["lora.rank"]
     assert "micro_batch_size: %d" % best["train.micro_batch_size"] in (best_dir / "config.yaml").read_text()
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), best_dir)
+
+
+def test_a_short_sweep_fits_eval_and_asha_to_its_steps_and_refuses_a_longer_grace_period(tmp_path):
+    """``raytune-it sweep tiny-sweep train.max_steps=8`` once died in Ray with ASHA's assertion (its grace period
+    defaulted to train.eval_every_steps, 10 in the preset, past the end of the trials)."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    from raytune_it.tune.sweep import fit_short_trials, grace_period
+
+    config = load_config("tiny-sweep", [f"run.storage={tmp_path}", "train.max_steps=8"])
+    trials = expand_trials(config)
+    fit_short_trials(config, trials, Console(file=io.StringIO()))
+    assert {t.config.train.eval_every_steps for t in trials} == {2}
+    assert grace_period(config, trials) == 2
+    ASHAScheduler(time_attr="step", max_t=9, grace_period=grace_period(config, trials))  # what Ray refused before
+    too_long = load_config("tiny-sweep", [f"run.storage={tmp_path}", "train.max_steps=8", "tune.grace_period_steps=20"])
+    with pytest.raises(ConfigError, match=r"tune.grace_period_steps: got 20.*at most 8"):
+        fit_short_trials(too_long, expand_trials(too_long), Console(file=io.StringIO()))
+    with pytest.raises(ConfigError, match=r"tune.grace_period_steps"):
+        sweep(too_long)  # before Ray starts
 
 
 @pytest.mark.integration

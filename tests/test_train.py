@@ -53,6 +53,11 @@ def _check_run_folder(run_dir, summary):
     assert SUMMARY_KEYS <= data.keys()
     assert data["num_workers"] == 2 and data["steps"] == 24 and data["train_tokens"] > 0
     assert data["tokens_per_second"] > 0 and data["peak_memory_bytes"] > 0 and data["tuning_seconds"] > 0
+    # Training throughput is over training time; eval and checkpoints are booked apart and add to tuning time.
+    assert data["eval_seconds"] > 0 and data["checkpoint_seconds"] > 0
+    assert data["tuning_seconds"] == pytest.approx(data["train_seconds"] + data["eval_seconds"]
+                                                   + data["checkpoint_seconds"], abs=0.01)
+    assert data["tokens_per_second"] == pytest.approx(data["train_tokens"] / data["train_seconds"], rel=0.01)
     history = [m for m in raw_metrics(run_dir)]
     assert [m["step"] for m in history] == list(range(1, 25)), "metrics are reported every step"
     evals = [m["eval_loss"] for m in history if "eval_loss" in m]
@@ -196,63 +201,20 @@ def test_rerun_with_a_different_config_is_refused(tmp_path):
                                 run_dir_of(first))
 
 
-def test_length_grouped_micro_batches_pad_less_and_repeat_exactly(local_ray, tokenizer):
-    """The ingest path the training loop uses, on a real Ray Dataset: grouping by length keeps every full
-    micro-batch (as many as without it), pads less, and gives the same batches twice for the same seed."""
-    import random
-
-    import ray.data
-
-    from raytune_it.train.data import iter_micro_batches
-
-    rng = random.Random(0)
-    pad = tokenizer.pad_token_id
-    lengths = [rng.randint(5, 120) for _ in range(1000)]
-    rows = [{"input_ids": [pad + 1 + i] * n, "labels": [pad + 1 + i] * n} for i, n in enumerate(lengths)]
-    dataset = ray.data.from_items(rows)
-    # As Ray Train's ingest does for the training loop (driver.deterministic_ingest).
-    dataset.context.execution_options.preserve_order = True
-
-    def batches(group):
-        return list(iter_micro_batches(dataset, 8, pad, seed=3, group_by_length=group))
-
-    plain, grouped, again = batches(False), batches(True), batches(True)
-    assert len(grouped) == len(plain) == 1000 // 8
-    assert all(len(b["input_ids"]) == 8 for b in grouped)
-
-    def real_and_padded(micro_batches):
-        real = sum(int((b["input_ids"] != pad).sum()) for b in micro_batches)
-        return real, sum(b["input_ids"].numel() for b in micro_batches)
-
-    (plain_real, plain_padded), (grouped_real, grouped_padded) = real_and_padded(plain), real_and_padded(grouped)
-    assert grouped_real / grouped_padded > plain_real / plain_padded + 0.1
-    assert grouped_real == plain_real == sum(len(r["input_ids"]) for r in rows)  # 1000 rows = 125 full batches
-    # Mixed order: the micro-batches are not simply sorted by length across the epoch.
-    widths = [b["input_ids"].shape[1] for b in grouped]
-    assert widths != sorted(widths)
-    assert len(again) == len(grouped)
-    assert all(a["input_ids"].equal(b["input_ids"]) for a, b in zip(grouped, again))
-
-
-def test_small_splits_load_from_the_driver_and_large_ones_stream_the_same_rows(local_ray, tmp_path, monkeypatch):
-    """Both ways a tokenized split becomes a Ray Dataset give the same rows in the same order: in blocks put
-    by the driver (no read tasks), or, past ``IN_MEMORY_MAX_BYTES``, streamed from the Parquet file."""
+def test_splits_reach_the_workers_through_the_object_store_row_for_row(local_ray, tmp_path):
+    """The driver puts a tokenized split in the object store a Parquet row group at a time; a worker's view
+    of it has every row in file order."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from ray.data.dataset import MaterializedDataset
 
     from raytune_it.train import data
 
     rows = [{"input_ids": list(range(i % 7 + 1)), "labels": [i] * (i % 7 + 1)} for i in range(10_000)]
     path = tmp_path / "train.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=data.BLOCK_ROWS)
-    in_memory = data._split_dataset(local(path))
-    # Already in the object store, in 4,096-row blocks: nothing left for read tasks to do.
-    assert isinstance(in_memory, MaterializedDataset) and in_memory.num_blocks() == 3
-    monkeypatch.setattr(data, "IN_MEMORY_MAX_BYTES", 0)
-    streamed = data._split_dataset(local(path))
-    assert not isinstance(streamed, MaterializedDataset)  # a lazy read of the file
-    assert in_memory.take_all() == streamed.take_all() == rows
+    split = data.put_split(local(path))
+    assert split.rows == 10_000 and len(split.blocks) == 3
+    assert split.table().to_pylist() == rows
 
 
 def test_lora_in_a_bucket_reloads_from_it_and_a_rerun_by_name_resumes_there(local_ray, s3_storage, empty_cwd,

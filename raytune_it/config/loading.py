@@ -72,7 +72,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def apply_override(data: dict[str, Any], path: Sequence[str], value: Any) -> None:
+def apply_override(data: dict[str, Any], path: Sequence[str] | str, value: Any) -> None:
+    """Set ``value`` at a dotted path (``"lora.rank"`` or its parts) in a config mapping: the one walk
+    over config paths that overrides, sweeps and derived stage configs share."""
+    path = path.split(".") if isinstance(path, str) else path
     node = data
     for i, part in enumerate(path[:-1]):
         child = node.setdefault(part, {})
@@ -81,6 +84,35 @@ def apply_override(data: dict[str, Any], path: Sequence[str], value: Any) -> Non
             raise ConfigError(f"override {'.'.join(path)}: {where} is a value ({child!r}), not a section")
         node = child
     node[path[-1]] = value
+
+
+def config_value(config: Any, path: str) -> Any:
+    """The value at a dotted path of a JobConfig (or of any nested sections)."""
+    node = config
+    for part in path.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A config mapping as ``{"lora.rank": 16, ...}``."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def with_overrides(config: JobConfig, overrides: Sequence[str], label: str = "config") -> JobConfig:
+    """A copy of ``config`` with ``a.b=value`` overrides applied, validated (secrets kept: a derived job
+    serves with the key the user set; saving drops it)."""
+    data = config.to_dict(include_secrets=True)
+    for text in overrides:
+        path, value = parse_override(text)
+        apply_override(data, path, value)
+    return validate(data, label)
 
 
 def _missing_keys(data: Any, prefix: str = "") -> Iterable[str]:

@@ -64,6 +64,9 @@ def check_stored_model(uri: str, key: str, *, adapter_ok: bool = False) -> None:
         raise ConfigError(f"{key}: {redact_uri(uri)} is not {wanted}; it holds {', '.join(sorted(files)[:8])}")
 
 
+DATA_SUFFIXES = (".json", ".jsonl", ".ndjson", ".parquet", ".pq")
+
+
 def check_data_path(name: str, key: str = "data.path") -> None:
     if name in BUILTIN_DATA:
         return
@@ -80,7 +83,13 @@ def check_data_path(name: str, key: str = "data.path") -> None:
             raise ConfigError(f"{key}: {redact_uri(name)} does not exist in storage. Pass a .json, .jsonl or "
                               f".parquet file of Alpaca records, or {BUILTIN_DATA[0]}")
         return
-    if not Path(os.path.expanduser(name)).is_file():
+    path = Path(os.path.expanduser(name))
+    if path.is_dir():
+        files = sorted(p.name for p in path.iterdir() if p.suffix.lower() in DATA_SUFFIXES)
+        inside = f" (it holds {', '.join(files[:5])}{', ...' if len(files) > 5 else ''})" if files else ""
+        raise ConfigError(f"{key}: {name!r} is a directory{inside}; pass one .json, .jsonl or .parquet file of "
+                          "Alpaca records, such as data.path=" + str(path / (files[0] if files else "train.jsonl")))
+    if not path.is_file():
         raise ConfigError(f"{key}: {name!r} does not exist. Pass a .json, .jsonl or .parquet file of Alpaca records, "
                           f"or {BUILTIN_DATA[0]}")
 

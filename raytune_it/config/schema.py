@@ -12,7 +12,7 @@ import re
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, field_validator
 
 from raytune_it.hardware import ServerTypeChoice
 
@@ -32,7 +32,24 @@ def _checked_uri(value: str) -> str:
     return value
 
 
-PositiveInt = Annotated[int, Field(ge=1)]
+def _real_number(value: Any) -> Any:
+    """Numbers, and numbers YAML leaves as text (it reads ``1e-4`` as a string); never a boolean."""
+    if isinstance(value, bool):
+        raise ValueError("a number is required, not true/false")
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError("a number is required") from None
+    return value
+
+
+# Strict numbers and booleans: ``lora.rank=true`` or ``train.max_steps=1.0`` is refused, naming the key,
+# instead of becoming rank 1 or 1 step.
+Int = Annotated[int, Strict()]
+Bool = Annotated[bool, Strict()]
+Float = Annotated[float, BeforeValidator(_real_number), Field(allow_inf_nan=False)]
+PositiveInt = Annotated[int, Strict(), Field(ge=1)]
 
 
 class Section(BaseModel):
@@ -49,7 +66,7 @@ class ModelSection(Section):
         "use).",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for a hub id.")
-    trust_remote_code: bool = Field(
+    trust_remote_code: Bool = Field(
         False, description="Allow model code from the model directory to run. Off: it executes arbitrary code."
     )
 
@@ -70,18 +87,18 @@ class DataSection(Section):
     file_type: Literal["auto", "json", "jsonl", "parquet"] = Field(
         "auto", description="File type; 'auto' detects it from the file name and first byte."
     )
-    eval_fraction: float = Field(
+    eval_fraction: Float = Field(
         0.05, ge=0.0, le=0.5, description="Share of records held out for eval loss (deterministic by content hash)."
     )
-    packing: bool = Field(
+    packing: Bool = Field(
         False, description="Pack several examples into each max_seq_len sequence (no attention across examples)."
     )
-    group_by_length: bool = Field(
+    group_by_length: Bool = Field(
         False, description="Cut each window of 16 shuffled micro-batches into micro-batches of similar length, "
         "in random order: less padding and more tokens/s, but batches of one length (often one kind of task) "
         "can cost eval loss in short runs (like transformers' group_by_length; docs/training.md)."
     )
-    skip_bad_records: bool = Field(
+    skip_bad_records: Bool = Field(
         False, description="Skip and count malformed records instead of stopping at the first one."
     )
     max_records: PositiveInt | None = Field(None, description="Read at most this many records (after skipping bad ones).")
@@ -114,32 +131,32 @@ class DataSection(Section):
 
 class LoraSection(Section):
     rank: PositiveInt = Field(16, description="LoRA rank r (the survey uses 16).")
-    alpha: float = Field(32.0, gt=0, description="LoRA scaling alpha; the update is scaled by alpha / rank.")
-    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    alpha: Float = Field(32.0, gt=0, description="LoRA scaling alpha; the update is scaled by alpha / rank.")
+    dropout: Float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
         min_length=1,
         description="Names of the linear modules that get LoRA adapters.",
     )
-    int8: bool = Field(True, description="Load the frozen base weights in INT8 (bitsandbytes); false: bf16 base.")
-    merge: bool = Field(False, description="Also export a full model with the adapter merged in.")
+    int8: Bool = Field(True, description="Load the frozen base weights in INT8 (bitsandbytes); false: bf16 base.")
+    merge: Bool = Field(False, description="Also export a full model with the adapter merged in.")
 
 
 class DeepSpeedSection(Section):
     zero_stage: Literal[0, 1, 2, 3] = Field(3, description="ZeRO stage for method 'full' (the survey uses 3).")
-    bf16: bool = Field(True, description="Train in BF16 mixed precision.")
-    gradient_checkpointing: bool = Field(True, description="Recompute activations in backward to save memory.")
-    offload_optimizer: bool = Field(False, description="Keep optimizer states in CPU memory (ZeRO-Offload).")
+    bf16: Bool = Field(True, description="Train in BF16 mixed precision.")
+    gradient_checkpointing: Bool = Field(True, description="Recompute activations in backward to save memory.")
+    offload_optimizer: Bool = Field(False, description="Keep optimizer states in CPU memory (ZeRO-Offload).")
 
 
 class ScalingSection(Section):
     num_workers: PositiveInt = Field(1, description="Data-parallel Ray Train workers (one GPU each with use_gpu).")
-    use_gpu: bool = Field(False, description="One GPU per worker (NCCL); false runs on CPU over gloo.")
+    use_gpu: Bool = Field(False, description="One GPU per worker (NCCL); false runs on CPU over gloo.")
     server_type: ServerTypeChoice = Field(
         "any", description="Place workers on nodes of this server type (its custom Ray resource), or anywhere."
     )
     cpus_per_worker: PositiveInt = Field(1, description="CPUs reserved per worker.")
-    placement_timeout_s: float = Field(
+    placement_timeout_s: Float = Field(
         60.0, ge=0, description="How long to wait for nodes of scaling.server_type to join (an autoscaler adding "
         "them) before failing; 0 fails at once.",
     )
@@ -148,17 +165,17 @@ class ScalingSection(Section):
 class TrainSection(Section):
     epochs: PositiveInt = Field(3, description="Passes over the training split (the survey uses 3).")
     max_steps: PositiveInt | None = Field(None, description="Stop after this many optimizer steps, if set.")
-    max_seq_len: Annotated[int, Field(ge=8, le=1_048_576)] = Field(
+    max_seq_len: Annotated[int, Strict(), Field(ge=8, le=1_048_576)] = Field(
         512, description="Tokens per sequence; longer examples are truncated (the survey uses 512)."
     )
     micro_batch_size: PositiveInt = Field(4, description="Sequences per device per forward pass.")
     gradient_accumulation_steps: PositiveInt = Field(1, description="Micro-batches per optimizer step.")
-    learning_rate: float = Field(2e-5, gt=0, le=1.0, description="Peak learning rate.")
+    learning_rate: Float = Field(2e-5, gt=0, le=1.0, description="Peak learning rate.")
     lr_schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
-    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0, description="Share of steps spent warming up linearly.")
-    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
-    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
-    seed: int = Field(42, description="Seed for data order, dropout and initialisation.")
+    warmup_ratio: Float = Field(0.03, ge=0.0, lt=1.0, description="Share of steps spent warming up linearly.")
+    weight_decay: Float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    max_grad_norm: Float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    seed: Int = Field(42, description="Seed for data order, dropout and initialisation.")
     eval_every_steps: PositiveInt = Field(
         50, description="Compute eval loss and save a checkpoint every this many steps (and at the end)."
     )
@@ -173,7 +190,7 @@ class RunSection(Section):
         "Credentials come from each node's environment, never the URI."
     )
     keep_checkpoints: PositiveInt = Field(2, description="Checkpoints kept: the best N by eval loss (CheckpointConfig).")
-    max_failures: int = Field(
+    max_failures: Int = Field(
         2, ge=-1, description="Restarts of the worker group after a worker dies, from the last checkpoint "
         "(FailureConfig); -1: no limit.",
     )
@@ -201,22 +218,22 @@ class TuneSection(Section):
     )
     search: Literal["grid", "random"] = Field("grid", description="Grid: every combination; random: num_samples draws.")
     num_samples: PositiveInt = Field(8, description="Trials drawn by random search (grid ignores it).")
-    seed: int = Field(0, description="Seed for random search draws.")
+    seed: Int = Field(0, description="Seed for random search draws.")
     scheduler: Literal["asha", "none"] = Field("asha", description="ASHA stops weak trials early on eval loss.")
     grace_period_steps: PositiveInt | None = Field(
         None, description="Steps every trial runs before ASHA may stop it; default: train.eval_every_steps.")
-    reduction_factor: float = Field(2.0, gt=1.0, description="ASHA keeps 1 / reduction_factor of trials per rung.")
+    reduction_factor: Float = Field(2.0, gt=1.0, description="ASHA keeps 1 / reduction_factor of trials per rung.")
     max_concurrent_trials: PositiveInt | None = Field(
         None, description="Trials at once; default: as many as the cluster's CPUs and GPUs allow.")
-    memory_budget_gib: float | None = Field(
+    memory_budget_gib: Float | None = Field(
         None, gt=0, description="Per-device memory a trial may use; default: the server type's GPU memory "
         "(no limit for server_type any on CPU). Combinations estimated above it are skipped.")
 
 
 class AutoscalingSection(Section):
-    min_replicas: Annotated[int, Field(ge=0)] = Field(1, description="Fewest replicas.")
+    min_replicas: Annotated[int, Strict(), Field(ge=0)] = Field(1, description="Fewest replicas.")
     max_replicas: PositiveInt = Field(2, description="Most replicas.")
-    target_ongoing_requests: float = Field(2.0, gt=0, description="Requests per replica the autoscaler aims for.")
+    target_ongoing_requests: Float = Field(2.0, gt=0, description="Requests per replica the autoscaler aims for.")
 
 
 class ServeSection(Section):
@@ -237,19 +254,19 @@ class ServeSection(Section):
     max_lora_rank: PositiveInt | None = Field(
         None, description="vLLM: largest LoRA rank servable (its memory is reserved at start); default: the largest "
         "rank among the adapters there are at start, at least 8.")
-    kv_cache_gib: float | None = Field(
+    kv_cache_gib: Float | None = Field(
         None, gt=0, description="vLLM: KV cache size per replica; default: vLLM's share of GPU memory, 1 GiB on CPU.")
-    enforce_eager: bool = Field(
+    enforce_eager: Bool = Field(
         False, description="vLLM: no torch.compile or CUDA graphs (starts in seconds instead of a minute; slower).")
     host: str = Field("127.0.0.1", description="HTTP bind address; 0.0.0.0 exposes it to the network.")
-    port: Annotated[int, Field(ge=1, le=65535)] = Field(8000, description="HTTP port.")
+    port: Annotated[int, Strict(), Field(ge=1, le=65535)] = Field(8000, description="HTTP port.")
     api_key: str | None = Field(None, description="If set, requests need 'Authorization: Bearer <key>' "
                                 "(also read from RAYTUNE_IT_API_KEY). Never saved with a run's config.")
     engine: Literal["auto", "transformers", "vllm"] = Field(
         "auto", description="Inference engine; auto: vllm where installed and a GPU exists, else transformers.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights dtype; auto: bfloat16 on GPU, float32 on CPU.")
-    use_gpu: bool = Field(False, description="One GPU per replica.")
+    use_gpu: Bool = Field(False, description="One GPU per replica.")
     cpus_per_replica: PositiveInt = Field(1, description="CPUs per replica (Ray sets the replica's torch threads "
                                           "to this: raise it for CPU inference).")
     num_replicas: PositiveInt = Field(1, description="Replicas, when autoscaling is not set.")
@@ -257,7 +274,7 @@ class ServeSection(Section):
     max_ongoing_requests: PositiveInt | None = Field(
         None, description="Requests one replica holds at once; more queue. Default: 64 for vLLM (its continuous "
         "batch), 4 for transformers (it generates one at a time).")
-    max_queued_requests: int = Field(64, ge=-1, description="Requests queued per deployment before clients get "
+    max_queued_requests: Int = Field(64, ge=-1, description="Requests queued per deployment before clients get "
                                      "503; -1: unbounded.")
     server_type: ServerTypeChoice = Field("any", description="Place replicas on nodes of this server type.")
     max_model_len: PositiveInt = Field(2048, description="Prompt plus completion tokens, at most.")
@@ -351,7 +368,7 @@ class JobConfig(Section):
     eval: EvalSection = Field(default_factory=EvalSection)
     e2e: EndToEndSection = Field(default_factory=EndToEndSection)
 
-    def to_dict(self, include_secrets: bool = False) -> dict[str, Any]:
+    def to_dict(self, include_secrets: Bool = False) -> dict[str, Any]:
         """The config as data. Secrets (``SECRETS``) are left out unless asked for: this dict is saved in run
         folders, sweep state and trial configs, and a saved secret would be both a leak and, read back, a
         key nobody chose."""

@@ -44,8 +44,16 @@ def detect_file_type(path: Path) -> FileType:
         return "parquet"
     if suffix == ".json":
         with path.open("rb") as handle:
-            head = handle.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-        return "jsonl" if head.startswith(b"{") else "json"
+            first_line = handle.readline(1 << 20).removeprefix(BOM).strip()
+        # JSON Lines named .json: a first line that is a whole object. A pretty-printed object is not (and
+        # the JSON reader then says that a .json file must be an array).
+        if first_line.startswith(b"{"):
+            try:
+                json.loads(first_line)
+                return "jsonl"
+            except ValueError:
+                pass
+        return "json"
     raise DataError(f"{path}: cannot tell the file type from the name; use .json, .jsonl or .parquet, "
                     "or set data.file_type")
 
@@ -72,10 +80,16 @@ def validate_record(raw: Any) -> dict[str, Any]:
     return record
 
 
+#: Windows tools start UTF-8 text with a byte-order mark; it is not part of the data.
+BOM = b"\xef\xbb\xbf"
+
+
 def _jsonl(path: Path) -> Iterator[tuple[str, Any]]:
     with path.open("rb") as handle:
         for number, line in enumerate(handle, start=1):
             where = f"{path}:{number}"
+            if number == 1:
+                line = line.removeprefix(BOM)
             if not line.strip():
                 continue
             try:
@@ -94,6 +108,13 @@ def _json_array(path: Path) -> Iterator[tuple[str, Any]]:
 
     index = 0
     with path.open("rb") as handle:
+        if handle.read(len(BOM)) != BOM:
+            handle.seek(0)
+        first = _first_character(handle)
+        if first != b"[":
+            what = {b"{": "an object", b"": "empty"}.get(first, f"text starting with {first.decode('utf-8', 'replace')!r}")
+            raise DataError(f"{path}: a .json file must be one array of records ([{{...}}, {{...}}]), but it is "
+                            f"{what}. Put the records in an array, or write one record per line as .jsonl.")
         try:
             for index, item in enumerate(ijson.items(handle, "item", use_float=True), start=1):
                 yield f"{path}: record {index}", item
@@ -103,6 +124,14 @@ def _json_array(path: Path) -> Iterator[tuple[str, Any]]:
             raise DataError(f"{path}: record {index + 1}: the file is not valid JSON ({detail}). "
                             f"The {index} records before it were read; fix or truncate the file there. "
                             "A JSON file must be one array of objects; use .jsonl for one object per line.") from None
+
+
+def _first_character(handle: Any) -> bytes:
+    """The first non-blank byte of a file, leaving the handle where it was."""
+    start = handle.tell()
+    head = handle.read(4096).lstrip(b" \t\r\n")
+    handle.seek(start)
+    return head[:1]
 
 
 def _parquet(path: Path) -> Iterator[tuple[str, Any]]:
@@ -149,3 +178,9 @@ def iter_records(
         yield record
         if limit is not None and report.records >= limit:
             return
+    if report.records == 0:
+        if report.bad_records:
+            raise DataError(f"{path}: no usable record: all {report.bad_records} were bad and skipped "
+                            f"(data.skip_bad_records=true), the first: {report.reasons[0]}. "
+                            "Fix the records; there is nothing to train on.")
+        raise DataError(f"{path}: the file holds no records; there is nothing to train on.")

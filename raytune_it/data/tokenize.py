@@ -1,9 +1,10 @@
 """Records to training examples: prompt masked, truncated, optionally packed.
 
 An example is ``[BOS] prompt response [EOS]``; the labels are -100 over BOS and
-the prompt, so the loss covers the response and the EOS only. Prompt and response
-are tokenized separately (as the Alpaca recipe does) so the trained span decodes
-to exactly the response text.
+the prompt, so the loss covers the response and the EOS only. The prompt and the
+response are tokenized as one text, as inference sees them, and masked by where
+the prompt ends: tokenized apart, a SentencePiece tokenizer (LLaMA 1 and 2) would
+put a prefix-space token before the response that generation never produces.
 
 Packing concatenates examples into one ``max_seq_len`` row with ``position_ids``
 restarting at 0 for each example and no attention mask. transformers turns such
@@ -51,15 +52,13 @@ def tokenize_records(
 ) -> list[dict[str, list[int]]]:
     """Tokenize a batch of records at once (the fast tokenizer runs the batch in Rust threads)."""
     prompts = [render_prompt(r) for r in records]
-    responses = [r["output"] for r in records]
-    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
+    texts = [prompt + r["output"] for prompt, r in zip(prompts, records)]
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id]
     out = []
-    for prompt, response in zip(prompt_ids, response_ids):
-        input_ids = bos + prompt + response + eos
-        labels = [IGNORE_INDEX] * (len(bos) + len(prompt)) + response + eos
+    for text_ids, prompt_length in zip(*joined_ids(tokenizer, prompts, texts)):
+        input_ids = bos + text_ids + eos
+        labels = [IGNORE_INDEX] * (len(bos) + prompt_length) + text_ids[prompt_length:] + eos
         truncated = len(input_ids) > max_seq_len
         input_ids, labels = input_ids[:max_seq_len], labels[:max_seq_len]
         trained = sum(1 for label in labels if label != IGNORE_INDEX)
@@ -71,6 +70,28 @@ def tokenize_records(
             stats.add(len(input_ids), trained, truncated)
         out.append({"input_ids": input_ids, "labels": labels})
     return out
+
+
+def joined_ids(tokenizer: Any, prompts: Sequence[str], texts: Sequence[str]) -> tuple[list[list[int]], list[int]]:
+    """Each text's token ids, and how many of them belong to its prompt (a prefix of the text).
+
+    A fast tokenizer's character offsets say which tokens start inside the prompt (a token that spans
+    the boundary counts as prompt, so the trained span never starts mid-token); a slow one falls back to
+    the prompt's own token count, as the Alpaca recipe does."""
+    if getattr(tokenizer, "is_fast", False):
+        encoded = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
+        return encoded["input_ids"], [_prompt_tokens(offsets, len(prompt))
+                                      for prompt, offsets in zip(prompts, encoded["offset_mapping"])]
+    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    return ids, [len(p) for p in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+
+
+def _prompt_tokens(offsets: Sequence[tuple[int, int]], prompt_chars: int) -> int:
+    """Tokens before the first one that starts at or after the prompt's end."""
+    for index, (start, _end) in enumerate(offsets):
+        if start >= prompt_chars:
+            return index
+    return len(offsets)
 
 
 def pack_examples(examples: Iterable[Mapping[str, list[int]]], max_seq_len: int) -> Iterator[dict[str, list[int]]]:

@@ -20,6 +20,8 @@ from raytune_it.evaluation.driver import family_rows
 from raytune_it.plan.planner import Plan
 from raytune_it.plan.render import SURVEY_COLUMNS, markdown_table, survey_rows
 from raytune_it.storage import Location, as_location
+from raytune_it.train.summary import method_label
+from raytune_it.tune.layout import trial_dir
 
 TABLE8_COLUMNS = ["method", "server type", "device", "workers / GPUs", "batch / device", "grad. accum.",
                   "tuning time (s)", "train tokens/s", "peak memory / worker (GiB)", "final eval loss",
@@ -46,7 +48,7 @@ def collect(run_dir: Location) -> dict[str, Any]:
         "plan": _load(run_dir, "plan.json"),
         "sweep": pd.read_csv(io.StringIO((run_dir / "sweep" / "results.csv").read_text())),
         "best": best,
-        "lora": _load(run_dir, f"sweep/trials/trial-{int(best['trial']):03d}/summary.json"),
+        "lora": _load(trial_dir(run_dir / "sweep", best["trial"]), "summary.json"),
         "full": _load(run_dir, "full/summary.json"),
         "serve": _load(run_dir, "serve.json"),
         "eval": _load(run_dir, "eval/eval.json"),
@@ -58,9 +60,12 @@ def collect(run_dir: Location) -> dict[str, Any]:
 def table8_rows(data: dict[str, Any]) -> list[list[str]]:
     rows = []
     serve = data["serve"]
+    def label(summary: dict) -> str:
+        return method_label(summary["method"], summary.get("strategy", {}))
+
     for label, summary, served in (("base model, not tuned", None, serve.get("base")),
-                                   (f"{data['lora']['method']}, best sweep trial", data["lora"], serve.get("lora-best")),
-                                   (data["full"]["method"], data["full"], serve.get("full"))):
+                                   (f"{label(data['lora'])}, best sweep trial", data["lora"], serve.get("lora-best")),
+                                   (label(data["full"]), data["full"], serve.get("full"))):
         rate = f"{served['tokens_per_second']:.1f}" if served else "-"
         if summary is None:
             rows.append([label, "-", served.get("device", "-") if served else "-", "-", "-", "-", "-", "-", "-",

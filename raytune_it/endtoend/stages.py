@@ -15,7 +15,7 @@ import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from raytune_it.config.loading import apply_override, parse_override, save_config
+from raytune_it.config.loading import save_config, with_overrides
 from raytune_it.config.schema import JobConfig
 from raytune_it.storage import Location
 
@@ -23,11 +23,7 @@ STAGES = ("stats and plan", "sweep", "full tuning", "serve", "eval", "report")
 
 
 def derive(config: JobConfig, overrides: list[str]) -> JobConfig:
-    data = config.to_dict(include_secrets=True)  # a stage serves with the key the user set; saving drops it
-    for text in overrides:
-        path, value = parse_override(text)
-        apply_override(data, path, value)
-    return JobConfig.model_validate(data)
+    return with_overrides(config, overrides, "a stage of raytune-it run")
 
 
 def stage_configs(config: JobConfig, run_dir: Location) -> dict[str, JobConfig]:

@@ -48,24 +48,37 @@ def _training_text() -> list[str]:
     return texts
 
 
-def build_tokenizer():
+def build_tokenizer(style: str = "byte-level", vocab_size: int = VOCAB_SIZE):
+    """A BPE tokenizer trained on the generated task data, in one of the two styles LLaMA models use.
+
+    ``byte-level`` is a GPT-2-style byte-level BPE, as LLaMA 3 has (and ``tiny-llama``); ``sentencepiece``
+    is a SentencePiece-style BPE with a ``▁`` word prefix (``Metaspace``, prepended to the first word
+    only), newlines as pieces of their own, and byte fallback, as LLaMA 1 and 2 have. Both prepend BOS when encoding with special tokens.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    core = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    # Like LLaMA's tokenizer, encoding with special tokens prepends BOS.
-    core.post_processor = processors.Sequence([
-        processors.ByteLevel(trim_offsets=False),
-        processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]),
-    ])
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
+    bos = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    if style == "byte-level":
+        core = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
+        core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        core.decoder = decoders.ByteLevel()
+        core.post_processor = processors.Sequence([processors.ByteLevel(trim_offsets=False), bos])
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    elif style == "sentencepiece":
+        core = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+        # Newlines stay pieces of their own, as LLaMA's byte-fallback <0x0A> is.
+        core.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split("\n", behavior="isolated"),
+            pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=True)])
+        core.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first", split=True)
+        core.post_processor = bos
+        alphabet = [f"<0x{byte:02X}>" for byte in range(256)]
+    else:
+        raise ValueError(f"unknown tokenizer style {style!r}: byte-level or sentencepiece")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS + (
+        alphabet if style == "sentencepiece" else []), initial_alphabet=[] if style == "sentencepiece" else alphabet,
+        show_progress=False)
     core.train_from_iterator(_training_text(), trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=core,

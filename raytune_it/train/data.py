@@ -1,11 +1,14 @@
-"""The training data as Ray Datasets: tokenized once on the driver, read as shards.
+"""The training data: tokenized once on the driver, handed to the workers through Ray's object store.
 
 The driver streams the records through the foundation pipeline (template,
 masking, truncation, packing, split) and writes the examples to Parquet in the
-run folder, on whatever storage holds it. Those files become Ray Datasets (see ``_split_dataset``) and Ray
-Train splits them equally across workers (``get_dataset_shard``), so every
-worker runs the same number of steps, which the collectives of DDP and ZeRO-3 need. A resumed run finds the files
-already there and trains on exactly the same examples.
+run folder, on whatever storage holds it; a resumed run finds the files already
+there and trains on exactly the same examples. For training the driver puts each
+split in the object store (``SplitBlocks``), and every worker reads its share of
+an epoch in that epoch's seeded order over the whole split (``epoch_rows``), as
+torch's ``DistributedSampler`` does: a sorted or concatenated dataset is mixed
+from the first step, every epoch differs, and a restart recomputes the order and
+continues at its data position.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any, Iterator
 from raytune_it.config.schema import JobConfig
 from raytune_it.data.pipeline import iter_examples
 from raytune_it.data.records import ReadReport
-from raytune_it.data.tokenize import TokenizeStats, collate, collate_arrow
+from raytune_it.data.tokenize import TokenizeStats, collate_arrow
 from raytune_it.storage import Location
 
 ROWS_PER_WRITE = 4096
@@ -75,136 +78,124 @@ def prepare_data(config: JobConfig, tokenizer: Any, folder: Location) -> Prepare
     return prepared
 
 
-#: Tokenized splits up to this size (uncompressed) go to Ray's object store straight from the driver;
-#: larger ones are streamed from their Parquet files by Ray Data read tasks. The driver holds such a split
-#: in memory once, which a head node of a few GiB can afford.
-IN_MEMORY_MAX_BYTES = 1 << 30
 BLOCK_ROWS = 4096
 
 
-def _split_dataset(split: Location) -> Any:
-    """One split as a Ray Dataset.
+@dataclass(frozen=True)
+class SplitBlocks:
+    """A tokenized split in Ray's object store: Arrow tables of ``BLOCK_ROWS`` rows, put by the driver.
 
-    A tokenized instruction set is small (Alpaca's 52k rows are about 75 MB), so
-    the driver reads it and puts its blocks in the object store itself. That skips
-    Ray Data's file-listing and read tasks, whose worker processes take 10-15 s to
-    start on a small node before the first batch, and workers on other nodes never
-    need to see the run folder. Splits over ``IN_MEMORY_MAX_BYTES`` stream from
-    the files instead, through the run's filesystem: read tasks on any node read
-    them from remote storage.
+    Workers fetch the blocks (zero-copy from their node's shared memory, and a node fetches each block
+    once for all of its workers) and read rows in the epoch's order (``epoch_rows``). The driver reads
+    the Parquet file a row group at a time, so its memory stays flat; Ray spills blocks to disk when a
+    split outgrows the object store.
     """
+
+    blocks: tuple
+    rows: int
+
+    def table(self) -> Any:
+        import pyarrow as pa
+
+        import ray
+
+        tables = ray.get(list(self.blocks))
+        return pa.concat_tables(tables) if tables else None
+
+
+def put_split(split: Location) -> SplitBlocks:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    import ray.data
+    import ray
 
+    blocks, rows = [], 0
     with split.open_input_file() as handle:
-        metadata = pq.ParquetFile(handle).metadata
-    size = sum(metadata.row_group(index).total_byte_size for index in range(metadata.num_row_groups))
-    if size > IN_MEMORY_MAX_BYTES:
-        return ray.data.read_parquet(split.path, filesystem=split.filesystem)
-    table = pq.read_table(split.path, filesystem=split.filesystem)
-    return ray.data.from_arrow([table.slice(start, BLOCK_ROWS) for start in range(0, max(table.num_rows, 1),
-                                                                                   BLOCK_ROWS)])
+        for batch in pq.ParquetFile(handle).iter_batches(batch_size=BLOCK_ROWS):
+            blocks.append(ray.put(pa.Table.from_batches([batch])))
+            rows += batch.num_rows
+    return SplitBlocks(tuple(blocks), rows)
 
 
-def ray_datasets(prepared: PreparedData, folder: Location) -> dict[str, Any]:
-    import ray.data
-
-    # Ray Data's per-operator bars and its per-execution plan lines (each split, at every restart) would
-    # interleave with the training progress line.
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    context.enable_operator_progress_bars = False
-    context.print_on_execution_start = False
-    datasets = {"train": _split_dataset(folder / "train.parquet")}
+def split_blocks(prepared: PreparedData, folder: Location) -> dict[str, SplitBlocks]:
+    splits = {"train": put_split(folder / "train.parquet")}
     if prepared.eval_rows:
-        datasets["eval"] = _split_dataset(folder / "eval.parquet")
-    return datasets
+        splits["eval"] = put_split(folder / "eval.parquet")
+    return splits
+
+
+def epoch_rows(rows: int, seed: int, epoch: int, rank: int, world_size: int) -> Any:
+    """This worker's rows for one epoch, in training order: a seeded permutation of the whole split, dealt
+    round-robin to the workers, as torch's ``DistributedSampler`` does with ``set_epoch``.
+
+    Every epoch has its own order, the same on every run and every restart (a resumed run recomputes it
+    and starts at its data position), and every worker gets ``rows // world_size`` rows, so all run the
+    same number of steps, which the collectives of DDP and ZeRO-3 need.
+    """
+    import numpy as np
+
+    order = np.random.default_rng([seed, epoch]).permutation(rows)
+    return order[rank::world_size][:rows // world_size]
+
+
+def eval_rows(rows: int, rank: int, world_size: int) -> Any:
+    """This worker's share of the eval split: every row once across workers, as equal as possible."""
+    import numpy as np
+
+    return np.arange(rows)[rank::world_size]
 
 
 LENGTH_GROUP_MICRO_BATCHES = 16
 
 
-def length_grouped(rows: list[dict], micro_batch_size: int, rng: Any) -> list[list[dict]]:
+def length_grouped(lengths: Any, micro_batch_size: int, rng: Any) -> list[Any]:
     """Split a window of rows into micro-batches of similar length, in random order.
 
-    Sorting the window by length before cutting it into micro-batches cuts the
-    padding (the builtin data wastes about 15% of each padded batch without it,
-    about 5% with a window of 16 micro-batches), and shuffling the micro-batches
-    keeps long and short ones mixed across steps. Like transformers'
-    ``group_by_length``, which sorts "megabatches" the same way. The last
-    micro-batch of a window can be short; only the epoch's last window is
-    partial, so ``drop_last`` drops at most one micro-batch per epoch, made of
-    that window's longest rows rather than random ones.
+    ``lengths`` maps each row index of the window to its length. Sorting the window by length before
+    cutting it into micro-batches cuts the padding (the builtin data wastes about 15% of each padded batch
+    without it, about 5% with a window of 16 micro-batches), and shuffling the micro-batches keeps long
+    and short ones mixed across steps. Like transformers' ``group_by_length``, which sorts "megabatches"
+    the same way.
     """
-    ordered = sorted(rows, key=lambda row: len(row["input_ids"]))
+    ordered = sorted(lengths, key=lambda index: (lengths[index], index))
     chunks = [ordered[i:i + micro_batch_size] for i in range(0, len(ordered), micro_batch_size)]
     rng.shuffle(chunks)
     return chunks
 
 
-def _collate_class():
-    from ray.data.collate_fn import ArrowBatchCollateFn
+def micro_batch_rows(order: Any, lengths: Any, micro_batch_size: int, *, drop_last: bool, group_by_length: bool,
+                     seed: int = 0, epoch: int = 0) -> list[Any]:
+    """The row indices of each micro-batch, in order: fixed by the arguments alone, so a resumed run
+    starts at its data position by index, without reading what came before.
 
-    class PadCollate(ArrowBatchCollateFn):
-        """Pads an Arrow batch into tensors; Ray Data runs it in its prefetch threads.
-
-        With ``group`` set, each Arrow batch is a window of ``group`` micro-batches,
-        length-grouped into a list of padded micro-batches.
-        """
-
-        def __init__(self, pad_token_id: int, micro_batch_size: int, group: int, seed: int | None) -> None:
-            super().__init__()
-            self.pad_token_id, self.micro_batch_size, self.group = pad_token_id, micro_batch_size, group
-            self.seed = seed
-
-        def __call__(self, batch: Any) -> Any:
-            if not self.group:
-                return collate_arrow(batch, self.pad_token_id)
-            import random
-
-            rows = batch.to_pylist()
-
-            # Seeded by the window's content: Ray Data may collate windows concurrently, out of order,
-            # and a resumed run must see the same micro-batches in the same order.
-            edges = (rows[0]["input_ids"][:32], rows[-1]["input_ids"][:32])
-            rng = random.Random(f"{self.seed}:{len(rows)}:{edges}")
-            return [collate(chunk, self.pad_token_id)
-                    for chunk in length_grouped(rows, self.micro_batch_size, rng)]
-
-    return PadCollate
-
-
-def iter_micro_batches(
-    shard: Any, micro_batch_size: int, pad_token_id: int, *, seed: int | None = None, drop_last: bool = True,
-    group_by_length: bool = False, pin_memory: bool = False,
-) -> Iterator[dict]:
-    """Collated micro-batches from a worker's shard, reproducible for a given seed.
-
-    Collation happens in Ray Data's prefetch threads, off the training step's
-    critical path; the strategies move batches to the device. ``group_by_length``
-    reads windows of ``LENGTH_GROUP_MICRO_BATCHES`` micro-batches and yields each
-    window's micro-batches grouped by length (see ``length_grouped``). Every
-    window but the last is whole, so with ``drop_last`` as many full
-    micro-batches come out as without grouping. ``pin_memory`` (for a GPU) pins the
-    collated micro-batches in those threads too, so that their copy to the GPU, which
-    Ray Data also makes there, does not block.
+    With ``group_by_length`` each window of ``LENGTH_GROUP_MICRO_BATCHES`` micro-batches is grouped by
+    length (``length_grouped``). ``drop_last`` drops a short last micro-batch: at most one per epoch, and
+    only the epoch's last window can be short.
     """
-    group = LENGTH_GROUP_MICRO_BATCHES if group_by_length else 0
-    batches = shard.iter_torch_batches(
-        batch_size=micro_batch_size * (group or 1),
-        collate_fn=_collate_class()(pad_token_id, micro_batch_size, group, seed),
-        prefetch_batches=2,
-        drop_last=drop_last and not group,
-        local_shuffle_buffer_size=None if seed is None else max(1024, 2 * micro_batch_size * (group or 1)),
-        local_shuffle_seed=seed,
-        pin_memory=pin_memory,
-    )
-    if not group:
-        yield from batches
-        return
-    for window in batches:
-        for micro_batch in window:
-            if drop_last and len(micro_batch["input_ids"]) < micro_batch_size:
-                continue
-            yield micro_batch
+    import random
+
+    order = [int(index) for index in order]
+    if group_by_length:
+        window = LENGTH_GROUP_MICRO_BATCHES * micro_batch_size
+        chunks = []
+        for number, start in enumerate(range(0, len(order), window)):
+            rng = random.Random(f"{seed}:{epoch}:{number}")
+            part = order[start:start + window]
+            chunks += length_grouped({index: lengths[index] for index in part}, micro_batch_size, rng)
+    else:
+        chunks = [order[i:i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
+    return [chunk for chunk in chunks if not drop_last or len(chunk) == micro_batch_size]
+
+
+def row_lengths(table: Any) -> Any:
+    import pyarrow.compute as pc
+
+    return pc.list_value_length(table.column("input_ids")).to_numpy()
+
+
+def micro_batches(table: Any, rows: list[Any], pad_token_id: int, *, pin_memory: bool = False) -> Iterator[dict]:
+    """Collated micro-batches for lists of row indices, built as they are needed. ``pin_memory`` (for a
+    GPU) pins them, so that the strategies' copy to the GPU does not block."""
+    for indices in rows:
+        batch = collate_arrow(table.take(indices), pad_token_id)
+        yield {key: value.pin_memory() for key, value in batch.items()} if pin_memory else batch

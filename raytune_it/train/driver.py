@@ -1,7 +1,7 @@
 """``raytune-it train``: one Ray Train job from a validated config to a run folder.
 
 config -> preflight checks (no worker yet) -> run folder with config.yaml ->
-tokenized data as Ray Datasets -> TorchTrainer on the server type's resource ->
+tokenized data in the object store -> TorchTrainer on the server type's resource ->
 progress while it runs -> summary.json and the export.
 
 The run folder ``run.storage/run.name/`` holds ``config.yaml``, ``data/``,
@@ -18,7 +18,7 @@ import json
 import time
 from typing import Any
 
-from raytune_it.config.loading import load_run_config, save_config
+from raytune_it.config.loading import flatten, load_run_config, save_config
 from raytune_it.config.schema import JobConfig
 from raytune_it.errors import ConfigError
 from raytune_it.hardware import SERVER_TYPES
@@ -35,21 +35,11 @@ def run_dir_of(config: JobConfig) -> Location:
     return open_location(config.run.storage) / config.run.name
 
 
-def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def check_resume_compatible(config: JobConfig, run_dir: Location) -> None:
     previous_path = run_dir / "config.yaml"
     if not previous_path.is_file():
         return
-    before, now = _flatten(load_run_config(previous_path).to_dict()), _flatten(config.to_dict())
+    before, now = flatten(load_run_config(previous_path).to_dict()), flatten(config.to_dict())
     changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k)
                      and k not in RESUMABLE_CHANGES and not k.startswith(("tune.", "serve.")))
     if changed:
@@ -125,21 +115,6 @@ def scaling_config(config: JobConfig) -> Any:
                          resources_per_worker=worker_resources(config))
 
 
-def deterministic_ingest():
-    """Ray Train's ingest options with ``preserve_order``: blocks reach the shards in the same order and to
-    the same workers on every run, so a resumed run skips to exactly the batches it had not yet trained on."""
-    import warnings
-
-    import ray.train
-    from ray.util.annotations import RayDeprecationWarning
-
-    with warnings.catch_warnings():  # Ray's own defaults set an option Ray deprecated: not the user's to fix
-        warnings.simplefilter("ignore", RayDeprecationWarning)
-        options = ray.train.DataConfig.default_ingest_options()
-    options.preserve_order = True
-    return options
-
-
 def train(config: JobConfig, *, console: Any = None, callbacks: list | None = None) -> RunSummary:
     """Run (or resume) one training job and return its summary.
 
@@ -149,7 +124,7 @@ def train(config: JobConfig, *, console: Any = None, callbacks: list | None = No
 
     from raytune_it.cluster import ray_session, wait_for_resources, warn_if_storage_is_not_shared
     from raytune_it.models.loading import load_tokenizer
-    from raytune_it.train.data import prepare_data, ray_datasets
+    from raytune_it.train.data import prepare_data, split_blocks
     from raytune_it.train.preflight import preflight
 
     console = console or Console()
@@ -185,7 +160,7 @@ def train(config: JobConfig, *, console: Any = None, callbacks: list | None = No
             train_loop,
             train_loop_config={
                 "config": config.to_dict(), "plan": plan.__dict__, "progress": queue,
-                "export": run_dir / "export", "has_eval": prepared.eval_rows > 0,
+                "export": run_dir / "export", "splits": split_blocks(prepared, run_dir / "data"),
             },
             scaling_config=scaling_config(config),
             torch_config=TorchConfig(backend="nccl" if config.scaling.use_gpu else "gloo"),
@@ -199,8 +174,6 @@ def train(config: JobConfig, *, console: Any = None, callbacks: list | None = No
                 failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
                 callbacks=callbacks or [],
             ),
-            datasets=ray_datasets(prepared, run_dir / "data"),
-            dataset_config=ray.train.DataConfig(execution_options=deterministic_ingest()),
         )
         with ProgressMonitor(queue, plan.total_steps, run_dir / "metrics.jsonl", console):
             trainer.fit()

@@ -14,7 +14,6 @@ import resource
 import tempfile
 import time
 from functools import partial
-from itertools import chain, islice
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -40,17 +39,36 @@ def _all_reduce(values: list[float], device: Any, op: str = "sum") -> list[float
     return tensor.tolist()
 
 
-def step_stats(loss: Any, micro_batches: list[dict], pad_id: int, device: Any) -> Any:
-    """A step's mean loss and non-padding token count as one float64 tensor on the device,
-    summed over workers. Nothing here waits for the device: the loop reads it a step later."""
+def global_trained_tokens(micro_batches: list[dict], device: Any) -> Any:
+    """The step's trained tokens over all its micro-batches and all workers: the loss's denominator.
+
+    Dividing the summed token losses of every micro-batch by this one count gives each trained token the
+    same weight, however the step's tokens fall into micro-batches and workers: gradient accumulation
+    4 x batch 1 is batch 4, and 2 workers are 1 worker with twice the batch (transformers since 4.46 and
+    torchtune normalise the same way). A float tensor on the device; nothing here waits for it."""
     import torch
     import torch.distributed as dist
 
-    tokens = sum((batch["input_ids"] != pad_id).sum().to(device) for batch in micro_batches)
-    stats = torch.stack([loss.detach().to(device, torch.float64), tokens.to(torch.float64)])
+    from raytune_it.train.strategies.base import trained_tokens
+
+    count = sum(trained_tokens(batch["labels"]) for batch in micro_batches)
+    count = torch.tensor(float(count), dtype=torch.float32, device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(stats)  # queued on the device with NCCL; gloo on the CPU finishes it here
-    return stats
+        dist.all_reduce(count)
+    return count
+
+
+def step_stats(loss_sum: Any, trained: Any, tokens: int, device: Any) -> Any:
+    """A step's mean token loss (over all workers) and its token count as one float64 tensor on the
+    device. Nothing here waits for the device: the loop reads it a step later."""
+    import torch
+    import torch.distributed as dist
+
+    sums = torch.stack([loss_sum.detach().to(device, torch.float64),
+                        torch.tensor(float(tokens), dtype=torch.float64, device=device)])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(sums)  # queued on the device with NCCL; gloo on the CPU finishes it here
+    return torch.stack([sums[0] / trained.to(torch.float64).clamp(min=1), sums[1]])
 
 
 def run_steps(queue_step: Callable[[], Any], read: Callable[[Any], None], steps: int, *, read_late: bool,
@@ -133,139 +151,184 @@ def worker_nodes() -> list[str]:
 
 
 def train_loop(loop_config: dict) -> None:
-    import torch
-
-    import ray.train
-    import ray.train.torch
-    from raytune_it.config.schema import JobConfig
-    from raytune_it.models.loading import load_tokenizer
-    from raytune_it.train.data import iter_micro_batches
-    from raytune_it.train.strategies.base import make_strategy
-
+    """What each Ray Train worker runs: the recipe below, set up from the driver's loop config."""
     quiet_worker_logs()
-    config = JobConfig.model_validate(loop_config["config"])
-    plan = StepPlan(**loop_config["plan"])
-    progress = loop_config.get("progress")
-    export = loop_config["export"]  # a storage Location: the run's export/, wherever the run lives
-    context = ray.train.get_context()
-    rank = context.get_world_rank()
-    device = ray.train.torch.get_device()
-    torch.manual_seed(config.train.seed)
+    Recipe(loop_config).run()
 
-    tokenizer = load_tokenizer(config.model.name_or_path, revision=config.model.revision,
-                               trust_remote_code=config.model.trust_remote_code)
-    pad_id = tokenizer.pad_token_id
-    strategy = make_strategy(config, plan.total_steps, device)
-    state = TrainState()
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
+
+class Recipe:
+    """One worker's training run, read top to bottom: ``run`` is the whole recipe; each method is a step
+    of it. State that outlives a restart lives in ``TrainState`` and is checkpointed with the model."""
+
+    def __init__(self, loop_config: dict) -> None:
+        import torch
+
+        import ray.train
+        import ray.train.torch
+        from raytune_it.config.schema import JobConfig
+        from raytune_it.models.loading import load_tokenizer
+
+        self.config = config = JobConfig.model_validate(loop_config["config"])
+        self.plan = StepPlan(**loop_config["plan"])
+        self.progress = loop_config.get("progress")
+        self.export_location = loop_config["export"]  # a storage Location: the run's export/
+        self.splits = loop_config["splits"]  # SplitBlocks in the object store, by split name
+        context = ray.train.get_context()
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+        torch.manual_seed(config.train.seed)
+        self.tokenizer = load_tokenizer(config.model.name_or_path, revision=config.model.revision,
+                                        trust_remote_code=config.model.trust_remote_code)
+        self.pad_id = self.tokenizer.pad_token_id
+        self.micro, self.accumulation = config.train.micro_batch_size, config.train.gradient_accumulation_steps
+        self.state = TrainState()
+        self.strategy: Any = None
+        self.eval_batches: list[dict] | None = None
+        # Sent with the first step of each attempt: where the workers run and what was built.
+        self.first_report: dict[str, Any] = {}
+        self.pending: list[dict] = []
+        self.last_flush = time.monotonic()
+
+    def run(self) -> None:
+        from raytune_it.train.data import row_lengths
+        from raytune_it.train.strategies.base import make_strategy
+
+        self.strategy = make_strategy(self.config, self.plan.total_steps, self.device)
+        self.restore()
+        self.first_report = {"worker_nodes": worker_nodes(), "strategy": self.strategy.describe()}
+        self.table = self.splits["train"].table()
+        self.lengths = row_lengths(self.table)
+        while self.state.step < self.plan.total_steps:
+            self.train_epoch()
+            if self.state.step < self.plan.total_steps:
+                self.state.epoch += 1
+                self.state.batches_in_epoch = 0
+        publish_export(self.strategy, self.tokenizer, self.export_location, self.rank)
+
+    def restore(self) -> None:
+        """Continue from the last checkpoint Ray Train recorded, if there is one: model, optimizer,
+        schedule, data position and RNG."""
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return
         with checkpoint.as_directory() as folder:
-            strategy.load_checkpoint(Path(folder))
-            state = TrainState.load(Path(folder))
-            load_rng_state(Path(folder), rank)
-        state.restarts += 1
-    train_shard = ray.train.get_dataset_shard("train")
-    eval_shard = ray.train.get_dataset_shard("eval") if loop_config["has_eval"] else None
-    micro, accumulation = config.train.micro_batch_size, config.train.gradient_accumulation_steps
+            self.strategy.load_checkpoint(Path(folder))
+            self.state = TrainState.load(Path(folder))
+            load_rng_state(Path(folder), self.rank)
+        self.state.restarts += 1
 
-    # Sent with the first step of each attempt: where the workers run and what was built.
-    first_report: dict[str, Any] = {"worker_nodes": worker_nodes(), "strategy": strategy.describe()}
-    pending: list[dict] = []
-    last_flush = time.monotonic()
+    def train_epoch(self) -> None:
+        """The rest of the current epoch, from the data position, in the epoch's own order."""
+        from raytune_it.train.data import epoch_rows, micro_batch_rows
 
-    def report(metrics: dict, with_checkpoint: bool) -> None:
+        config, state = self.config, self.state
+        order = epoch_rows(len(self.lengths), config.train.seed, state.epoch, self.rank, self.world_size)
+        rows = micro_batch_rows(order, self.lengths, self.micro, drop_last=True,
+                                group_by_length=config.data.group_by_length, seed=config.train.seed,
+                                epoch=state.epoch)[state.batches_in_epoch:]
+        steps = min(self.plan.total_steps - state.step,
+                    self.plan.steps_per_epoch - state.batches_in_epoch // self.accumulation)
+        step_rows = iter([rows[i * self.accumulation:(i + 1) * self.accumulation] for i in range(steps)])
+        self.tick = time.perf_counter()
+        # A CPU has finished a step when ``step`` returns; a GPU has only queued it.
+        run_steps(partial(self.queue_step, step_rows), self.finish_step, steps,
+                  read_late=self.device.type == "cuda",
+                  read_at_once=lambda index, first=state.step + 1: self.is_eval_step(first + index))
+
+    def queue_step(self, step_rows: Iterator[list]) -> tuple[Any, float]:
+        """One optimizer step over ``accumulation`` micro-batches, queued on the device."""
+        from raytune_it.train.data import micro_batches
+
+        rows = next(step_rows)
+        batches = list(micro_batches(self.table, rows, self.pad_id, pin_memory=self.device.type == "cuda"))
+        trained = global_trained_tokens(batches, self.device)
+        loss_sum = self.strategy.backward(batches, trained)
+        self.strategy.optimizer_step()
+        tokens = int(sum(self.lengths[index] for chunk in rows for index in chunk))  # padding excluded
+        return step_stats(loss_sum, trained, tokens, self.device), self.strategy.learning_rate()
+
+    def finish_step(self, queued: tuple[Any, float]) -> None:
+        """Book a finished step (its loss and tokens were on the device until now), evaluate and checkpoint
+        when it is an eval step, and report it. Eval and checkpoint time is booked apart from training."""
+        stats, learning_rate = queued
+        loss, tokens = stats.tolist()  # waits for that step's work only; the next one is already queued
+        now = time.perf_counter()
+        seconds, self.tick = now - self.tick, now
+        state = self.state
+        state.step += 1
+        state.batches_in_epoch += self.accumulation
+        state.tokens += int(tokens)
+        state.train_seconds += seconds
+        metrics = {
+            "step": state.step, "epoch": state.epoch, "total_steps": self.plan.total_steps,
+            "loss": loss, "learning_rate": learning_rate,
+            "tokens": state.tokens, "tokens_per_second": tokens / seconds if seconds else 0.0,
+            "train_seconds": state.train_seconds, "restarts": state.restarts,
+        }
+        at_eval = self.is_eval_step(state.step)
+        if at_eval:
+            started = time.perf_counter()
+            metrics.update(self.evaluate())
+            state.eval_seconds += time.perf_counter() - started
+        metrics.update(eval_seconds=state.eval_seconds, checkpoint_seconds=state.checkpoint_seconds)
+        self.report(metrics, with_checkpoint=at_eval)
+        self.tick = time.perf_counter()
+
+    def is_eval_step(self, step: int) -> bool:
+        """Whether ``step`` (counted from 1) evaluates and checkpoints."""
+        return step % self.config.train.eval_every_steps == 0 or step == self.plan.total_steps
+
+    def evaluate(self) -> dict:
+        from raytune_it.train.data import eval_rows, micro_batch_rows, micro_batches
+
+        if self.eval_batches is None:  # the eval split is small: collated once and kept
+            split = self.splits.get("eval")
+            table = split.table() if split is not None and split.rows else None
+            self.eval_batches = [] if table is None else list(micro_batches(
+                table, micro_batch_rows(eval_rows(table.num_rows, self.rank, self.world_size), None, self.micro,
+                                        drop_last=False, group_by_length=False), self.pad_id))
+        eval_loss = evaluate(self.strategy, self.eval_batches, self.device)
+        [peak] = _all_reduce([float(peak_memory_bytes(self.device))], self.device, op="max")
+        return {"eval_loss": eval_loss if eval_loss is not None else float("nan"), "peak_memory_bytes": int(peak)}
+
+    def report(self, metrics: dict, with_checkpoint: bool) -> None:
         """Every step's metrics go to the driver's queue; Ray Train gets eval steps with a checkpoint.
 
         ``ray.train.report`` is a barrier that waits for the controller's next poll
         (every 2 s), so calling it every step would cap training at one step per poll.
         """
-        nonlocal first_report, last_flush
-        if progress is not None and rank == 0:
-            pending.append(dict(metrics, **first_report))
-            first_report = {}
+        if self.progress is not None and self.rank == 0:
+            self.pending.append(dict(metrics, **self.first_report))
+            self.first_report = {}
             # One queue call per second, not per step: each call is a round trip to the queue actor.
-            if with_checkpoint or time.monotonic() - last_flush > 1.0 or metrics["step"] == plan.total_steps:
+            if with_checkpoint or time.monotonic() - self.last_flush > 1.0 or metrics["step"] == self.plan.total_steps:
                 try:
-                    progress.put_nowait_batch(pending)
+                    self.progress.put_nowait_batch(self.pending)
                 except Exception:  # a full or gone progress queue must never stop training
                     pass
-                pending.clear()
-                last_flush = time.monotonic()
-        if not with_checkpoint:
-            return
+                self.pending.clear()
+                self.last_flush = time.monotonic()
+        if with_checkpoint:
+            self.checkpoint(metrics)
+
+    def checkpoint(self, metrics: dict) -> None:
+        """Write a checkpoint and report it to Ray Train, which uploads it to the run's storage and records
+        it once every worker has reported it: a restart uses the newest checkpoint so recorded."""
+        import ray.train
+
+        started = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="raytune-it-ckpt-") as folder:
             # Every rank writes its RNG state; the strategy decides which ranks write model state.
-            strategy.save_checkpoint(Path(folder))
-            save_rng_state(Path(folder), rank)
-            if rank == 0:
-                state.save(Path(folder))
+            self.strategy.save_checkpoint(Path(folder))
+            save_rng_state(Path(folder), self.rank)
+            if self.rank == 0:
+                self.state.save(Path(folder))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
-                             checkpoint_dir_name=f"step_{state.step:07d}")
-
-    eval_batches: list[dict] | None = None
-
-    def eval_metrics() -> dict:
-        nonlocal eval_batches
-        if eval_batches is None:
-            # The eval split is small: read this worker's shard once and keep it, instead of paying
-            # Ray Data's start-up at every evaluation.
-            eval_batches = [] if eval_shard is None else list(
-                iter_micro_batches(eval_shard, micro, pad_id, drop_last=False))
-        eval_loss = evaluate(strategy, eval_batches, device)
-        [peak] = _all_reduce([float(peak_memory_bytes(device))], device, op="max")
-        return {"eval_loss": eval_loss if eval_loss is not None else float("nan"), "peak_memory_bytes": int(peak)}
-
-    def account(queued: tuple[Any, float]) -> None:
-        """Book a finished step (its loss and tokens were on the device until now), evaluate
-        and checkpoint when it is an eval step, and report it."""
-        nonlocal tick
-        stats, learning_rate = queued
-        loss, tokens = stats.tolist()  # waits for that step's work only; the next one is already queued
-        seconds, tick = time.perf_counter() - tick, time.perf_counter()
-        state.step += 1
-        state.batches_in_epoch += accumulation
-        state.tokens += int(tokens)
-        state.train_seconds += seconds
-        metrics = {
-            "step": state.step, "epoch": state.epoch, "total_steps": plan.total_steps,
-            "loss": loss / context.get_world_size(), "learning_rate": learning_rate,
-            "tokens": state.tokens, "tokens_per_second": tokens / seconds if seconds else 0.0,
-            "train_seconds": state.train_seconds, "restarts": state.restarts,
-        }
-        at_eval = is_eval_step(state.step)
-        if at_eval:
-            metrics.update(eval_metrics())
-        report(metrics, with_checkpoint=at_eval)
-
-    def is_eval_step(step: int) -> bool:
-        """Whether ``step`` (counted from 1) evaluates and checkpoints."""
-        return step % config.train.eval_every_steps == 0 or step == plan.total_steps
-
-    def queue_step(batches: Iterator[dict]) -> tuple[Any, float]:
-        micro_batches = list(islice(batches, accumulation))
-        loss = strategy.step(micro_batches)
-        return step_stats(loss, micro_batches, pad_id, device), strategy.learning_rate()
-
-    while state.step < plan.total_steps:
-        batches = iter_micro_batches(train_shard, micro, pad_id, seed=config.train.seed + state.epoch,
-                                     group_by_length=config.data.group_by_length,
-                                     pin_memory=device.type == "cuda")
-        # Resume at the data position: skip what this epoch already consumed.
-        for _ in islice(batches, state.batches_in_epoch):
-            pass
-        # Tuning time is wall time between step ends: data loading, reporting, eval and checkpoints count;
-        # the data pipeline's start-up (the first batch of an epoch) does not, like model loading.
-        batches = chain(list(islice(batches, accumulation)), batches)
-        tick = time.perf_counter()
-        steps = min(plan.total_steps - state.step, plan.steps_per_epoch - state.batches_in_epoch // accumulation)
-        # A CPU has finished a step when ``step`` returns; a GPU has only queued it.
-        run_steps(partial(queue_step, batches), account, steps, read_late=device.type == "cuda",
-                  read_at_once=lambda index, first=state.step + 1: is_eval_step(first + index))
-        if state.step < plan.total_steps:
-            state.epoch += 1
-            state.batches_in_epoch = 0
-
-    publish_export(strategy, tokenizer, export, rank)
+                             checkpoint_dir_name=f"step_{self.state.step:07d}")
+        # Writing and uploading; the next step's metrics carry it.
+        self.state.checkpoint_seconds += time.perf_counter() - started
 
 
 def publish_export(strategy: Any, tokenizer: Any, export: Any, rank: int) -> None:

@@ -71,12 +71,13 @@ class ProgressMonitor:
 
     def _line(self, m: dict) -> str:
         done = m["step"] / max(1, m["total_steps"])
-        rate = m["train_seconds"] / max(1, m["step"])
-        eta = rate * (m["total_steps"] - m["step"])
+        side = m.get("eval_seconds", 0.0) + m.get("checkpoint_seconds", 0.0)
+        eta = (m["train_seconds"] + side) / max(1, m["step"]) * (m["total_steps"] - m["step"])
         eval_text = f" eval_loss {m['eval_loss']:.4f}" if "eval_loss" in m and not math.isnan(m["eval_loss"]) else ""
+        # tokens/s is the training rate: evaluation and checkpoint time is shown apart, never folded into it.
         return (f"step {m['step']}/{m['total_steps']} ({done:.0%}) epoch {m['epoch']} loss {m['loss']:.4f}"
                 f"{eval_text} lr {m['learning_rate']:.2e} tokens/s {m['tokens_per_second']:,.0f} "
-                f"ETA {int(eta) // 60}:{int(eta) % 60:02d}")
+                f"(train {m['train_seconds']:.0f} s, eval+ckpt {side:.0f} s) ETA {int(eta) // 60}:{int(eta) % 60:02d}")
 
     def _run(self) -> None:
         every = max(1, self.total_steps // 20)

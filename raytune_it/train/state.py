@@ -16,8 +16,10 @@ class TrainState:
     #: Micro-batches this worker consumed in the current epoch: the data position.
     batches_in_epoch: int = 0
     tokens: int = 0
-    #: Seconds spent in the training loop, summed over restarts.
+    #: Seconds spent in training steps, summed over restarts; evaluation and checkpoints are booked apart.
     train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    checkpoint_seconds: float = 0.0
     restarts: int = 0
 
     def save(self, folder: Path) -> None:
@@ -25,7 +27,8 @@ class TrainState:
 
     @classmethod
     def load(cls, folder: Path) -> "TrainState":
-        return cls(**json.loads((folder / STATE_FILE).read_text()))
+        fields = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in json.loads((folder / STATE_FILE).read_text()).items() if k in fields})
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ SUMMARY_FILE = "summary.json"
 @dataclass
 class RunSummary:
     run_name: str
+    #: The config's value, ``full`` or ``lora``; ``method_label`` is the display text.
     method: str
     server_type: str
     device: str
@@ -23,9 +24,15 @@ class RunSummary:
     gradient_accumulation_steps: int
     steps: int
     epochs_completed: float
+    #: Training, evaluation and checkpoints: the survey's tuning time.
     tuning_seconds: float
+    #: Training steps only: the denominator of ``tokens_per_second``.
+    train_seconds: float
+    eval_seconds: float
+    checkpoint_seconds: float
     wall_seconds: float
     train_tokens: int
+    #: Training throughput: tokens over training-step time, eval and checkpoints excluded.
     tokens_per_second: float
     peak_memory_bytes: int
     final_train_loss: float | None
@@ -57,10 +64,11 @@ def build_summary(config: JobConfig, history: list[dict], steps_per_epoch: int, 
     last = history[-1]
     evals = [m for m in history if _finite(m.get("eval_loss")) is not None]
     peaks = [m["peak_memory_bytes"] for m in history if "peak_memory_bytes" in m]
+    train_seconds = last["train_seconds"]
+    eval_seconds, checkpoint_seconds = last.get("eval_seconds", 0.0), last.get("checkpoint_seconds", 0.0)
     return RunSummary(
         run_name=config.run.name,
-        method=f"{config.method} (ZeRO-{config.deepspeed.zero_stage})" if config.method == "full"
-        else f"lora ({'INT8' if config.lora.int8 else 'bf16'} base, r={config.lora.rank})",
+        method=config.method,
         server_type=config.scaling.server_type,
         device="gpu" if config.scaling.use_gpu else "cpu",
         num_workers=config.scaling.num_workers,
@@ -68,7 +76,10 @@ def build_summary(config: JobConfig, history: list[dict], steps_per_epoch: int, 
         gradient_accumulation_steps=config.train.gradient_accumulation_steps,
         steps=last["step"],
         epochs_completed=round(last["step"] / steps_per_epoch, 3),
-        tuning_seconds=round(last["train_seconds"], 3),
+        tuning_seconds=round(train_seconds + eval_seconds + checkpoint_seconds, 3),
+        train_seconds=round(train_seconds, 3),
+        eval_seconds=round(eval_seconds, 3),
+        checkpoint_seconds=round(checkpoint_seconds, 3),
         wall_seconds=round(wall_seconds, 3),
         train_tokens=int(last["tokens"]),
         tokens_per_second=round(last["tokens"] / last["train_seconds"], 1) if last["train_seconds"] else 0.0,
@@ -83,17 +94,30 @@ def build_summary(config: JobConfig, history: list[dict], steps_per_epoch: int, 
     )
 
 
+def method_label(method: str, strategy: dict[str, Any]) -> str:
+    """How printed tables name a run's method, from its summary: ``full (ZeRO-3)``, ``lora (int8 base, r=16)``.
+    Display text only: ``summary.json`` keeps the config's value."""
+    if method == "full":
+        return f"full (ZeRO-{strategy['zero_stage']})" if "zero_stage" in strategy else "full"
+    base = strategy.get("base_weight_dtype", "").replace("float", "fp")
+    rank = strategy.get("lora_rank")
+    return f"lora ({base} base, r={rank})" if base and rank else "lora"
+
+
 def summary_rows(summary: RunSummary) -> list[tuple[str, str]]:
     def loss(value: float | None) -> str:
         return "-" if value is None else f"{value:.4f}"
 
     return [
-        ("method", summary.method), ("server type", summary.server_type), ("device", summary.device),
+        ("method", method_label(summary.method, summary.strategy)), ("server type", summary.server_type), ("device", summary.device),
         ("workers / GPUs", str(summary.num_workers)), ("per-device batch size", str(summary.per_device_batch_size)),
         ("gradient accumulation", str(summary.gradient_accumulation_steps)),
         ("steps (epochs)", f"{summary.steps} ({summary.epochs_completed:g})"),
         ("tuning time", f"{summary.tuning_seconds:.1f} s (wall {summary.wall_seconds:.1f} s)"),
-        ("tokens processed", f"{summary.train_tokens:,}"), ("tokens / s", f"{summary.tokens_per_second:,.0f}"),
+        ("  training / eval / checkpoints",
+         f"{summary.train_seconds:.1f} / {summary.eval_seconds:.1f} / {summary.checkpoint_seconds:.1f} s"),
+        ("tokens processed", f"{summary.train_tokens:,}"),
+        ("tokens / s (training)", f"{summary.tokens_per_second:,.0f}"),
         ("peak memory / worker", f"{summary.peak_memory_bytes / 2**30:.2f} GiB"),
         ("train loss (first -> final)", f"{loss(summary.initial_train_loss)} -> {loss(summary.final_train_loss)}"),
         ("eval loss (final)", loss(summary.final_eval_loss)),

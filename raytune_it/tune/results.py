@@ -14,6 +14,7 @@ from typing import Any
 from raytune_it.config.schema import JobConfig
 from raytune_it.storage import Location, publish_dir
 from raytune_it.train.driver import read_history
+from raytune_it.tune.layout import trial_dir, trial_name
 from raytune_it.tune.space import Trial
 
 STATUS_FINISHED, STATUS_STOPPED, STATUS_SKIPPED, STATUS_FAILED = "finished", "stopped early", "skipped", "failed"
@@ -54,8 +55,7 @@ def collect_rows(config: JobConfig, trials: list[Trial], grid: Any, trials_dir: 
             row.update(status=STATUS_SKIPPED, reason=trial.skipped_reason)
             rows.append(row)
             continue
-        trial_dir = trials_dir / f"trial-{trial.index:03d}"
-        row.update(_trial_metrics(trial_dir))
+        row.update(_trial_metrics(trials_dir / trial_name(trial.index)))
         result = results.get(trial.index)
         if result is not None and result.error is not None:
             row.update(status=STATUS_FAILED, reason=str(result.error).strip().splitlines()[-1][:300])
@@ -145,9 +145,9 @@ def write_outputs(config: JobConfig, rows: list[dict], folder: Location, console
     best = best_row(rows)
     target = folder / "best"
     if best is not None:
-        trial_dir = folder / "trials" / f"trial-{best['trial']:03d}"
-        publish_dir(trial_dir / "export", target, extra={
-            "config.yaml": (trial_dir / "config.yaml").read_text(),
+        best_dir = trial_dir(folder, best["trial"])
+        publish_dir(best_dir / "export", target, extra={
+            "config.yaml": (best_dir / "config.yaml").read_text(),
             "best.json": json.dumps(best, indent=2, default=str)})
 
     table = Table(title=f"sweep {config.run.name}: {len(rows)} trials")

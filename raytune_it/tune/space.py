@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from raytune_it.config.loading import validate
+from raytune_it.config.loading import apply_override, config_value, validate
 from raytune_it.config.schema import JobConfig
 from raytune_it.errors import ConfigError
 
@@ -125,28 +125,17 @@ def expand_trials(base: JobConfig) -> list[Trial]:
         data = json.loads(json.dumps(base_dict))
         data["tune"] = {}
         for path, value in params.items():
-            node = data
-            *parents, leaf = path.split(".")
-            for part in parents:
-                node = node[part]
-            node[leaf] = value
+            apply_override(data, path, value)
         try:
             config = validate(data, f"trial {index}")
         except ConfigError as exc:
             raise ConfigError(f"tune.search_space: trial {index} ({_label(params)}) is not a valid config: "
                               f"{exc}") from None
         # Report the validated, typed values (YAML reads 1e-3 as a string; the config holds a float).
-        params = {path: _lookup(config, path) for path in params}
+        params = {path: config_value(config, path) for path in params}
         trials.append(Trial(index=index, params=params, config=config,
                             overrides=[f"{k}={json.dumps(v)}" for k, v in params.items()]))
     return trials
-
-
-def _lookup(config: JobConfig, path: str) -> Any:
-    node: Any = config
-    for part in path.split("."):
-        node = getattr(node, part)
-    return node
 
 
 def _label(params: dict[str, Any]) -> str:

@@ -25,9 +25,9 @@ from raytune_it.config.loading import save_config
 from raytune_it.config.schema import JobConfig
 from raytune_it.hardware import SERVER_TYPES
 from raytune_it.storage import Location, check_writable
+from raytune_it.tune.layout import trial_name, trials_dir
 from raytune_it.tune.space import Trial, expand_trials
 
-TRIAL_NAME = "trial-{index:03d}"
 GIB = 2**30
 
 
@@ -72,7 +72,7 @@ class _SweepReportCallback:
         return Carry()
 
 
-def run_trial(params: dict, trial_configs: dict, trials_dir: str) -> None:
+def run_trial(params: dict, trial_configs: dict, trials_uri: str) -> None:
     """One Tune trial: the ordinary training driver on this trial's config."""
     from io import StringIO
 
@@ -82,8 +82,8 @@ def run_trial(params: dict, trial_configs: dict, trials_dir: str) -> None:
 
     index = params["trial"]
     config = JobConfig.model_validate(trial_configs[index])
-    config.run.storage = trials_dir
-    config.run.name = TRIAL_NAME.format(index=index)
+    config.run.storage = trials_uri
+    config.run.name = trial_name(index)
     train(config, console=Console(file=StringIO()), callbacks=[_SweepReportCallback()])
 
 
@@ -98,9 +98,8 @@ def default_concurrency(config: JobConfig) -> int:
     import ray
 
     resources = ray.cluster_resources()
-    # Each trial's workers, plus one CPU for its Ray Data readers (they run throughout training: a trial
-    # whose readers cannot get a CPU waits forever); a trial's driver itself needs almost nothing.
-    per_trial_cpus = config.scaling.num_workers * config.scaling.cpus_per_worker + 1
+    # Each trial's workers; a trial's driver itself needs almost nothing.
+    per_trial_cpus = config.scaling.num_workers * config.scaling.cpus_per_worker
     limit = max(1, int(resources.get("CPU", 1) // per_trial_cpus))
     if config.scaling.use_gpu:
         limit = min(limit, int(resources.get("GPU", 0) // config.scaling.num_workers) or 1)
@@ -123,6 +122,7 @@ def sweep(config: JobConfig, *, console: Any = None) -> SweepOutcome:
     mark_infeasible(trials, memory_budget_bytes(config))
     save_config(config, folder)
     runnable = [t for t in trials if t.skipped_reason is None]
+    fit_short_trials(config, runnable, console)
     for trial in trials:
         if trial.skipped_reason:
             console.print(f"skipping trial {trial.index} ({', '.join(trial.overrides)}): {trial.skipped_reason}",
@@ -140,9 +140,45 @@ def sweep(config: JobConfig, *, console: Any = None) -> SweepOutcome:
             console.print("sweep interrupted; run the same command again to resume it", markup=False,
                           highlight=False)
             raise
-    rows = collect_rows(config, trials, grid, folder / "trials")
+    rows = collect_rows(config, trials, grid, trials_dir(folder))
     best = write_outputs(config, rows, folder, console)
     return SweepOutcome(folder=folder, rows=rows, best=best)
+
+
+#: A trial shorter than its eval interval is evaluated this many times instead.
+SHORT_TRIAL_EVALS = 4
+
+
+def fit_short_trials(config: JobConfig, runnable: list[Trial], console: Any) -> None:
+    """Fit evaluation and ASHA's rungs to trials shorter than ``train.eval_every_steps``.
+
+    ASHA compares trials on the eval loss they report at its rungs, and a trial reports one at every eval
+    step; with ``train.max_steps=8`` and evaluation every 50 steps there would be one report, at the
+    end, and a grace period of 50 is past the end (Ray refuses it). Such trials evaluate
+    ``SHORT_TRIAL_EVALS`` times instead. An explicit ``tune.grace_period_steps`` longer than the shortest
+    trial is a mistake, refused here, before Ray starts."""
+    from raytune_it.errors import ConfigError
+
+    capped = [t for t in runnable if t.config.train.max_steps]
+    shortest = min((t.config.train.max_steps for t in capped), default=None)
+    grace = config.tune.grace_period_steps
+    if config.tune.scheduler == "asha" and grace and shortest and grace > shortest:
+        raise ConfigError(f"tune.grace_period_steps: got {grace}, but the shortest trial runs {shortest} steps "
+                          f"(train.max_steps); set it to at most {shortest}, or leave it unset")
+    fitted = set()
+    for trial in capped:
+        steps, train = trial.config.train.max_steps, trial.config.train
+        if train.eval_every_steps > steps:
+            train.eval_every_steps = max(1, -(-steps // SHORT_TRIAL_EVALS))
+            fitted.add((steps, train.eval_every_steps))
+    for steps, every in sorted(fitted):
+        console.print(f"trials of {steps} steps evaluate every {every} steps (train.eval_every_steps is longer "
+                      "than the trial)", markup=False, highlight=False)
+
+
+def grace_period(config: JobConfig, runnable: list[Trial]) -> int:
+    """ASHA's first rung: ``tune.grace_period_steps``, or else the first eval step every trial reaches."""
+    return config.tune.grace_period_steps or max(t.config.train.eval_every_steps for t in runnable)
 
 
 def _run_tuner(config: JobConfig, runnable: list[Trial], folder: Location, console: Any) -> Any:
@@ -151,7 +187,7 @@ def _run_tuner(config: JobConfig, runnable: list[Trial], folder: Location, conso
 
     trial_configs = {t.index: t.config.to_dict() for t in runnable}
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, trial_configs=trial_configs, trials_dir=(folder / "trials").uri),
+        tune.with_parameters(run_trial, trial_configs=trial_configs, trials_uri=trials_dir(folder).uri),
         # The trial only drives its TorchTrainer; the workers reserve the real resources.
         {"CPU": 0.01},
     )
@@ -159,7 +195,7 @@ def _run_tuner(config: JobConfig, runnable: list[Trial], folder: Location, conso
     max_steps = max(_total_steps_cap(t.config) for t in runnable) + 1
     if config.tune.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="step", max_t=max_steps,
-                                  grace_period=config.tune.grace_period_steps or config.train.eval_every_steps,
+                                  grace_period=grace_period(config, runnable),
                                   reduction_factor=config.tune.reduction_factor)
     else:
         scheduler = FIFOScheduler()

@@ -14,11 +14,16 @@ from raytune_it.data.tokenize import IGNORE_INDEX
 
 
 class Strategy(Protocol):
-    def step(self, micro_batches: Sequence[dict]) -> Any:
-        """One optimizer step over the micro-batches (gradient accumulation), queued on the device.
+    def backward(self, micro_batches: Sequence[dict], trained_tokens: Any) -> Any:
+        """Forward and backward over a step's micro-batches (gradient accumulation), queued on the device.
 
-        Returns the mean loss as a 0-dim tensor without waiting for it: reading it
-        (a host sync) is the loop's choice, which does so one step later."""
+        The loss is the sum of every trained token's loss over ``trained_tokens``, the step's count over
+        all micro-batches and all workers (``loop.global_trained_tokens``), so each token weighs the same
+        however the batch is split. Returns this worker's summed token loss as a 0-dim tensor without
+        waiting for it: reading it (a host sync) is the loop's choice, which does so one step later."""
+
+    def optimizer_step(self) -> None:
+        """Clip, step the optimizer and the schedule, and clear the gradients."""
 
     def eval_batch(self, batch: dict) -> tuple[float, int]:
         """Summed token loss and the number of trained tokens in one eval batch."""
@@ -40,6 +45,23 @@ class Strategy(Protocol):
 def trained_tokens(labels: Any) -> int:
     """Tokens the loss covers: labels shifted by one, ignoring the masked ones."""
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def token_loss_sum(model: Any, batch: dict, step_trained_tokens: Any, world_size: int) -> tuple[Any, Any]:
+    """A micro-batch's share of the step's loss, to backpropagate, and its summed token loss, to report.
+
+    The model's own loss function divides its summed token losses by ``num_items_in_batch`` (the
+    transformers convention since 4.46). DDP and DeepSpeed average gradients over workers, so the share
+    is multiplied by the world size: the gradient is then the sum over every worker's tokens divided by
+    the step's global count."""
+    loss = model(**batch, use_cache=False, num_items_in_batch=step_trained_tokens).loss
+    return loss * world_size, loss.detach() * step_trained_tokens
+
+
+def world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def checkpointing_on(model: Any) -> bool:

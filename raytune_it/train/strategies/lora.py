@@ -15,7 +15,8 @@ from typing import Any, Sequence
 
 from raytune_it.config.schema import JobConfig
 from raytune_it.train.strategies.base import (
-    adamw, checkpointing_on, enable_checkpointing, optimizer_name, to_device, trained_tokens,
+    adamw, checkpointing_on, enable_checkpointing, optimizer_name, to_device, token_loss_sum, trained_tokens,
+    world_size,
 )
 
 
@@ -60,7 +61,7 @@ class LoraStrategy:
     def _to_device(self, batch: dict) -> dict:
         return to_device(batch, self.device)
 
-    def step(self, micro_batches: Sequence[dict]) -> Any:
+    def backward(self, micro_batches: Sequence[dict], trained_tokens: Any) -> Any:
         import contextlib
 
         import torch
@@ -72,14 +73,18 @@ class LoraStrategy:
             # DDP all-reduces gradients on the last micro-batch of the step only.
             sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
             with sync:
-                loss = self.model(**self._to_device(batch), use_cache=False).loss
-                (loss / len(micro_batches)).backward()
-            total += loss.detach()
+                loss, loss_sum = token_loss_sum(self.model, self._to_device(batch), trained_tokens, world_size())
+                loss.backward()
+            total += loss_sum.float()
+        return total  # still on the device: the loop reads it a step later
+
+    def optimizer_step(self) -> None:
+        import torch
+
         torch.nn.utils.clip_grad_norm_(self.params, self.config.train.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total / len(micro_batches)  # still on the device: the loop reads it a step later
 
     def eval_batch(self, batch: dict) -> tuple[float, int]:
         import torch

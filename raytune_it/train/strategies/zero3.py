@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 from raytune_it.config.schema import JobConfig
 from raytune_it.train.strategies.base import (
-    checkpointing_on, enable_checkpointing, optimizer_name, to_device, trained_tokens,
+    checkpointing_on, enable_checkpointing, optimizer_name, to_device, token_loss_sum, trained_tokens, world_size,
 )
 
 CHECKPOINT_TAG = "zero"
@@ -94,17 +94,23 @@ class ZeRO3Strategy:
     def _to_device(self, batch: dict) -> dict:
         return to_device(batch, self.device)
 
-    def step(self, micro_batches: Sequence[dict]) -> Any:
+    def backward(self, micro_batches: Sequence[dict], trained_tokens: Any) -> Any:
         import torch
 
         self.engine.train()
         total = torch.zeros((), device=self.device)
-        for batch in micro_batches:
-            loss = self.engine(**self._to_device(batch), use_cache=False).loss
-            self.engine.backward(loss)
-            self.engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
-            total += loss.detach().float()
-        return total / len(micro_batches)  # still on the device: the loop reads it a step later
+        for index, batch in enumerate(micro_batches):
+            loss, loss_sum = token_loss_sum(self.engine, self._to_device(batch), trained_tokens, world_size())
+            # The loss is already this micro-batch's share of the step: DeepSpeed must not divide it by the
+            # accumulation steps again.
+            self.engine.backward(loss, scale_wrt_gas=False)
+            if index < len(micro_batches) - 1:
+                self.engine.step()  # inside the accumulation window: DeepSpeed only counts the micro-batch
+            total += loss_sum.float()
+        return total  # still on the device: the loop reads it a step later
+
+    def optimizer_step(self) -> None:
+        self.engine.step()  # the accumulation boundary: DeepSpeed clips and steps the optimizer and schedule
 
     def eval_batch(self, batch: dict) -> tuple[float, int]:
         import torch

@@ -1,0 +1,101 @@
+"""Every trained token weighs the same in a step's loss, however the step's sequences are split into
+micro-batches and workers: the gradients of gradient accumulation 4 x batch 1, of batch 4, and of 2 workers
+with 2 sequences each are the same, for both strategies, on sequences whose responses differ in length.
+
+Averaging per-micro-batch mean losses (what raytune-it did before) gives a short response the weight of
+a long one, and these gradients would then differ by far more than rounding."""
+
+import numpy as np
+import pytest
+import torch
+
+from raytune_it.data.tokenize import IGNORE_INDEX
+
+pytestmark = pytest.mark.integration
+
+#: (prompt tokens, response tokens) of the four sequences of the step.
+SHAPES = [(12, 4), (6, 90), (30, 17), (9, 41)]
+
+
+def _rows():
+    rng = np.random.default_rng(0)
+    rows = []
+    for prompt, response in SHAPES:
+        ids = rng.integers(10, 500, prompt + response).tolist()
+        rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * prompt + ids[prompt:]})
+    return rows
+
+
+def _gradients_worker(loop_config):
+    """One step's gradients, before the optimizer steps, for each method in turn; rank 0 saves them."""
+    import deepspeed.utils
+    import ray.train
+    import ray.train.torch
+
+    from raytune_it.config import load_config
+    from raytune_it.data.tokenize import collate
+    from raytune_it.train.loop import global_trained_tokens
+    from raytune_it.train.strategies.base import make_strategy
+
+    rank = ray.train.get_context().get_world_rank()
+    device = ray.train.torch.get_device()
+    rows = [loop_config["rows"][i] for i in loop_config["rows_of_rank"][rank]]
+    micro = loop_config["micro"]
+    batches = [collate(rows[i:i + micro], pad_token_id=0) for i in range(0, len(rows), micro)]
+    found = {}
+    for method in ("lora", "full"):
+        config = load_config(f"tiny-{method}", loop_config["overrides"] + [
+            f"train.micro_batch_size={micro}", f"train.gradient_accumulation_steps={len(batches)}"])
+        torch.manual_seed(0)
+        strategy = make_strategy(config, 10, device)
+        strategy.backward(batches, global_trained_tokens(batches, device))
+        if method == "lora":
+            found["lora"] = {name: p.grad.detach().clone() for name, p in strategy.peft_model.named_parameters()
+                             if p.requires_grad}
+        else:
+            found["full"] = {name: deepspeed.utils.safe_get_full_grad(p).detach().clone()
+                             for name, p in strategy.engine.module.named_parameters()}
+    if rank == 0:
+        torch.save(found, loop_config["out"])
+
+
+def _gradients(tmp_path, name, micro, rows_of_rank):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    out = tmp_path / f"{name}.pt"
+    TorchTrainer(
+        _gradients_worker,
+        train_loop_config={"rows": _rows(), "micro": micro, "rows_of_rank": rows_of_rank, "out": str(out),
+                           # float32 everywhere and no dropout: the splits differ only in rounding.
+                           "overrides": ["lora.int8=false", "lora.dropout=0", "deepspeed.bf16=false",
+                                         "train.max_grad_norm=1000"]},
+        scaling_config=ScalingConfig(num_workers=len(rows_of_rank)),
+        torch_config=TorchConfig(backend="gloo"),
+        run_config=RunConfig(name=name, storage_path=str(tmp_path / "ray")),
+    ).fit()
+    return torch.load(out)
+
+
+def test_accumulation_and_workers_give_the_gradients_of_one_big_batch(tmp_path, tiny_model_dir):
+    import sys
+
+    import ray
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import tests/
+    ray.init(num_cpus=2)
+    try:
+        accumulated = _gradients(tmp_path, "accumulation", micro=1, rows_of_rank=[[0, 1, 2, 3]])
+        one_batch = _gradients(tmp_path, "batch", micro=4, rows_of_rank=[[0, 1, 2, 3]])
+        two_workers = _gradients(tmp_path, "workers", micro=2, rows_of_rank=[[0, 1], [2, 3]])
+    finally:
+        ray.shutdown()
+    for method in ("lora", "full"):
+        reference = one_batch[method]
+        # (LoRA's A matrices get no gradient at the first step: B starts at zero.)
+        assert sum(int((g != 0).sum()) for g in reference.values()) > 1000
+        for name, other in (("accumulation 4 x batch 1", accumulated), ("2 workers x batch 2", two_workers)):
+            for param, grad in reference.items():
+                torch.testing.assert_close(other[method][param], grad, rtol=2e-4, atol=1e-7,
+                                           msg=f"{method}, {name}: {param}")
