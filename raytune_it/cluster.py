@@ -38,8 +38,8 @@ def ray_session(min_cpus: int = 0) -> Iterator[None]:
         finally:
             ray.shutdown()
         return
-    # Logical CPUs: Ray Train reserves whole CPUs for workers, and Ray Data needs some left over to read
-    # the shards; on a small machine the reservation would otherwise starve it.
+    # Logical CPUs: Ray Train reserves whole CPUs for workers, and Ray Train's controller, Tune's trial
+    # drivers and the progress queue need a little left over; on a small machine they would otherwise wait.
     with _single_machine():
         ray.init(num_cpus=max(os.cpu_count() or 1, min_cpus + 2), log_to_driver=True,
                  _node_ip_address=LOOPBACK, dashboard_host=LOOPBACK)

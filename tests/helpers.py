@@ -18,14 +18,10 @@ def raw_metrics(run_dir: Path) -> list[dict]:
 
 def latest_checkpoint_step(run_dir: Path) -> int | None:
     """The step of the checkpoint Ray Train has committed as latest (what a restart resumes from)."""
-    snapshot = run_dir / "checkpoints" / "checkpoint_manager_snapshot.json"
-    if not snapshot.is_file():
-        return None
-    try:
-        latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
-    except json.JSONDecodeError:  # being rewritten
-        return None
-    return latest["metrics"]["step"] if latest else None
+    from raytune_it.storage import local
+    from raytune_it.train.checkpoints import latest_checkpoint_step as latest
+
+    return latest(local(run_dir))
 
 
 def free_port() -> int:

@@ -175,6 +175,32 @@ def test_resumed_run_replays_the_uninterrupted_run_exactly(local_ray, tmp_path):
     assert [m["loss"] for m in resumed] == [m["loss"] for m in straight]
     assert [m["eval_loss"] for m in resumed if "eval_loss" in m] == [
         m["eval_loss"] for m in straight if "eval_loss" in m]
+    # The schedule's length is part of the run: with a schedule that depends on it, a resume that changes
+    # it is refused (a constant one, as above, may change it).
+    from raytune_it.train.driver import check_schedule_kept
+
+    def cosine(steps):
+        return load_config("tiny-lora", [f"run.storage={tmp_path}", "run.name=resumed", f"train.max_steps={steps}",
+                                         *common, "train.lr_schedule=cosine"])
+
+    check_schedule_kept(cosine(12), cosine(12), run_dir_of(cosine(12)))
+    with pytest.raises(ConfigError, match=r"started for 12 steps and this config asks for 20 .*cosine"):
+        check_schedule_kept(cosine(12), cosine(20), run_dir_of(cosine(12)))
+
+
+def test_zero3_two_workers_resume_continues_the_uninterrupted_run(local_ray, tmp_path):
+    """ZeRO-3 over 2 gloo workers, stopped at step 4 and continued to 8: every rank reloads its partition of
+    parameters and optimizer states, and the continued losses are the uninterrupted run's."""
+    common = ["train.eval_every_steps=4", "train.lr_schedule=constant", "train.warmup_ratio=0",
+              "scaling.num_workers=2", "train.micro_batch_size=2"]
+    train(load_config("tiny-full", [f"run.storage={tmp_path}", "run.name=resumed", "train.max_steps=4", *common]))
+    train(load_config("tiny-full", [f"run.storage={tmp_path}", "run.name=resumed", "train.max_steps=8", *common]))
+    train(load_config("tiny-full", [f"run.storage={tmp_path}", "run.name=straight", "train.max_steps=8", *common]))
+    resumed = raw_metrics(tmp_path / "resumed")
+    straight = raw_metrics(tmp_path / "straight")
+    assert [m["step"] for m in resumed] == list(range(1, 9)) and resumed[4]["restarts"] == 1
+    assert resumed[4]["loss"] < resumed[0]["loss"], "the continued run starts where the first stopped"
+    assert [m["loss"] for m in resumed] == pytest.approx([m["loss"] for m in straight], rel=1e-6)
 
 
 def test_server_type_the_cluster_lacks_fails_in_bounded_time(local_ray, tmp_path):

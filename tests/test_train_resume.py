@@ -20,7 +20,7 @@ def _train(storage, *extra):
 
 def test_interrupted_run_resumes_step_data_position_and_optimizer(tmp_path):
     run_dir = tmp_path / "tiny-lora"
-    first = subprocess.Popen(_train(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    first = subprocess.Popen(_train(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                              start_new_session=True)
     deadline = time.monotonic() + 300
     try:
@@ -29,10 +29,13 @@ def test_interrupted_run_resumes_step_data_position_and_optimizer(tmp_path):
             time.sleep(0.2)
         resume_from = latest_checkpoint_step(run_dir)
         os.killpg(first.pid, signal.SIGINT)  # Ctrl-C: Ray Train aborts the run
-        first.wait(timeout=120)
+        out, _ = first.communicate(timeout=120)
     finally:
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
+    # Ctrl-C says so, says how to resume, and exits as an interrupted program does.
+    assert first.returncode == 130, first.returncode
+    assert "training interrupted. Run the same command again (run.name=tiny-lora" in " ".join(out.split())
     interrupted = raw_metrics(run_dir)
     assert interrupted[-1]["step"] < 48, "the first run was stopped before the end"
     resume_from = max(resume_from, latest_checkpoint_step(run_dir))

@@ -39,7 +39,8 @@ def check_resume_compatible(config: JobConfig, run_dir: Location) -> None:
     previous_path = run_dir / "config.yaml"
     if not previous_path.is_file():
         return
-    before, now = flatten(load_run_config(previous_path).to_dict()), flatten(config.to_dict())
+    previous = load_run_config(previous_path)
+    before, now = flatten(previous.to_dict()), flatten(config.to_dict())
     changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k)
                      and k not in RESUMABLE_CHANGES and not k.startswith(("tune.", "serve.")))
     if changed:
@@ -47,6 +48,41 @@ def check_resume_compatible(config: JobConfig, run_dir: Location) -> None:
             f"run {config.run.name!r} already exists in {run_dir.parent.uri} with a different config "
             f"({', '.join(f'{k}: {before.get(k)!r} -> {now.get(k)!r}' for k in changed)}). "
             "Re-running a name resumes it; choose another run.name for a new run.")
+    check_schedule_kept(previous, config, run_dir)
+
+
+def check_schedule_kept(previous: JobConfig, config: JobConfig, run_dir: Location) -> None:
+    """A resumed run keeps the length of its learning-rate schedule.
+
+    The warmup and decay are functions of the total steps, and a checkpointed scheduler stores only its
+    position: a resume with another ``train.max_steps`` or ``train.epochs`` would rebuild the schedule
+    mid-run (a cosine past its end even climbs again). A constant schedule does not depend on the length."""
+    from raytune_it.train.checkpoints import latest_checkpoint_step
+    from raytune_it.train.data import PreparedData
+
+    if config.train.lr_schedule == "constant" or latest_checkpoint_step(run_dir) is None:
+        return
+    if not (run_dir / "data" / "prepared.json").is_file():
+        return
+    rows = PreparedData.load(run_dir / "data").train_rows
+    before, now = plan_steps(previous, rows).total_steps, plan_steps(config, rows).total_steps
+    if before != now:
+        raise ConfigError(
+            f"run {config.run.name!r} was started for {before} steps and this config asks for {now} "
+            f"(train.max_steps: {previous.train.max_steps} -> {config.train.max_steps}, train.epochs: "
+            f"{previous.train.epochs} -> {config.train.epochs}). Its {config.train.lr_schedule} learning-rate "
+            f"schedule is built for {before} steps and would change mid-run. Resume with the same "
+            "train.max_steps and train.epochs, or start a new run.name (train.lr_schedule=constant may change them).")
+
+
+def interrupted_message(config: JobConfig, run_dir: Location) -> str:
+    """What a Ctrl-C leaves: where the run stopped and how to continue it."""
+    from raytune_it.train.checkpoints import latest_checkpoint_step
+
+    step = latest_checkpoint_step(run_dir)
+    where = f"from its checkpoint at step {step}" if step else "from the start (no checkpoint was written yet)"
+    return (f"training interrupted. Run the same command again (run.name={config.run.name}, run.storage="
+            f"{run_dir.parent.uri}) to resume {where}.")
 
 
 def plan_steps(config: JobConfig, train_rows: int) -> StepPlan:
@@ -175,8 +211,13 @@ def train(config: JobConfig, *, console: Any = None, callbacks: list | None = No
                 callbacks=callbacks or [],
             ),
         )
-        with ProgressMonitor(queue, plan.total_steps, run_dir / "metrics.jsonl", console):
-            trainer.fit()
+        try:
+            with ProgressMonitor(queue, plan.total_steps, run_dir / "metrics.jsonl", console):
+                trainer.fit()
+        except (KeyboardInterrupt, SystemExit):
+            # Ray Train's own Ctrl-C handler aborts the run, and the wait for it then ends in SystemExit.
+            console.print(interrupted_message(config, run_dir), style="yellow", markup=False, highlight=False)
+            raise KeyboardInterrupt from None
     history = read_history(run_dir / "metrics.jsonl")
     summary = build_summary(config, history, plan.steps_per_epoch, time.perf_counter() - started,
                             (run_dir / "export").uri)

@@ -87,9 +87,8 @@ def enable_checkpointing(model: Any) -> None:
 
 
 def to_device(batch: dict, device: Any) -> dict:
-    """The batch on the training device. Ray Data's ``iter_torch_batches`` already moved plain
-    micro-batches there in its prefetch threads (this is then a no-op); length-grouped windows
-    arrive on the host."""
+    """The batch on the training device; on a GPU the batch is in pinned memory, so the copy does not
+    block the host."""
     return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
