@@ -137,7 +137,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from raytune_it.plan.inputs import resolve_workload
-    from raytune_it.plan.planner import calibrate, measured_throughput, plan
+    from dataclasses import replace
+
+    from raytune_it.plan.planner import (
+        ENGINE_BANDWIDTH_EFFICIENCY, calibrate, measured_engine_efficiency, measured_throughput, plan,
+    )
     from raytune_it.plan.render import print_plan, print_survey_table, survey_markdown, survey_table
 
     # Piped output gets room for the wide table instead of rich's 80-column default.
@@ -163,6 +167,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
                                 global_batch=args.global_batch)
     if args.calibrate:
         workload = calibrate(workload, args.calibrate)
+    if args.calibrate_inference:
+        efficiency, source = measured_engine_efficiency(args.calibrate_inference)
+        workload = replace(workload, engine_efficiency={**ENGINE_BANDWIDTH_EFFICIENCY, **efficiency},
+                           inference_calibrated_from=source)
     result = plan(workload)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
@@ -326,8 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
                       "or the config's micro batch x accumulation x workers)")
     plan.add_argument("--calibrate", metavar="RUN_DIR", help="replace the assumed throughput with the one a finished "
                       "run measured (its summary.json; a local folder or storage URI); use a run on the same server type")
+    plan.add_argument("--calibrate-inference", metavar="RUN_DIR", help="replace each engine's assumed share of the "
+                      "batch-1 bandwidth bound with the one a finished 'raytune-it run' measured (its serve.json, "
+                      "served on a known scaling.server_type)")
     plan.add_argument("--table", action="store_true", help="print the survey-shaped table: LLaMA 7B-65B x full/LoRA "
-                      "x both server types, beside the survey's published full-tuning column")
+                      "x both server types, beside the survey's published full and LoRA columns")
     plan.add_argument("--markdown", metavar="FILE", help="with --table: also write the table as Markdown")
     plan.add_argument("--json", action="store_true", help="machine-readable output")
     plan.set_defaults(func=cmd_plan)

@@ -47,8 +47,17 @@ def test_eval_driver_reports_the_three_effects_from_given_models(tmp_path):
     from raytune_it.config import load_config
     from raytune_it.evaluation.driver import evaluate
 
+    from raytune_it.config import save_config
+    from raytune_it.data.synthetic import write_jsonl
+    from raytune_it.evaluation.sets import model_training_keys
+
     general = train_tiny_adapter(tmp_path / "general", ["arithmetic", "dosage", "deadline"], steps=12)
     medicine = train_tiny_adapter(tmp_path / "medicine", ["dosage"], steps=12)
+    # The medicine adapter as a raytune-it run leaves it: its config.yaml beside the export names its training
+    # data, which holds the very dosage examples eval would otherwise pick first.
+    would_pick = held_out_examples(["dosage"], 2, set())["dosage"]
+    write_jsonl(would_pick, tmp_path / "medicine-train.jsonl")
+    save_config(load_config("tiny-lora", [f"data.path={tmp_path / 'medicine-train.jsonl'}"]), medicine)
     config = load_config("tiny-lora", [f"run.storage={tmp_path}", "eval.examples_per_family=2",
                                        "eval.max_new_tokens=12", "eval.held_out_families=[bmi,uppercase]"])
     outcome = evaluate(config, models={"general": str(general), "medicine": str(medicine)})
@@ -56,6 +65,12 @@ def test_eval_driver_reports_the_three_effects_from_given_models(tmp_path):
     assert saved["effects"] == outcome["effects"]
     assert set(saved["scores"]) == {"base", "general", "medicine"}
     assert saved["held_out_families"] == ["bmi", "uppercase"]
+    # No model is scored on an example it was tuned on, and the number behind each family is saved.
+    trained_on = model_training_keys(str(medicine))
+    assert trained_on == {(r["instruction"], r["input"]) for r in would_pick}
+    scored = {(r["instruction"], r["input"]) for examples in saved["eval_set"].values() for r in examples}
+    assert scored and not scored & trained_on
+    assert all(saved["scores"]["medicine"][f]["examples"] == len(saved["eval_set"][f]) for f in saved["eval_set"])
     assert "bmi" not in saved["seen_families"] and len(saved["seen_families"]) == 11
     assert saved["domain_families"] == ["dosage", "symptom_system"]  # medicine minus the held-out bmi
     effects = {e["name"]: e for e in saved["effects"]}

@@ -8,7 +8,8 @@ import pytest
 
 from raytune_it.config import load_config, save_config
 from raytune_it.plan.memory import GIB, LLAMA_SHAPES, estimate_memory, shape_of_config
-from raytune_it.plan.planner import SURVEY_FULL_A800, Workload, calibrate, flops_per_token, plan
+from raytune_it.plan.planner import SURVEY_FULL_A800, SURVEY_LORA_A800, Workload, calibrate, flops_per_token, plan
+from raytune_it.storage import local
 
 
 def _cli(*args, check=True):
@@ -29,6 +30,16 @@ def test_survey_full_tuning_column_comes_out(size):
     # memory, not a policy, is what rules out the next smaller GPU count
     half = estimate_memory(LLAMA_SHAPES[size], method="full", num_gpus=gpus // 2, micro_batch=1, seq_len=512)
     assert half.total > 80 * GIB >= result.memory_gib["total"] * GIB
+
+
+@pytest.mark.parametrize("size", list(SURVEY_LORA_A800))
+def test_survey_lora_column_is_within_twice_the_published_hours(size):
+    """The LoRA column has a published counterpart too (one A800-80G, INT8, rank 16): the planner, from
+    independently grounded assumptions (docs/planner.md), lands within 2x of each row's hours."""
+    gpus, batch, hours = SURVEY_LORA_A800[size]
+    result = plan(Workload(shape=LLAMA_SHAPES[size], method="lora", server_type="a800-80g"))
+    assert result.feasible and result.num_gpus == gpus
+    assert hours / 2 < result.est_hours < hours * 2
 
 
 def test_each_part_is_shown_and_lora_cannot_shard_what_does_not_fit():
@@ -121,3 +132,41 @@ def test_bad_input_says_what_to_pass(tmp_path):
     assert no_tokenizer.returncode == 2 and "pass --tokenizer" in no_tokenizer.stderr
     no_run = _cli("7B", "--calibrate", str(tmp_path), check=False)
     assert no_run.returncode == 2 and "no summary.json" in no_run.stderr
+
+
+def test_expected_batch1_rates_per_engine_sit_below_the_bound_and_calibrate_from_a_run(tmp_path):
+    """Beside the bandwidth bound, each engine's expected batch-1 rate; a run's measured /v1/latency rates
+    (serve.json) replace the assumed shares."""
+    from raytune_it.plan.planner import ENGINE_BANDWIDTH_EFFICIENCY, measured_engine_efficiency
+
+    result = plan(Workload(shape=LLAMA_SHAPES["7B"], method="full", server_type="a800-80g"))
+    bf16 = result.inference["bf16"]
+    for engine, share in ENGINE_BANDWIDTH_EFFICIENCY.items():
+        assert bf16["expected_tokens_per_second"][engine] == pytest.approx(bf16["max_tokens_per_second"] * share, rel=0.01)
+    assert bf16["expected_tokens_per_second"]["transformers"] < bf16["expected_tokens_per_second"]["vllm"]
+    # A run that served its base on an A800 with transformers at 40% of that base's bound (adapters ignored).
+    config = load_config("tiny-run", [f"run.storage={tmp_path}", "scaling.server_type=a800-80g"])
+    save_config(config, local(tmp_path))
+    bound = 2.039e12 / (2 * shape_of_config(config).parameters)
+    (tmp_path / "serve.json").write_text(json.dumps({
+        "tiny-llama": {"adapter": None, "engine": "transformers", "tokens_per_second": 0.4 * bound},
+        "lora-best": {"adapter": "x", "engine": "transformers", "tokens_per_second": 0.1 * bound}}))
+    measured, source = measured_engine_efficiency(str(tmp_path))
+    assert measured == {"transformers": pytest.approx(0.4, rel=1e-3)} and "transformers: 40%" in source
+    calibrated = json.loads(_cli("7B", "--calibrate-inference", str(tmp_path), "--json").stdout)["inference"]["bf16"]
+    assert calibrated["expected_tokens_per_second"]["transformers"] == pytest.approx(
+        bf16["max_tokens_per_second"] * measured["transformers"], rel=0.01)
+    assert calibrated["expected_tokens_per_second"]["vllm"] == bf16["expected_tokens_per_second"]["vllm"]
+
+
+def test_the_config_memory_estimate_follows_the_zero_stage_and_the_methods_own_checkpointing():
+    """One estimate for train's warning, the sweep's skips and the planner: it reads the ZeRO stage, and
+    LoRA's checkpointing from the lora section (the deepspeed section does not apply to LoRA)."""
+    from raytune_it.plan.planner import estimate_for_config
+
+    def total(name, *overrides):
+        return estimate_for_config(load_config(name, ["scaling.num_workers=4", *overrides])).total
+
+    assert total("tiny-full", "deepspeed.zero_stage=1") > total("tiny-full", "deepspeed.zero_stage=3")
+    assert total("tiny-lora", "lora.gradient_checkpointing=false") > total("tiny-lora")
+    assert total("tiny-lora", "deepspeed.gradient_checkpointing=false") == total("tiny-lora")

@@ -140,12 +140,16 @@ class LoraSection(Section):
     )
     int8: Bool = Field(True, description="Load the frozen base weights in INT8 (bitsandbytes); false: bf16 base.")
     merge: Bool = Field(False, description="Also export a full model with the adapter merged in.")
+    gradient_checkpointing: Bool = Field(
+        True, description="Recompute the frozen base's activations in backward to save memory (the survey's LoRA "
+                          "batches fit only with it).")
 
 
 class DeepSpeedSection(Section):
     zero_stage: Literal[0, 1, 2, 3] = Field(3, description="ZeRO stage for method 'full' (the survey uses 3).")
     bf16: Bool = Field(True, description="Train in BF16 mixed precision.")
-    gradient_checkpointing: Bool = Field(True, description="Recompute activations in backward to save memory.")
+    gradient_checkpointing: Bool = Field(True, description="Recompute activations in backward to save memory "
+                                                           "(method 'full'; LoRA has lora.gradient_checkpointing).")
     offload_optimizer: Bool = Field(False, description="Keep optimizer states in CPU memory (ZeRO-Offload).")
 
 
@@ -368,7 +372,12 @@ class JobConfig(Section):
     eval: EvalSection = Field(default_factory=EvalSection)
     e2e: EndToEndSection = Field(default_factory=EndToEndSection)
 
-    def to_dict(self, include_secrets: Bool = False) -> dict[str, Any]:
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Whether this job recomputes activations: the setting of its method's own section."""
+        return self.lora.gradient_checkpointing if self.method == "lora" else self.deepspeed.gradient_checkpointing
+
+    def to_dict(self, include_secrets: bool = False) -> dict[str, Any]:
         """The config as data. Secrets (``SECRETS``) are left out unless asked for: this dict is saved in run
         folders, sweep state and trial configs, and a saved secret would be both a leak and, read back, a
         key nobody chose."""

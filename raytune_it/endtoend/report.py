@@ -99,7 +99,7 @@ def _cell(value: Any, fmt: str = "{:.4f}") -> str:
 def eval_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]], list[list[str]]]:
     outcome = data["eval"]
     names = list(outcome["scores"])
-    columns = ["family", "in tuning", *[f"{n}: token F1 (EM)" for n in names]]
+    columns = ["family", "in tuning", "examples", *[f"{n}: token F1 (EM)" for n in names]]
     rows = family_rows(outcome)
     effects = [[e["name"], e["claim"], f"{e['model']} vs {e['baseline']}",
                 _cell(e["scores"]["token_f1"]), _cell(e["baseline_scores"]["token_f1"]),

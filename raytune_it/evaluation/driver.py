@@ -19,7 +19,7 @@ from typing import Any
 from raytune_it.config.schema import JobConfig
 from raytune_it.data.synthetic import FAMILIES
 from raytune_it.evaluation.harness import Effect, effect, load_for_eval, score_model
-from raytune_it.evaluation.sets import families_of_domain, held_out_examples, training_keys
+from raytune_it.evaluation.sets import families_of_domain, held_out_examples, model_training_keys, training_keys
 from raytune_it.storage import Location
 
 
@@ -68,7 +68,11 @@ def evaluate(config: JobConfig, console: Any = None, models: dict[str, str] | No
     seen, unseen = seen_families(config), list(config.eval.held_out_families)
     domain = config.eval.domain
     domain_families = [f for f in families_of_domain(domain) if f in seen]
+    # No model is scored on an example it was tuned on: the examples of every evaluated model's training data
+    # are left out, so every model is scored on the same unseen examples.
     exclude = training_keys(resolve_data_path(_adapter_config(config, "general", seen).data))
+    for name, path in models.items():
+        exclude |= model_training_keys(path) or set()
     sets = held_out_examples(seen + unseen, config.eval.examples_per_family, exclude)
     total = sum(len(v) for v in sets.values()) * len(models)
     results = {}
@@ -95,6 +99,8 @@ def evaluate(config: JobConfig, console: Any = None, models: dict[str, str] | No
         "domain_families": domain_families, "examples_per_family": config.eval.examples_per_family,
         "scores": {name: {family: vars(score) for family, score in by_family.items()}
                    for name, by_family in results.items()},
+        # The examples every model was scored on: none of them is in any evaluated model's training data.
+        "eval_set": sets,
         "effects": [e.to_dict() for e in effects],
     }
     folder = folder or run_dir_of(config) / "eval"
@@ -114,7 +120,8 @@ def family_rows(outcome: dict[str, Any], digits: int = 3) -> list[list[str]]:
             cells = ["no unseen examples"] * len(names)
         else:
             cells = [f"{s['token_f1']:.{digits}f} ({s['exact_match']:.2f})" for s in scores]
-        rows.append([family, "no" if family in outcome["held_out_families"] else "yes", *cells])
+        rows.append([family, "no" if family in outcome["held_out_families"] else "yes",
+                     str(scores[0]["examples"]), *cells])
     return rows
 
 
@@ -125,6 +132,7 @@ def print_eval(outcome: dict[str, Any], console: Any) -> None:
     table = Table(title="Held-out token F1 per task family (exact match in brackets)")
     table.add_column("family")
     table.add_column("in tuning")
+    table.add_column("examples", justify="right")
     for name in names:
         table.add_column(name, justify="right")
     for row in family_rows(outcome, digits=2):

@@ -1,8 +1,9 @@
 """Held-out evaluation sets from the generated task families.
 
 Examples come from a seed the training data never uses, and any example whose
-instruction and input also occur in the training file is dropped, so a tuned
-model cannot score by recall.
+instruction and input also occur in the training data of *any* evaluated model is
+dropped, so no model is scored on examples it was tuned on, and every model is
+scored on the same examples.
 """
 
 from __future__ import annotations
@@ -20,12 +21,30 @@ def _key(record: dict) -> tuple[str, str]:
 
 
 def training_keys(path: Path | None) -> set[tuple[str, str]]:
+    """Every (instruction, input) of a training file, in any format the pipeline reads."""
+    from raytune_it.data.records import iter_records
+
     if path is None or not Path(path).is_file():
         return set()
-    import json
+    return {_key(record) for record in iter_records(path, skip_bad_records=True)}
 
-    with open(path, encoding="utf-8") as handle:
-        return {_key(json.loads(line)) for line in handle if line.strip()}
+
+def model_training_keys(model: str) -> set[tuple[str, str]] | None:
+    """The training examples behind a model raytune-it tuned: its run's ``config.yaml`` sits in the
+    export's folder (a sweep's ``best/``) or the one above it (a run's ``export/``). None for a model
+    from elsewhere, such as the base."""
+    from raytune_it.config.loading import load_run_config
+    from raytune_it.data.pipeline import resolve_data_path
+    from raytune_it.storage import as_location
+
+    try:
+        location = as_location(model, "eval.models")
+    except Exception:  # a hub id or a name: not a run's export
+        return None
+    for folder in (location, location.parent):
+        if (folder / "config.yaml").is_file():
+            return training_keys(resolve_data_path(load_run_config(folder / "config.yaml").data))
+    return None
 
 
 def held_out_examples(families: Iterable[str], per_family: int, exclude: set[tuple[str, str]],

@@ -181,16 +181,6 @@ def estimate_memory(
                           activations=activations, overhead=FRAMEWORK_OVERHEAD_BYTES)
 
 
-def estimate_for_config(config: JobConfig, shape: ModelShape | None = None) -> MemoryEstimate:
-    return estimate_memory(
-        shape or shape_of_config(config), method=config.method, num_gpus=config.scaling.num_workers,
-        micro_batch=config.train.micro_batch_size, seq_len=config.train.max_seq_len,
-        checkpointing=config.deepspeed.gradient_checkpointing, zero_stage=config.deepspeed.zero_stage,
-        offload_optimizer=config.deepspeed.offload_optimizer, lora_rank=config.lora.rank,
-        lora_int8=config.lora.int8, lora_targets=list(config.lora.target_modules),
-    )
-
-
 def shape_from_parameter_count(parameters: float, name: str | None = None) -> ModelShape:
     """A LLaMA-proportioned shape for a bare parameter count (the known LLaMA sizes use their real shapes).
 

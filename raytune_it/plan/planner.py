@@ -36,14 +36,32 @@ from raytune_it.plan.memory import GIB, ModelShape, activation_bytes, estimate_m
 
 Method = Literal["full", "lora"]
 
-#: bitsandbytes LLM.int8() splits outlier columns into a 16-bit matmul and dequantizes the rest:
-#: its paper and later measurements put training-time matmuls at roughly half the 16-bit rate.
-INT8_MATMUL_EFFICIENCY = 0.5
+#: bitsandbytes LLM.int8() base weights, against a 16-bit base. From first principles: the forward's int8
+#: GEMMs run on tensor cores with twice the BF16 peak, the backward dequantizes each weight to 16 bits and
+#: multiplies at the 16-bit rate, and quantizing activations per row and dequantizing outputs add memory
+#: passes worth about 15-20% of a 4,096-wide layer's matmul time at batches of thousands of tokens.
+INT8_MATMUL_EFFICIENCY = 0.8
+#: Model FLOP utilisation of a single-GPU LoRA job (no ZeRO-3 gathers, no collectives): published 7B LoRA
+#: training rates on A100-class GPUs, 2,400 to 4,000 tokens/s, are 31-52% of BF16 peak at 6·P FLOPs per
+#: token (checkpointing); the low end is assumed.
+LORA_MFU = 0.31
+#: Sequences per optimizer step of a LoRA job: alpaca-lora's recipe (tloen/alpaca-lora, batch_size=128),
+#: the usual Alpaca LoRA recipe. One GPU with memory to spare takes as much of it per micro-batch as fits:
+#: accumulation only adds steps.
+LORA_GLOBAL_BATCH = 128
 #: Alpaca-52K, the survey's dataset: 52,002 records; about 200 LLaMA tokens each with the prompt template.
 ALPACA_RECORDS = 52_002
 ALPACA_MEAN_TOKENS = 200
 #: The survey's published full-tuning column (Table 8; A800-80G, ZeRO-3, BF16, checkpointing, 3 epochs, 512).
 SURVEY_FULL_A800 = {"7B": (2, 8, 3.0), "13B": (4, 8, 3.1), "30B": (8, 4, 6.1), "65B": (16, 2, 11.2)}
+#: The survey's published LoRA column (Table 8; one A800-80G, INT8 base, rank 16, same data): GPUs, batch, hours.
+SURVEY_LORA_A800 = {"7B": (1, 80, 3.5), "13B": (1, 48, 5.1), "30B": (1, 24, 14.3), "65B": (1, 4, 60.6)}
+SURVEY_A800 = {"full": SURVEY_FULL_A800, "lora": SURVEY_LORA_A800}
+#: The share of the memory-bandwidth bound each engine reaches at batch 1. transformers' ``generate``
+#: launches every kernel from Python at each token, so a 7B model on an A100-class GPU decodes at about
+#: 30 tokens/s, a fifth of its ~150 tokens/s bound; vLLM's CUDA graphs and fused kernels reach about 100
+#: tokens/s there, two thirds. ``--calibrate-inference`` replaces them with a run's measured rates.
+ENGINE_BANDWIDTH_EFFICIENCY = {"transformers": 0.2, "vllm": 0.65}
 MAX_SERVERS = 64
 
 
@@ -69,6 +87,7 @@ class Workload:
     lora_int8: bool = True
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     offload_optimizer: bool = False
+    zero_stage: int = 3
     #: Sequences per optimizer step, across all GPUs.
     global_batch: int = 32
     #: Tokens per micro-batch that saturate a GPU's matrix units.
@@ -76,6 +95,9 @@ class Workload:
     #: Sustained FLOP/s per GPU; None takes the server type's peak times its assumed utilization.
     sustained_flops: float | None = None
     calibrated_from: str | None = None
+    #: Share of the batch-1 bandwidth bound per serving engine; None takes ENGINE_BANDWIDTH_EFFICIENCY.
+    engine_efficiency: dict[str, float] | None = None
+    inference_calibrated_from: str | None = None
 
     @property
     def server(self) -> ServerType:
@@ -115,12 +137,17 @@ class Plan:
         return asdict(self)
 
 
-def _fits(workload: Workload, gpus: int, batch: int) -> tuple[bool, Any]:
-    estimate = estimate_memory(
+def _estimate(workload: Workload, gpus: int, batch: int) -> Any:
+    return estimate_memory(
         workload.shape, method=workload.method, num_gpus=gpus, micro_batch=batch, seq_len=workload.seq_len,
-        checkpointing=workload.checkpointing, offload_optimizer=workload.offload_optimizer,
-        lora_rank=workload.lora_rank, lora_int8=workload.lora_int8, lora_targets=workload.lora_targets,
+        checkpointing=workload.checkpointing, zero_stage=workload.zero_stage,
+        offload_optimizer=workload.offload_optimizer, lora_rank=workload.lora_rank, lora_int8=workload.lora_int8,
+        lora_targets=workload.lora_targets,
     )
+
+
+def _fits(workload: Workload, gpus: int, batch: int) -> tuple[bool, Any]:
+    estimate = _estimate(workload, gpus, batch)
     return estimate.total <= workload.server.gpu_memory_gib * GIB, estimate
 
 
@@ -129,17 +156,27 @@ def flops_per_token(shape: ModelShape, method: str, checkpointing: bool) -> floa
     return (passes + (2 if checkpointing else 0)) * shape.parameters
 
 
+def global_batch(workload: Workload) -> int:
+    """Sequences per optimizer step: the workload's, or alpaca-lora's 128 for a LoRA job left at the default."""
+    if workload.method == "lora" and workload.global_batch == Workload.global_batch:
+        return LORA_GLOBAL_BATCH
+    return workload.global_batch
+
+
 def sustained_flops(workload: Workload) -> float:
     if workload.sustained_flops is not None:
         return workload.sustained_flops
-    rate = workload.server.peak_bf16_flops * workload.server.sustained_mfu
-    if workload.method == "lora" and workload.lora_int8:
-        rate *= INT8_MATMUL_EFFICIENCY
-    return rate
+    if workload.method == "lora":
+        rate = workload.server.peak_bf16_flops * LORA_MFU
+        return rate * INT8_MATMUL_EFFICIENCY if workload.lora_int8 else rate
+    return workload.server.peak_bf16_flops * workload.server.sustained_mfu
 
 
-def inference_plan(shape: ModelShape, server: ServerType, seq_len: int) -> dict[str, dict[str, float | int | None]]:
-    """Batch-1 serving: GPUs to hold the weights and the KV cache, and the bandwidth bound on tokens/s."""
+def inference_plan(shape: ModelShape, server: ServerType, seq_len: int,
+                   efficiency: dict[str, float] | None = None) -> dict[str, dict[str, Any]]:
+    """Batch-1 serving: GPUs to hold the weights and the KV cache, the bandwidth bound on tokens/s, and
+    the rate each engine is expected to reach (the bound times its ``efficiency``)."""
+    efficiency = efficiency or ENGINE_BANDWIDTH_EFFICIENCY
     linear = shape.layers * shape.linear_params_per_layer
     kv_cache = 2 * shape.layers * shape.kv_heads * (shape.hidden // shape.heads) * seq_len * 2
     out: dict[str, dict[str, float | int | None]] = {}
@@ -147,11 +184,16 @@ def inference_plan(shape: ModelShape, server: ServerType, seq_len: int) -> dict[
                                     ("int8", linear + 2 * (shape.parameters - linear))):
         gpus = next((n for n in candidate_gpu_counts(server.gpus_per_node)
                      if (weight_bytes + kv_cache) / n + 2.5 * GIB <= server.gpu_memory_gib * GIB), None)
+        # Tensor parallel over n GPUs: each reads its 1/n of the weights per token, all at once.
+        bound = None if gpus is None else gpus * server.memory_bandwidth / weight_bytes
         out[precision] = {
             "num_gpus": gpus,
             "weights_gib": round(weight_bytes / GIB, 1),
-            # Tensor parallel over n GPUs: each reads its 1/n of the weights per token, all at once.
-            "max_tokens_per_second": None if gpus is None else round(gpus * server.memory_bandwidth / weight_bytes, 1),
+            "max_tokens_per_second": None if bound is None else round(bound, 1),
+            # 16-bit only: bitsandbytes' INT8 decoding is launch-bound and slower than 16-bit at batch 1,
+            # so its bandwidth bound says nothing about the rate it reaches.
+            "expected_tokens_per_second": {engine: None if bound is None else round(bound * share, 1)
+                                           for engine, share in efficiency.items()} if precision == "bf16" else {},
         }
     return out
 
@@ -163,14 +205,16 @@ def plan(workload: Workload) -> Plan:
     result.assumptions = {
         "records": workload.records, "mean_tokens_per_record": workload.mean_tokens, "epochs": workload.epochs,
         "seq_len": workload.seq_len, "gradient_checkpointing": workload.checkpointing,
-        "global_batch_sequences": workload.global_batch, "saturation_tokens": workload.saturation_tokens,
+        "global_batch_sequences": global_batch(workload), "saturation_tokens": workload.saturation_tokens,
         "gpu_memory_gib": server.gpu_memory_gib, "peak_bf16_tflops": server.peak_bf16_flops / 1e12,
-        "sustained_mfu": server.sustained_mfu, "collective_gb_per_s": server.collective_bandwidth / 1e9,
+        "sustained_mfu": LORA_MFU if workload.method == "lora" else server.sustained_mfu, "collective_gb_per_s": server.collective_bandwidth / 1e9,
         "network_gb_per_s_per_node": server.interconnect_bandwidth / 1e9,
         "int8_matmul_efficiency": INT8_MATMUL_EFFICIENCY if workload.method == "lora" and workload.lora_int8 else 1.0,
         "calibrated_from": workload.calibrated_from,
+        "engine_bandwidth_efficiency": workload.engine_efficiency or ENGINE_BANDWIDTH_EFFICIENCY,
+        "inference_calibrated_from": workload.inference_calibrated_from,
     }
-    result.inference = inference_plan(shape, server, workload.seq_len)
+    result.inference = inference_plan(shape, server, workload.seq_len, workload.engine_efficiency)
     result.activation_gib_per_sequence = {
         "with_checkpointing": round(activation_bytes(shape, workload.seq_len, 1, True) / GIB, 3),
         "without_checkpointing": round(activation_bytes(shape, workload.seq_len, 1, False) / GIB, 3),
@@ -194,18 +238,18 @@ def plan(workload: Workload) -> Plan:
     fits = 1
     while fits < 4096 and _fits(workload, gpus, fits * 2)[0]:
         fits *= 2
-    limits = {
-        "memory": fits,
-        "GPU saturation": max(1, workload.saturation_tokens // workload.seq_len),
-        "global batch": max(1, workload.global_batch // gpus),
-    }
+    limits = {"memory": fits, "global batch": max(1, global_batch(workload) // gpus)}
+    if gpus > 1:
+        # Across GPUs a bigger micro-batch buys memory pressure, not speed. One GPU with memory to spare takes
+        # the global batch in as few micro-batches as fit: accumulation would only add optimizer steps.
+        limits["GPU saturation"] = max(1, workload.saturation_tokens // workload.seq_len)
     binding = min(limits, key=lambda name: (limits[name], name != "memory"))
     batch = limits[binding]
     _, estimate = _fits(workload, gpus, batch)
     result.feasible = True
     result.num_gpus, result.servers = gpus, math.ceil(gpus / server.gpus_per_node)
     result.per_device_batch_size, result.max_batch_that_fits, result.batch_limited_by = batch, fits, binding
-    result.gradient_accumulation_steps = max(1, math.ceil(workload.global_batch / (gpus * batch)))
+    result.gradient_accumulation_steps = max(1, math.ceil(global_batch(workload) / (gpus * batch)))
     result.memory_gib = {k: round(v / GIB, 2) for k, v in estimate.to_dict().items()}
 
     compute_s = result.train_flops / (gpus * sustained_flops(workload))
@@ -243,10 +287,41 @@ def measured_throughput(run_dir: str) -> tuple[float, str]:
     summary = json.loads((folder / "summary.json").read_text())
     config = load_run_config(folder / "config.yaml")
     shape = shape_of_config(config)
-    measured = (flops_per_token(shape, config.method, config.deepspeed.gradient_checkpointing)
+    measured = (flops_per_token(shape, config.method, config.gradient_checkpointing)
                 * summary["tokens_per_second"] / summary["num_workers"])
     return measured, (f"{run_dir} ({config.method} on {summary['num_workers']} {summary.get('device', '?')} "
                       f"worker(s), server type {summary.get('server_type')}: {measured / 1e12:.4g} TFLOP/s per device)")
+
+
+def measured_engine_efficiency(run_dir: str) -> tuple[dict[str, float], str]:
+    """Each engine's share of the bandwidth bound in a ``raytune-it run`` folder's batch-1 measurements
+    (``serve.json``, from ``POST /v1/latency``): the rate of its base model over that model's bound on the
+    server type the run served on (its ``scaling.server_type``)."""
+    from raytune_it.config.loading import load_run_config
+    from raytune_it.plan.memory import shape_of_config
+    from raytune_it.storage import as_location
+
+    folder = as_location(run_dir, "--calibrate-inference")
+    if not (folder / "serve.json").is_file():
+        raise UserError(f"--calibrate-inference {run_dir}: no serve.json there; point it at a finished "
+                        "'raytune-it run' folder (run.storage/run.name)")
+    config = load_run_config(folder / "config.yaml")
+    if config.scaling.server_type not in SERVER_TYPES:
+        raise UserError(f"--calibrate-inference {run_dir}: the run served on scaling.server_type="
+                        f"{config.scaling.server_type}, whose memory bandwidth is unknown; calibrate from a run on "
+                        f"one of: {', '.join(SERVER_TYPES)}")
+    server = SERVER_TYPES[config.scaling.server_type]
+    shape = shape_of_config(config)
+    bound = server.memory_bandwidth / (2 * shape.parameters)  # the base model, 16-bit, one GPU
+    served = json.loads((folder / "serve.json").read_text())
+    shares: dict[str, list[float]] = {}
+    for item in served.values():
+        if item.get("adapter") is None and item.get("engine") and item.get("tokens_per_second"):
+            shares.setdefault(item["engine"], []).append(item["tokens_per_second"] / bound)
+    if not shares:
+        raise UserError(f"--calibrate-inference {run_dir}: serve.json has no base-model measurement")
+    measured = {engine: float(f"{sum(values) / len(values):.4g}") for engine, values in shares.items()}
+    return measured, f"{run_dir} ({', '.join(f'{e}: {v:.0%} of the bound' for e, v in measured.items())})"
 
 
 def calibrate(workload: Workload, run_dir: str) -> Workload:
@@ -264,12 +339,18 @@ def workload_from_config(config: Any, shape: ModelShape | None = None, server_ty
     train = config.train
     return Workload(
         shape=shape or shape_of_config(config), method=config.method, server_type=chosen, seq_len=train.max_seq_len,
-        epochs=train.epochs, checkpointing=config.deepspeed.gradient_checkpointing, lora_rank=config.lora.rank,
+        epochs=train.epochs, checkpointing=config.gradient_checkpointing, lora_rank=config.lora.rank,
         lora_int8=config.lora.int8, lora_targets=list(config.lora.target_modules),
-        offload_optimizer=config.deepspeed.offload_optimizer,
+        offload_optimizer=config.deepspeed.offload_optimizer, zero_stage=config.deepspeed.zero_stage,
         global_batch=train.micro_batch_size * train.gradient_accumulation_steps * config.scaling.num_workers,
         **data,
     )
+
+
+def estimate_for_config(config: Any, shape: ModelShape | None = None) -> Any:
+    """Memory per GPU of this exact config (its workers, micro-batch, ZeRO stage and checkpointing): the one
+    estimate behind train's warning, the sweep's skipped trials and the planner."""
+    return _estimate(workload_from_config(config, shape), config.scaling.num_workers, config.train.micro_batch_size)
 
 
 def config_fit_problem(config: Any, shape: ModelShape | None = None, budget_bytes: float | None = None) -> str | None:
@@ -284,13 +365,11 @@ def config_fit_problem(config: Any, shape: ModelShape | None = None, budget_byte
         where = f"a {config.scaling.server_type} GPU's {budget_bytes / GIB:.0f} GiB"
     else:
         where = f"the {budget_bytes / GIB:.1f} GiB budget"
-    workload = workload_from_config(config, shape)
-    _, estimate = _fits(workload, config.scaling.num_workers,
-                        config.train.micro_batch_size)
+    estimate = estimate_for_config(config, shape)
     if estimate.total <= budget_bytes:
         return None
     advice = ("lower train.micro_batch_size, raise scaling.num_workers (ZeRO-3 shards over them) or enable "
               "deepspeed.gradient_checkpointing" if config.method == "full" else
-              "lower train.micro_batch_size or enable lora.int8 / deepspeed.gradient_checkpointing (LoRA is data "
+              "lower train.micro_batch_size or enable lora.int8 / lora.gradient_checkpointing (LoRA is data "
               "parallel: more workers do not shrink the base model)")
     return f"needs about {estimate.describe()} per GPU, more than {where}; {advice}. Size it with: raytune-it plan CONFIG"

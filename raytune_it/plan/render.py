@@ -6,7 +6,7 @@ from typing import Any
 
 from raytune_it.hardware import SERVER_TYPES
 from raytune_it.plan.memory import LLAMA_SHAPES
-from raytune_it.plan.planner import SURVEY_FULL_A800, Plan, Workload, plan
+from raytune_it.plan.planner import SURVEY_A800, Plan, Workload, plan
 
 
 def survey_table(**workload: Any) -> list[Plan]:
@@ -31,7 +31,7 @@ def survey_rows(plans: list[Plan]) -> list[list[str]]:
     rows = []
     for item in plans:
         size = _size(item)
-        survey = SURVEY_FULL_A800.get(size) if item.method == "full" and item.server_type == "a800-80g" else None
+        survey = SURVEY_A800[item.method].get(size) if item.server_type == "a800-80g" else None
         bf16, int8 = item.inference["bf16"], item.inference["int8"]
         rows.append([
             size, item.method, item.server_type,
@@ -54,7 +54,7 @@ def survey_markdown(plans: list[Plan]) -> str:
     first = plans[0].assumptions
     note = (f"Alpaca-sized data: {first['records']:,} records x {first['mean_tokens_per_record']} tokens x "
             f"{first['epochs']:g} epochs, sequence length {first['seq_len']}, gradient checkpointing, global batch "
-            f"{first['global_batch_sequences']} sequences. Survey column: Table 8, full tuning on A800-80G.\n\n")
+            f"{first['global_batch_sequences']} sequences. Survey column: Table 8, full and LoRA tuning on A800-80G.\n\n")
     return note + markdown_table(SURVEY_COLUMNS, survey_rows(plans))
 
 
@@ -98,9 +98,12 @@ def print_plan(item: Plan, console: Any) -> None:
                                              "(they overlap: the larger one counts)"),
                  ("est. tuning time", f"{item.est_hours:.2f} h")]
     for precision, numbers in item.inference.items():
+        expected = ", ".join(f"{engine} {_num(rate, '{:.0f}')}"
+                             for engine, rate in numbers.get("expected_tokens_per_second", {}).items())
         rows.append((f"inference batch 1, {precision}",
                      f"{_num(numbers['num_gpus'])} GPU(s) for {numbers['weights_gib']} GiB of weights, at most "
-                     f"{_num(numbers['max_tokens_per_second'], '{:.0f}')} tokens/s (memory bandwidth bound)"))
+                     f"{_num(numbers['max_tokens_per_second'], '{:.0f}')} tokens/s (memory bandwidth bound)"
+                     + (f"; expected: {expected} tokens/s" if expected else "")))
     for key, value in item.assumptions.items():
         if value is not None:
             rows.append((f"assumption: {key.replace('_', ' ')}", str(value)))

@@ -20,14 +20,14 @@ from raytune_it.tune.space import Trial
 STATUS_FINISHED, STATUS_STOPPED, STATUS_SKIPPED, STATUS_FAILED = "finished", "stopped early", "skipped", "failed"
 
 
-def _trial_metrics(trial_dir: Location) -> dict[str, Any]:
-    summary_path = trial_dir / "summary.json"
+def _trial_metrics(folder: Location) -> dict[str, Any]:
+    summary_path = folder / "summary.json"
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text())
         return {"final_eval_loss": summary["final_eval_loss"], "tokens_per_second": summary["tokens_per_second"],
                 "peak_memory_bytes": summary["peak_memory_bytes"], "wall_seconds": summary["wall_seconds"],
                 "steps": summary["steps"]}
-    history = read_history(trial_dir / "metrics.jsonl")
+    history = read_history(folder / "metrics.jsonl")
     if not history:
         return {}
     last = history[-1]
@@ -55,11 +55,12 @@ def collect_rows(config: JobConfig, trials: list[Trial], grid: Any, trials_dir: 
             row.update(status=STATUS_SKIPPED, reason=trial.skipped_reason)
             rows.append(row)
             continue
-        row.update(_trial_metrics(trials_dir / trial_name(trial.index)))
+        folder = trials_dir / trial_name(trial.index)
+        row.update(_trial_metrics(folder))
         result = results.get(trial.index)
         if result is not None and result.error is not None:
             row.update(status=STATUS_FAILED, reason=str(result.error).strip().splitlines()[-1][:300])
-        elif (trial_dir / "summary.json").is_file():
+        elif (folder / "summary.json").is_file():
             row["status"] = STATUS_FINISHED
         else:
             # The trial was stopped mid-run: Tune's last result is more current than its metrics file.

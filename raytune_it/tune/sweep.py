@@ -41,7 +41,8 @@ def memory_budget_bytes(config: JobConfig) -> float | None:
 
 def mark_infeasible(trials: list[Trial], budget: float | None) -> None:
     """Skip trials the planner says exceed the per-device budget, with its reason."""
-    from raytune_it.plan.memory import estimate_for_config, shape_of_config
+    from raytune_it.plan.memory import shape_of_config
+    from raytune_it.plan.planner import estimate_for_config
     from raytune_it.plan.planner import config_fit_problem
 
     shape = shape_of_config(trials[0].config)
@@ -98,8 +99,9 @@ def default_concurrency(config: JobConfig) -> int:
     import ray
 
     resources = ray.cluster_resources()
-    # Each trial's workers; a trial's driver itself needs almost nothing.
-    per_trial_cpus = config.scaling.num_workers * config.scaling.cpus_per_worker
+    # Each trial's workers, plus one CPU for what runs beside them: the trial's driver, its Train controller
+    # and progress queue, each a process of its own.
+    per_trial_cpus = config.scaling.num_workers * config.scaling.cpus_per_worker + 1
     limit = max(1, int(resources.get("CPU", 1) // per_trial_cpus))
     if config.scaling.use_gpu:
         limit = min(limit, int(resources.get("GPU", 0) // config.scaling.num_workers) or 1)

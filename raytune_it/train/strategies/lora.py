@@ -38,7 +38,7 @@ class LoraStrategy:
             device_map={"": device} if config.lora.int8 else None,
         )
         base.config.use_cache = False
-        checkpointing = config.deepspeed.gradient_checkpointing
+        checkpointing = config.lora.gradient_checkpointing
         if config.lora.int8:
             base = prepare_model_for_kbit_training(
                 base, use_gradient_checkpointing=checkpointing,

@@ -50,6 +50,21 @@ def deepspeed_config(config: JobConfig, world_size: int, use_gpu: bool) -> dict[
     }
 
 
+def skip_inference_shm_op() -> None:
+    """Keep DeepSpeed's CPU accelerator from compiling its shared-memory all-reduce op.
+
+    DeepSpeed's comm layer JIT-compiles that C++ op when it starts on a CPU (27 s on a fresh 2-core
+    machine, in the first ZeRO-3 job of every fresh install), but only inference tensor parallelism
+    calls it (``inference_all_reduce``); training's collectives go through gloo. Marking the op
+    incompatible is DeepSpeed's own switch for a machine that cannot build it."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
+
+
 class ZeRO3Strategy:
     def __init__(self, config: JobConfig, total_steps: int, device: Any) -> None:
         import torch
@@ -63,6 +78,8 @@ class ZeRO3Strategy:
 
         from raytune_it.models.loading import resolve_model_path
 
+        if not use_gpu:
+            skip_inference_shm_op()
         # Ray Train already set up torch.distributed; DeepSpeed's comm layer adopts that process group.
         deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
         world_size = torch.distributed.get_world_size()
