@@ -225,7 +225,9 @@ class TuneSection(Section):
     seed: Int = Field(0, description="Seed for random search draws.")
     scheduler: Literal["asha", "none"] = Field("asha", description="ASHA stops weak trials early on eval loss.")
     grace_period_steps: PositiveInt | None = Field(
-        None, description="Steps every trial runs before ASHA may stop it; default: train.eval_every_steps.")
+        None, description="Steps every trial runs before ASHA may stop it; default: train.eval_every_steps (a trial "
+                          "shorter than that evaluates 4 times, and its first eval step is the default). At most the "
+                          "shortest trial's train.max_steps.")
     reduction_factor: Float = Field(2.0, gt=1.0, description="ASHA keeps 1 / reduction_factor of trials per rung.")
     max_concurrent_trials: PositiveInt | None = Field(
         None, description="Trials at once; default: as many as the cluster's CPUs and GPUs allow.")

@@ -136,7 +136,7 @@ def sections(data: dict[str, Any]) -> list[tuple[str, str, list[str], list[list[
          [["GPUs", str(this_run["num_gpus"])], ["per-device batch", str(this_run["per_device_batch_size"])],
           ["memory / GPU (GiB)", str(this_run["memory_gib"].get("total"))],
           ["training tokens", f"{this_run['train_tokens']:,.0f}"]]),
-        ("Planner: LLaMA 7B-65B beside the survey's published full-tuning column",
+        ("Planner: LLaMA 7B-65B beside the survey",
          "Alpaca-52K, 3 epochs, 512 tokens, stated throughput assumptions (docs/planner.md).",
          SURVEY_COLUMNS, survey_rows(_survey_plans(data))),
         ("Sweep (Ray Tune)", f"Best trial: {data['best']['trial']} (eval loss {data['best']['final_eval_loss']:.4f}).",
