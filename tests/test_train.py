@@ -265,3 +265,28 @@ def test_lora_in_a_bucket_reloads_from_it_and_a_rerun_by_name_resumes_there(loca
     assert [m["step"] for m in history] == list(range(1, 9)), "steps 5-8 follow the checkpoint at step 4"
     assert [m["restarts"] for m in history] == [0] * 4 + [1] * 4 and second.restarts == 1
     assert history[4]["loss"] < history[0]["loss"]
+
+
+def test_tokens_count_every_real_token_when_the_pad_token_is_eos(local_ray, tmp_path, tiny_model_dir):
+    """LLaMA tokenizers ship without a pad token, and raytune-it pads with EOS, as transformers' recipes do.
+    Tokens are counted from each row's length, so every EOS still counts: the run's total is exactly the
+    lengths of the rows its steps consumed, in the epoch's order."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from raytune_it.train.data import epoch_rows
+
+    model = tmp_path / "llama-style"
+    shutil.copytree(tiny_model_dir, model)
+    tokenizer_config = json.loads((model / "tokenizer_config.json").read_text())
+    tokenizer_config.pop("pad_token", None)
+    (model / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    config = load_config("tiny-lora", [f"run.storage={tmp_path}", f"model.name_or_path={model}", "lora.int8=false",
+                                       "scaling.num_workers=2", "train.micro_batch_size=4", "train.max_steps=3",
+                                       "train.eval_every_steps=3"])
+    summary = train(config)
+    run_dir = tmp_path / "tiny-lora"
+    lengths = [len(ids) for ids in pq.read_table(run_dir / "data" / "train.parquet").column("input_ids").to_pylist()]
+    consumed = [int(i) for rank in range(2) for i in epoch_rows(len(lengths), config.train.seed, 0, rank, 2)[:3 * 4]]
+    assert summary.train_tokens == sum(lengths[i] for i in consumed)
