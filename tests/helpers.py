@@ -16,12 +16,12 @@ def raw_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-def latest_checkpoint_step(run_dir: Path) -> int | None:
+def latest_checkpoint_step(run_dir) -> int | None:
     """The step of the checkpoint Ray Train has committed as latest (what a restart resumes from)."""
-    from raytune_it.storage import local
+    from raytune_it.storage import as_location
     from raytune_it.train.checkpoints import latest_checkpoint_step as latest
 
-    return latest(local(run_dir))
+    return latest(as_location(run_dir))
 
 
 def free_port() -> int:

@@ -290,3 +290,24 @@ def test_tokens_count_every_real_token_when_the_pad_token_is_eos(local_ray, tmp_
     lengths = [len(ids) for ids in pq.read_table(run_dir / "data" / "train.parquet").column("input_ids").to_pylist()]
     consumed = [int(i) for rank in range(2) for i in epoch_rows(len(lengths), config.train.seed, 0, rank, 2)[:3 * 4]]
     assert summary.train_tokens == sum(lengths[i] for i in consumed)
+
+
+def test_a_chat_run_trains_on_conversations_and_its_export_carries_the_template(local_ray, tmp_path):
+    """messages data with a named template: trained like any run, and the export's tokenizer (what serve
+    loads) renders chat with the template the run trained with."""
+    from raytune_it.data.chat import CHAT_TEMPLATES
+    from raytune_it.models.loading import load_tokenizer
+
+    turns = [{"role": "user", "content": "Convert 2 hours to minutes."},
+             {"role": "assistant", "content": "2 hours is 120 minutes."}]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": [dict(turns[0], content=f"Convert {n} hours to minutes."),
+                                                     dict(turns[1], content=f"{n} hours is {60 * n} minutes.")]})
+                            + "\n" for n in range(1, 41)))
+    config = load_config("tiny-lora", [f"run.storage={tmp_path}", f"data.path={data}", "data.format=messages",
+                                       "data.template=chatml", "lora.int8=false", "scaling.num_workers=1",
+                                       "train.micro_batch_size=4", "train.max_steps=4", "train.eval_every_steps=4"])
+    summary = train(config)
+    assert summary.steps == 4 and summary.final_eval_loss is not None
+    exported = load_tokenizer(str(tmp_path / "tiny-lora" / "export"))
+    assert exported.chat_template == CHAT_TEMPLATES["chatml"]

@@ -79,11 +79,17 @@ class ModelSection(Section):
 class DataSection(Section):
     path: str = Field(
         "builtin:tasks",
-        description="Alpaca records: a .json (array), .jsonl or .parquet file (a local path or storage URI, "
-        "read by the driver), or 'builtin:tasks' for the project's generated instruction data.",
+        description="Records in data.format: a .json (array), .jsonl or .parquet file (a local path or storage "
+        "URI, read by the driver), or 'builtin:tasks' for the project's generated instruction data (Alpaca).",
     )
 
-    format: Literal["alpaca"] = Field("alpaca", description="Record format: instruction / input / output fields.")
+    format: Literal["alpaca", "messages", "sharegpt"] = Field(
+        "alpaca", description="Record format: 'alpaca' (instruction / input / output), 'messages' (OpenAI-style "
+        "{messages: [{role, content}]}, system, user, assistant and tool turns) or 'sharegpt' ({conversations: "
+        "[{from, value}]}). Conversations train every assistant turn.")
+    template: Literal["auto", "alpaca", "chatml", "llama-2", "llama-3"] = Field(
+        "auto", description="Prompt format: 'auto' is the tokenizer's chat template, or the Alpaca prompt when it "
+        "has none; or a named chat template. Saved in the export's tokenizer, so serve renders chat the same way.")
     file_type: Literal["auto", "json", "jsonl", "parquet"] = Field(
         "auto", description="File type; 'auto' detects it from the file name and first byte."
     )

@@ -6,6 +6,7 @@ import json
 from itertools import islice
 
 from raytune_it.config.schema import JobConfig
+from raytune_it.data.chat import template_source
 from raytune_it.data.pipeline import dataset_stats, iter_split_records
 from raytune_it.data.records import ReadReport
 from raytune_it.data.tokenize import IGNORE_INDEX, tokenize_records
@@ -54,16 +55,31 @@ def inspect_dataset(config: JobConfig, as_json: bool = False) -> None:
     if first is None:
         out.print("no training example to show")
         return
-    example = tokenize_records([first], tokenizer, max_len)
+    example = tokenize_records([first], tokenizer, max_len,
+                               chat_template=template_source(tokenizer, config.data))
     if not example:
         out.print("the first record has no response left after truncation")
         return
     ids, labels = example[0]["input_ids"], example[0]["labels"]
-    cut = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
-    prompt = tokenizer.decode(ids[:cut], skip_special_tokens=False)
-    response = tokenizer.decode(ids[cut:], skip_special_tokens=False)
-    out.rule(f"first training example: {len(ids)} tokens")
-    out.print(f"[dim]── prompt: masked from the loss (labels = {IGNORE_INDEX}), {cut} tokens ──[/dim]")
-    out.print(Text(prompt, style="dim"))
-    out.print(f"[bold green]── response: trained, {len(ids) - cut} tokens ──[/bold green]")
-    out.print(Text(response, style="bold green"))
+    trained = sum(1 for label in labels if label != IGNORE_INDEX)
+    out.rule(f"first training example: {len(ids)} tokens, {trained} trained")
+    for is_trained, start, end in spans(labels):
+        words = tokenizer.decode(ids[start:end], skip_special_tokens=False)
+        if is_trained:
+            out.print(f"[bold green]── trained: {end - start} tokens ──[/bold green]")
+            out.print(Text(words, style="bold green"))
+        else:
+            out.print(f"[dim]── masked from the loss (labels = {IGNORE_INDEX}): {end - start} tokens ──[/dim]")
+            out.print(Text(words, style="dim"))
+
+
+def spans(labels: list[int]) -> list[tuple[bool, int, int]]:
+    """(trained?, start, end) of each run of trained or masked tokens, in order."""
+    out: list[tuple[bool, int, int]] = []
+    for index, label in enumerate(labels):
+        trained = label != IGNORE_INDEX
+        if out and out[-1][0] == trained:
+            out[-1] = (trained, out[-1][1], index + 1)
+        else:
+            out.append((trained, index, index + 1))
+    return out

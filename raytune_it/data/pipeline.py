@@ -52,7 +52,12 @@ def split_of(record: dict[str, Any], eval_fraction: float, seed: int) -> Split:
     """
     if eval_fraction <= 0:
         return "train"
-    key = f"{seed}\x00{record['instruction']}\x00{record.get('input', '')}\x00{record['output']}"
+    if "messages" in record:
+        import json
+
+        key = f"{seed}\x00" + json.dumps(record["messages"], sort_keys=True, ensure_ascii=False)
+    else:
+        key = f"{seed}\x00{record['instruction']}\x00{record.get('input', '')}\x00{record['output']}"
     bucket = int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "big") / 2**64
     return "eval" if bucket < eval_fraction else "train"
 
@@ -66,7 +71,7 @@ def iter_split_records(
 ) -> Iterator[dict]:
     """Validated records of one split (or all with ``split=None``); ``on_record`` sees every record read."""
     records = iter_records(resolve_data_path(data), data.file_type, skip_bad_records=data.skip_bad_records,
-                           report=report, limit=data.max_records)
+                           report=report, limit=data.max_records, record_format=data.format)
     for record in records:
         record_split = split_of(record, data.eval_fraction, seed)
         if on_record is not None:
@@ -87,12 +92,15 @@ def iter_examples(
     on_record: Callable[[dict, Split], None] | None = None,
 ) -> Iterator[dict[str, list[int]]]:
     """Tokenized (and, with ``data.packing``, packed) examples of one split, streamed."""
+    from raytune_it.data.chat import template_source
+
     report = report if report is not None else ReadReport()
     records = iter_split_records(data, split, seed, report, on_record)
+    template = template_source(tokenizer, data)
 
     def tokenized() -> Iterator[dict[str, list[int]]]:
         while batch := list(islice(records, BATCH)):
-            yield from tokenize_records(batch, tokenizer, max_seq_len, stats)
+            yield from tokenize_records(batch, tokenizer, max_seq_len, stats, chat_template=template)
 
     yield from pack_examples(tokenized(), max_seq_len) if data.packing else tokenized()
 

@@ -148,6 +148,15 @@ def _parquet(path: Path) -> Iterator[tuple[str, Any]]:
             yield f"{path}: record {index}", row
 
 
+def validator(record_format: str) -> Any:
+    """The check that turns a raw record of ``data.format`` into a training record (ValueError: why not)."""
+    if record_format == "alpaca":
+        return validate_record
+    from raytune_it.data.chat import messages_record, sharegpt_record
+
+    return {"messages": messages_record, "sharegpt": sharegpt_record}[record_format]
+
+
 def iter_records(
     path: str | Path,
     file_type: Literal["auto", "json", "jsonl", "parquet"] = "auto",
@@ -155,6 +164,7 @@ def iter_records(
     skip_bad_records: bool = False,
     report: ReadReport | None = None,
     limit: int | None = None,
+    record_format: str = "alpaca",
 ) -> Iterator[dict[str, Any]]:
     """Yield validated records; raise DataError on the first bad one unless skipping."""
     path = Path(path)
@@ -163,11 +173,12 @@ def iter_records(
     kind: FileType = detect_file_type(path) if file_type == "auto" else file_type
     reader = {"json": _json_array, "jsonl": _jsonl, "parquet": _parquet}[kind]
     report = report if report is not None else ReadReport()
+    check = validator(record_format)
     for where, raw in reader(path):
         try:
             if isinstance(raw, Exception):
                 raise raw
-            record = validate_record(raw)
+            record = check(raw)
         except ValueError as exc:
             if not skip_bad_records:
                 raise DataError(f"{where}: {exc}. Fix the record, or set data.skip_bad_records=true "

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
+from raytune_it.data.chat import CHAT_TEMPLATES
 from raytune_it.data.templates import render_prompt
 
 IGNORE_INDEX = -100
@@ -49,16 +50,28 @@ def tokenize_records(
     tokenizer: Any,
     max_seq_len: int,
     stats: TokenizeStats | None = None,
+    chat_template: str | None = None,
 ) -> list[dict[str, list[int]]]:
-    """Tokenize a batch of records at once (the fast tokenizer runs the batch in Rust threads)."""
-    prompts = [render_prompt(r) for r in records]
-    texts = [prompt + r["output"] for prompt, r in zip(prompts, records)]
+    """Tokenize a batch of records at once (the fast tokenizer runs the batch in Rust threads).
+
+    Alpaca records without a ``chat_template`` get the Alpaca prompt; conversations, and Alpaca records
+    with a template, are rendered with the template and train every assistant turn (``data.chat``)."""
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id]
+    if chat_template is None and all("messages" not in r for r in records):
+        prompts = [render_prompt(r) for r in records]
+        texts = [prompt + r["output"] for prompt, r in zip(prompts, records)]
+        ids, prompt_lengths = joined_ids(tokenizer, prompts, texts)
+        trained_masks = [[False] * length + [True] * (len(text_ids) - length)
+                         for text_ids, length in zip(ids, prompt_lengths)]
+    else:
+        ids, trained_masks = conversation_ids(tokenizer, chat_template or CHAT_TEMPLATES["alpaca"], records)
     out = []
-    for text_ids, prompt_length in zip(*joined_ids(tokenizer, prompts, texts)):
-        input_ids = bos + text_ids + eos
-        labels = [IGNORE_INDEX] * (len(bos) + prompt_length) + text_ids[prompt_length:] + eos
+    for text_ids, trained_mask in zip(ids, trained_masks):
+        prefix = [] if bos and text_ids[:1] == bos else bos  # a template that writes BOS itself has it already
+        input_ids = prefix + text_ids + eos
+        labels = [IGNORE_INDEX] * len(prefix) + [token if trained else IGNORE_INDEX
+                                              for token, trained in zip(text_ids, trained_mask)] + eos
         truncated = len(input_ids) > max_seq_len
         input_ids, labels = input_ids[:max_seq_len], labels[:max_seq_len]
         trained = sum(1 for label in labels if label != IGNORE_INDEX)
@@ -70,6 +83,33 @@ def tokenize_records(
             stats.add(len(input_ids), trained, truncated)
         out.append({"input_ids": input_ids, "labels": labels})
     return out
+
+
+def conversation_ids(tokenizer: Any, chat_template: str,
+                     records: Sequence[Mapping[str, Any]]) -> tuple[list[list[int]], list[list[bool]]]:
+    """Each conversation's token ids (the rendered text, tokenized as one) and which of them are trained:
+    the tokens that start inside an assistant turn's span (``chat.trained_spans``)."""
+    from raytune_it.data.chat import alpaca_messages, trained_spans
+
+    rendered = [trained_spans(tokenizer, chat_template, r["messages"] if "messages" in r else alpaca_messages(r))
+                for r in records]
+    texts = [text for text, _ in rendered]
+    if getattr(tokenizer, "is_fast", False):
+        encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        masks = [[any(start <= begin < end for start, end in spans) for begin, _ in offsets]
+                 for (_, spans), offsets in zip(rendered, encoded["offset_mapping"])]
+        return encoded["input_ids"], masks
+    ids, masks = [], []  # a slow tokenizer has no offsets: each span is tokenized on its own
+    for text, spans in rendered:
+        cuts = sorted({0, len(text), *(edge for span in spans for edge in span)})
+        text_ids, mask = [], []
+        for begin, end in zip(cuts, cuts[1:]):
+            piece = tokenizer(text[begin:end], add_special_tokens=False)["input_ids"]
+            text_ids += piece
+            mask += [any(start <= begin < stop for start, stop in spans)] * len(piece)
+        ids.append(text_ids)
+        masks.append(mask)
+    return ids, masks
 
 
 def joined_ids(tokenizer: Any, prompts: Sequence[str], texts: Sequence[str]) -> tuple[list[list[int]], list[int]]:

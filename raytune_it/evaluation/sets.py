@@ -20,11 +20,12 @@ def _key(record: dict) -> tuple[str, str]:
     return record["instruction"], record.get("input", "")
 
 
-def training_keys(path: Path | None) -> set[tuple[str, str]]:
-    """Every (instruction, input) of a training file, in any format the pipeline reads."""
+def training_keys(path: Path | None, record_format: str = "alpaca") -> set[tuple[str, str]]:
+    """Every (instruction, input) of an Alpaca training file, in any file type the pipeline reads. Chat data
+    has no instruction field to match the generated examples by: none."""
     from raytune_it.data.records import iter_records
 
-    if path is None or not Path(path).is_file():
+    if path is None or not Path(path).is_file() or record_format != "alpaca":
         return set()
     return {_key(record) for record in iter_records(path, skip_bad_records=True)}
 
@@ -43,7 +44,8 @@ def model_training_keys(model: str) -> set[tuple[str, str]] | None:
         return None
     for folder in (location, location.parent):
         if (folder / "config.yaml").is_file():
-            return training_keys(resolve_data_path(load_run_config(folder / "config.yaml").data))
+            data = load_run_config(folder / "config.yaml").data
+            return training_keys(resolve_data_path(data), data.format)
     return None
 
 

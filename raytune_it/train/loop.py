@@ -1,10 +1,12 @@
-"""The training loop every Ray Train worker runs, for both methods, read top to bottom.
+"""The training loop every Ray Train worker runs, for both methods, read top to bottom (``Recipe.run``).
 
-set up the strategy -> restore the last checkpoint, if any -> for each step:
-take ``gradient_accumulation_steps`` micro-batches from this worker's shard, step,
-send metrics to the driver -> every ``eval_every_steps`` and at the end: eval loss
-and a checkpoint, reported to Ray Train (which writes it to the run's storage) ->
-export the tuned model and publish it to the run's storage.
+set up the strategy -> restore the last checkpoint, if any -> for each epoch, this
+worker's rows in the epoch's seeded order, from the data position -> for each step:
+``gradient_accumulation_steps`` micro-batches, the loss over the step's trained tokens
+on all workers, backward, optimizer step, metrics to the driver -> every
+``eval_every_steps`` and at the end: eval loss and a checkpoint, reported to Ray Train
+(which writes it to the run's storage) -> export the tuned model and publish it to
+the run's storage.
 """
 
 from __future__ import annotations
@@ -166,6 +168,7 @@ class Recipe:
         import ray.train
         import ray.train.torch
         from raytune_it.config.schema import JobConfig
+        from raytune_it.data.chat import record_template
         from raytune_it.models.loading import load_tokenizer
 
         self.config = config = JobConfig.model_validate(loop_config["config"])
@@ -179,6 +182,7 @@ class Recipe:
         torch.manual_seed(config.train.seed)
         self.tokenizer = load_tokenizer(config.model.name_or_path, revision=config.model.revision,
                                         trust_remote_code=config.model.trust_remote_code)
+        record_template(self.tokenizer, config.data)  # the export's tokenizer carries the run's chat template
         self.pad_id = self.tokenizer.pad_token_id
         self.micro, self.accumulation = config.train.micro_batch_size, config.train.gradient_accumulation_steps
         self.state = TrainState()

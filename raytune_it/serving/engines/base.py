@@ -14,6 +14,8 @@ stop strings here (``StopScanner``), so they cannot drift apart.
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Protocol
 
@@ -126,7 +128,7 @@ class PromptBuilder:
             check_length(request.synthetic_tokens, request.max_tokens, self.max_model_len)
             return self.synthetic(request.synthetic_tokens)
         if request.messages is not None:
-            text = self.render_chat(request.messages)
+            text = self.render_chat(request.messages, self.chat_template(request.adapter_folder))
         elif isinstance(request.prompt, list):
             ids = list(request.prompt)
             check_length(len(ids), request.max_tokens, self.max_model_len)
@@ -138,17 +140,29 @@ class PromptBuilder:
             raise EngineError(f"the prompt ({len(text)} characters) cannot fit the context of "
                               f"{self.max_model_len} tokens", code="context_length_exceeded", param="prompt")
         try:
-            ids = self.tokenizer(text)["input_ids"]
+            # A template that writes BOS itself (Llama 3's, for one) already has it: no second one.
+            bos = self.tokenizer.bos_token
+            ids = self.tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
         except Exception as exc:  # noqa: BLE001 - text the tokenizer cannot take (lone surrogates ...) is the client's
             raise EngineError(f"the prompt cannot be tokenized: {type(exc).__name__}: {exc}"[:300],
                               param="messages" if request.messages is not None else "prompt") from None
         check_length(len(ids), request.max_tokens, self.max_model_len)
         return ids
 
-    def render_chat(self, messages: list[dict]) -> str:
-        """The chat template where the tokenizer has one, the Alpaca template otherwise."""
-        if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    def chat_template(self, adapter_folder: str | None) -> str | None:
+        """The chat template a request is rendered with: an adapter's own (the one its run trained with,
+        saved with its tokenizer), else the base tokenizer's."""
+        if adapter_folder is not None:
+            own = _adapter_chat_template(adapter_folder)
+            if own:
+                return own
+        return getattr(self.tokenizer, "chat_template", None) or None
+
+    def render_chat(self, messages: list[dict], template: str | None = None) -> str:
+        """The chat template where there is one, the Alpaca template otherwise (as training renders them)."""
+        if template:
+            return self.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                                      add_generation_prompt=True)
         from raytune_it.data.templates import render_prompt
 
         # Alpaca has one instruction and one input: the last user turn is the instruction, the
@@ -161,6 +175,23 @@ class PromptBuilder:
         filler = self.tokenizer(" the", add_special_tokens=False)["input_ids"] or [self.tokenizer.eos_token_id]
         bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
         return (bos + filler * length)[:length]
+
+
+@functools.lru_cache(maxsize=64)
+def _adapter_chat_template(folder: str) -> str | None:
+    """The chat template saved with an adapter (transformers writes ``chat_template.jinja``; older versions
+    put it in ``tokenizer_config.json``), read once per folder."""
+    import json
+    from pathlib import Path
+
+    jinja = Path(folder) / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    config = Path(folder) / "tokenizer_config.json"
+    if config.is_file():
+        template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+        return template if isinstance(template, str) else None
+    return None
 
 
 class StopScanner:
