@@ -54,7 +54,7 @@ def setup(args, cpus):
 
     overrides = [f"train.max_steps={args.steps}", f"train.micro_batch_size={args.micro_batch_size}",
                  "scaling.num_workers=1", f"scaling.cpus_per_worker={cpus}", "data.eval_fraction=0.02",
-                 f"train.eval_every_steps={args.steps}", f"lora.int8={str(args.int8).lower()}",
+                 f"train.eval_every_steps={args.steps}", f"lora.quantization={'int8' if args.int8 else 'none'}",
                  "deepspeed.gradient_checkpointing=false", "train.warmup_ratio=0",
                  f"scaling.use_gpu={str(args.device == 'cuda').lower()}"]
     if args.model:
@@ -89,10 +89,10 @@ def peft_model(config):
 
     device = device_of(config)
     # The precision raytune-it's LoRA strategy picks: bf16 on a GPU, fp32 activations over an INT8 base on a CPU.
-    precision = "float32" if config.lora.int8 and device.type == "cpu" else "bfloat16"
-    base = load_causal_lm(config.model.name_or_path, precision=precision, int8=config.lora.int8,
-                          device_map={"": device})
-    if config.lora.int8:
+    int8 = config.lora.quantization == "int8"
+    precision = "float32" if int8 and device.type == "cpu" else "bfloat16"
+    base = load_causal_lm(config.model.name_or_path, precision=precision, int8=int8, device_map={"": device})
+    if int8:
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     return get_peft_model(base, LoraConfig(r=config.lora.rank, lora_alpha=config.lora.alpha,
                                            lora_dropout=config.lora.dropout,

@@ -142,7 +142,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from raytune_it.plan.planner import (
         ENGINE_BANDWIDTH_EFFICIENCY, calibrate, measured_engine_efficiency, measured_throughput, plan,
     )
-    from raytune_it.plan.render import print_plan, print_survey_table, survey_markdown, survey_table
+    from raytune_it.plan.render import (
+        QUANTIZATION_COLUMNS, print_plan, print_quantization_table, print_survey_table, quantization_rows,
+        survey_markdown, survey_table,
+    )
 
     # Piped output gets room for the wide table instead of rich's 80-column default.
     console = Console(width=None if sys.stdout.isatty() else 180)
@@ -173,9 +176,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
                            inference_calibrated_from=source)
     result = plan(workload)
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
+        data = result.to_dict()
+        if workload.method == "lora":
+            data["quantization_comparison"] = [dict(zip(QUANTIZATION_COLUMNS, row)) for row in quantization_rows(workload)]
+        print(json.dumps(data, indent=2))
     else:
         print_plan(result, console)
+        if workload.method == "lora":
+            print_quantization_table(workload, console)
     return 0
 
 

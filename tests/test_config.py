@@ -19,7 +19,8 @@ def test_defaults_and_overrides_with_yaml_values():
     assert config.data.packing is True
     # survey defaults
     plain = load_config(None)
-    assert (plain.lora.rank, plain.lora.int8, plain.train.epochs, plain.train.max_seq_len) == (16, True, 3, 512)
+    assert (plain.lora.rank, plain.lora.quantization, plain.train.epochs, plain.train.max_seq_len) == (
+        16, "int8", 3, 512)
     assert (plain.deepspeed.zero_stage, plain.deepspeed.bf16, plain.deepspeed.gradient_checkpointing) == (3, True, True)
 
 
@@ -49,7 +50,7 @@ def test_survey_full_presets_match_table_8(size, gpus, batch):
     assert (config.scaling.num_workers, config.train.micro_batch_size) == (gpus, batch)
     assert config.scaling.server_type == "a800-80g" and config.scaling.use_gpu
     lora = load_config(f"llama-{size}-lora-int8", ["model.name_or_path=tiny-llama", "data.path=builtin:tasks"])
-    assert lora.method == "lora" and lora.lora.int8 and lora.lora.rank == 16
+    assert lora.method == "lora" and lora.lora.quantization == "int8" and lora.lora.rank == 16
 
 
 def test_survey_preset_names_the_values_the_user_must_supply():
@@ -76,7 +77,11 @@ def test_survey_preset_names_the_values_the_user_must_supply():
         ("lora.rank=true", "lora.rank: got True; input should be a valid integer"),
         ("train.max_steps=1.0", "train.max_steps: got 1.0; input should be a valid integer"),
         ("train.learning_rate=true", "train.learning_rate: got True; value error, a number is required"),
-        ("lora.int8=1", "lora.int8: got 1; input should be a valid boolean"),
+        ("lora.merge=1", "lora.merge: got 1; input should be a valid boolean"),
+        # A key that was replaced says by what.
+        ("lora.int8=false", "lora.int8: got False; value error, lora.int8 was replaced by lora.quantization: use "
+                            "lora.quantization=none"),
+        ("lora.quantization=nf8", "lora.quantization: got 'nf8'; input should be 'int8', 'nf4' or 'none'"),
         ("train.learning_rate=.nan", "train.learning_rate: got nan"),
     ],
 )

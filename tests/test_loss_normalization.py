@@ -68,7 +68,7 @@ def _gradients(tmp_path, name, micro, rows_of_rank):
         _gradients_worker,
         train_loop_config={"rows": _rows(), "micro": micro, "rows_of_rank": rows_of_rank, "out": str(out),
                            # float32 everywhere and no dropout: the splits differ only in rounding.
-                           "overrides": ["lora.int8=false", "lora.dropout=0", "deepspeed.bf16=false",
+                           "overrides": ["lora.quantization=none", "lora.dropout=0", "deepspeed.bf16=false",
                                          "train.max_grad_norm=1000"]},
         scaling_config=ScalingConfig(num_workers=len(rows_of_rank)),
         torch_config=TorchConfig(backend="gloo"),

@@ -170,3 +170,15 @@ def test_the_config_memory_estimate_follows_the_zero_stage_and_the_methods_own_c
     assert total("tiny-full", "deepspeed.zero_stage=1") > total("tiny-full", "deepspeed.zero_stage=3")
     assert total("tiny-lora", "lora.gradient_checkpointing=false") > total("tiny-lora")
     assert total("tiny-lora", "deepspeed.gradient_checkpointing=false") == total("tiny-lora")
+
+
+def test_nf4_halves_the_base_and_costs_time_and_plan_shows_it_against_int8_on_both_servers():
+    int8 = plan(Workload(shape=LLAMA_SHAPES["65B"], method="lora", server_type="a800-80g"))
+    nf4 = plan(Workload(shape=LLAMA_SHAPES["65B"], method="lora", server_type="a800-80g", lora_quantization="nf4"))
+    assert nf4.memory_gib["weights"] < 0.6 * int8.memory_gib["weights"]
+    assert nf4.sustained_tflops_per_gpu < int8.sustained_tflops_per_gpu
+    assert nf4.assumptions["lora_quantization"] == "nf4"
+    data = json.loads(_cli("65B", "--method", "lora", "--json").stdout)
+    rows = {(row["server"], row["base"]): row for row in data["quantization_comparison"]}
+    assert set(rows) == {(s, q) for s in ("a800-80g", "rtx3090-24g") for q in ("int8", "nf4")}
+    assert float(rows[("a800-80g", "nf4")]["memory / GPU (GiB)"]) < float(rows[("a800-80g", "int8")]["memory / GPU (GiB)"])

@@ -282,7 +282,7 @@ def test_tokens_count_every_real_token_when_the_pad_token_is_eos(local_ray, tmp_
     tokenizer_config = json.loads((model / "tokenizer_config.json").read_text())
     tokenizer_config.pop("pad_token", None)
     (model / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
-    config = load_config("tiny-lora", [f"run.storage={tmp_path}", f"model.name_or_path={model}", "lora.int8=false",
+    config = load_config("tiny-lora", [f"run.storage={tmp_path}", f"model.name_or_path={model}", "lora.quantization=none",
                                        "scaling.num_workers=2", "train.micro_batch_size=4", "train.max_steps=3",
                                        "train.eval_every_steps=3"])
     summary = train(config)
@@ -305,9 +305,24 @@ def test_a_chat_run_trains_on_conversations_and_its_export_carries_the_template(
                                                      dict(turns[1], content=f"{n} hours is {60 * n} minutes.")]})
                             + "\n" for n in range(1, 41)))
     config = load_config("tiny-lora", [f"run.storage={tmp_path}", f"data.path={data}", "data.format=messages",
-                                       "data.template=chatml", "lora.int8=false", "scaling.num_workers=1",
+                                       "data.template=chatml", "lora.quantization=none", "scaling.num_workers=1",
                                        "train.micro_batch_size=4", "train.max_steps=4", "train.eval_every_steps=4"])
     summary = train(config)
     assert summary.steps == 4 and summary.final_eval_loss is not None
     exported = load_tokenizer(str(tmp_path / "tiny-lora" / "export"))
     assert exported.chat_template == CHAT_TEMPLATES["chatml"]
+
+
+def test_lora_on_an_nf4_base_trains_on_the_cpu_and_exports_a_peft_adapter(local_ray, tmp_path, tiny_model_dir):
+    """lora.quantization=nf4: bitsandbytes' 4-bit NormalFloat base with double quantization (QLoRA), here on
+    bitsandbytes' CPU backend; the adapter reloads on a 16-bit base."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    config = load_config("tiny-lora", [f"run.storage={tmp_path}", "lora.quantization=nf4", "scaling.num_workers=1",
+                                       "train.max_steps=4", "train.eval_every_steps=4"])
+    summary = train(config)
+    assert summary.strategy["quantization"] == "nf4" and summary.strategy["base_weight_dtype"] == "uint8"
+    history = raw_metrics(tmp_path / "tiny-lora")
+    assert history[-1]["loss"] < history[0]["loss"]
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "tiny-lora" / "export")

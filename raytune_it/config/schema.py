@@ -144,11 +144,23 @@ class LoraSection(Section):
         min_length=1,
         description="Names of the linear modules that get LoRA adapters.",
     )
-    int8: Bool = Field(True, description="Load the frozen base weights in INT8 (bitsandbytes); false: bf16 base.")
+    quantization: Literal["int8", "nf4", "none"] = Field(
+        "int8", description="The frozen base's weights: 'int8' (bitsandbytes LLM.int8(), the survey's), 'nf4' "
+        "(4-bit NormalFloat with double quantization, as QLoRA) or 'none' (16-bit).")
+    int8: Bool | None = Field(None, description="Replaced by lora.quantization (int8 | nf4 | none).")
     merge: Bool = Field(False, description="Also export a full model with the adapter merged in.")
     gradient_checkpointing: Bool = Field(
         True, description="Recompute the frozen base's activations in backward to save memory (the survey's LoRA "
                           "batches fit only with it).")
+
+
+    @field_validator("int8")
+    @classmethod
+    def _replaced(cls, value: bool | None) -> None:
+        if value is not None:
+            raise ValueError(f"lora.int8 was replaced by lora.quantization: use lora.quantization="
+                             f"{'int8' if value else 'none'} (or nf4 for a 4-bit base)")
+        return None
 
 
 class DeepSpeedSection(Section):

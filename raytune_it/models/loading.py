@@ -49,19 +49,25 @@ def load_causal_lm(
     *,
     precision: Precision = "float32",
     int8: bool = False,
+    quantization: str = "none",
     revision: str | None = None,
     trust_remote_code: bool = False,
     device_map: Any = None,
 ) -> Any:
-    """Load a causal LM; ``int8`` quantizes the linear layers with bitsandbytes."""
+    """Load a causal LM; ``quantization`` (or ``int8``) quantizes the linear layers with bitsandbytes:
+    ``int8`` is LLM.int8(), ``nf4`` 4-bit NormalFloat with double quantization and matmuls in ``precision``,
+    as QLoRA trains."""
     import torch
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {}
-    if int8:
+    quantization = "int8" if int8 else quantization
+    if quantization != "none":
         from transformers import BitsAndBytesConfig
 
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True) if quantization == "int8" else \
+            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=getattr(torch, precision))
     return AutoModelForCausalLM.from_pretrained(
         resolve_model_path(name_or_path),
         dtype=getattr(torch, precision),

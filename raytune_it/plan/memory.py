@@ -139,6 +139,11 @@ def lora_trainable_params(shape: ModelShape, rank: int, target_modules: list[str
     return shape.layers * per_layer
 
 
+#: Bytes per frozen linear weight of a LoRA base: INT8 one; NF4 with double quantization 4.127 bits (the
+#: QLoRA paper: 4 bits plus 0.127 of quantization constants per weight); 16-bit two.
+BYTES_PER_LINEAR_WEIGHT = {"int8": 1.0, "nf4": 4.127 / 8, "none": 2.0}
+
+
 def estimate_memory(
     shape: ModelShape,
     *,
@@ -150,7 +155,7 @@ def estimate_memory(
     zero_stage: int = 3,
     offload_optimizer: bool = False,
     lora_rank: int = 16,
-    lora_int8: bool = True,
+    lora_quantization: str = "int8",
     lora_targets: list[str] | None = None,
 ) -> MemoryEstimate:
     """Bytes one device needs for one training step."""
@@ -175,7 +180,7 @@ def estimate_memory(
         )
     linear = shape.layers * shape.linear_params_per_layer
     other = params - linear
-    base = linear * (1 if lora_int8 else 2) + other * 2
+    base = linear * BYTES_PER_LINEAR_WEIGHT[lora_quantization] + other * 2
     trainable = lora_trainable_params(shape, lora_rank, lora_targets or ["q_proj", "k_proj", "v_proj", "o_proj"])
     return MemoryEstimate(weights=base + 4 * trainable, gradients=4 * trainable, optimizer=8 * trainable,
                           activations=activations, overhead=FRAMEWORK_OVERHEAD_BYTES)

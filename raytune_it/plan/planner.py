@@ -41,6 +41,10 @@ Method = Literal["full", "lora"]
 #: multiplies at the 16-bit rate, and quantizing activations per row and dequantizing outputs add memory
 #: passes worth about 15-20% of a 4,096-wide layer's matmul time at batches of thousands of tokens.
 INT8_MATMUL_EFFICIENCY = 0.8
+#: NF4 (QLoRA) dequantizes every 4-bit weight block to 16 bits before each matmul, forward, recompute and
+#: backward: Google Cloud's Vertex AI measurements put LoRA about 66% faster than QLoRA, 0.6 of its rate.
+NF4_MATMUL_EFFICIENCY = 0.6
+QUANTIZED_MATMUL_EFFICIENCY = {"int8": INT8_MATMUL_EFFICIENCY, "nf4": NF4_MATMUL_EFFICIENCY, "none": 1.0}
 #: Model FLOP utilisation of a single-GPU LoRA job (no ZeRO-3 gathers, no collectives): published 7B LoRA
 #: training rates on A100-class GPUs, 2,400 to 4,000 tokens/s, are 31-52% of BF16 peak at 6·P FLOPs per
 #: token (checkpointing); the low end is assumed.
@@ -84,7 +88,7 @@ class Workload:
     epochs: float = 3.0
     checkpointing: bool = True
     lora_rank: int = 16
-    lora_int8: bool = True
+    lora_quantization: str = "int8"
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     offload_optimizer: bool = False
     zero_stage: int = 3
@@ -141,7 +145,7 @@ def _estimate(workload: Workload, gpus: int, batch: int) -> Any:
     return estimate_memory(
         workload.shape, method=workload.method, num_gpus=gpus, micro_batch=batch, seq_len=workload.seq_len,
         checkpointing=workload.checkpointing, zero_stage=workload.zero_stage,
-        offload_optimizer=workload.offload_optimizer, lora_rank=workload.lora_rank, lora_int8=workload.lora_int8,
+        offload_optimizer=workload.offload_optimizer, lora_rank=workload.lora_rank, lora_quantization=workload.lora_quantization,
         lora_targets=workload.lora_targets,
     )
 
@@ -168,7 +172,7 @@ def sustained_flops(workload: Workload) -> float:
         return workload.sustained_flops
     if workload.method == "lora":
         rate = workload.server.peak_bf16_flops * LORA_MFU
-        return rate * INT8_MATMUL_EFFICIENCY if workload.lora_int8 else rate
+        return rate * QUANTIZED_MATMUL_EFFICIENCY[workload.lora_quantization]
     return workload.server.peak_bf16_flops * workload.server.sustained_mfu
 
 
@@ -209,7 +213,9 @@ def plan(workload: Workload) -> Plan:
         "gpu_memory_gib": server.gpu_memory_gib, "peak_bf16_tflops": server.peak_bf16_flops / 1e12,
         "sustained_mfu": LORA_MFU if workload.method == "lora" else server.sustained_mfu, "collective_gb_per_s": server.collective_bandwidth / 1e9,
         "network_gb_per_s_per_node": server.interconnect_bandwidth / 1e9,
-        "int8_matmul_efficiency": INT8_MATMUL_EFFICIENCY if workload.method == "lora" and workload.lora_int8 else 1.0,
+        "lora_quantization": workload.lora_quantization if workload.method == "lora" else None,
+        "quantized_matmul_efficiency": QUANTIZED_MATMUL_EFFICIENCY[workload.lora_quantization]
+        if workload.method == "lora" else 1.0,
         "calibrated_from": workload.calibrated_from,
         "engine_bandwidth_efficiency": workload.engine_efficiency or ENGINE_BANDWIDTH_EFFICIENCY,
         "inference_calibrated_from": workload.inference_calibrated_from,
@@ -340,7 +346,7 @@ def workload_from_config(config: Any, shape: ModelShape | None = None, server_ty
     return Workload(
         shape=shape or shape_of_config(config), method=config.method, server_type=chosen, seq_len=train.max_seq_len,
         epochs=train.epochs, checkpointing=config.gradient_checkpointing, lora_rank=config.lora.rank,
-        lora_int8=config.lora.int8, lora_targets=list(config.lora.target_modules),
+        lora_quantization=config.lora.quantization, lora_targets=list(config.lora.target_modules),
         offload_optimizer=config.deepspeed.offload_optimizer, zero_stage=config.deepspeed.zero_stage,
         global_batch=train.micro_batch_size * train.gradient_accumulation_steps * config.scaling.num_workers,
         **data,
@@ -370,6 +376,7 @@ def config_fit_problem(config: Any, shape: ModelShape | None = None, budget_byte
         return None
     advice = ("lower train.micro_batch_size, raise scaling.num_workers (ZeRO-3 shards over them) or enable "
               "deepspeed.gradient_checkpointing" if config.method == "full" else
-              "lower train.micro_batch_size or enable lora.int8 / lora.gradient_checkpointing (LoRA is data "
+              "lower train.micro_batch_size, or set lora.quantization=nf4 (or int8) or lora.gradient_checkpointing=true "
+              "(LoRA is data "
               "parallel: more workers do not shrink the base model)")
     return f"needs about {estimate.describe()} per GPU, more than {where}; {advice}. Size it with: raytune-it plan CONFIG"

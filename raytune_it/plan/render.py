@@ -44,6 +44,36 @@ def survey_rows(plans: list[Plan]) -> list[list[str]]:
     return rows
 
 
+QUANTIZATION_COLUMNS = ["server", "base", "fits", "memory / GPU (GiB)", "batch/device", "est. hours"]
+
+
+def quantization_rows(workload: Workload) -> list[list[str]]:
+    """A LoRA workload with an INT8 and an NF4 base on both server types: what 4-bit changes."""
+    from dataclasses import replace
+
+    from raytune_it.hardware import SERVER_TYPES
+
+    rows = []
+    for server in SERVER_TYPES:
+        for quantization in ("int8", "nf4"):
+            item = plan(replace(workload, server_type=server, lora_quantization=quantization))
+            rows.append([server, quantization, "yes" if item.feasible else "no",
+                         f"{item.memory_gib.get('total', 0):.1f}", _num(item.per_device_batch_size),
+                         _num(item.est_hours, "{:.1f}")])
+    return rows
+
+
+def print_quantization_table(workload: Workload, console: Any) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"LoRA on {workload.shape.name}: an INT8 or an NF4 (4-bit, QLoRA) base, both server types")
+    for column in QUANTIZATION_COLUMNS:
+        table.add_column(column, justify="left" if column in ("server", "base", "fits") else "right")
+    for row in quantization_rows(workload):
+        table.add_row(*row)
+    console.print(table)
+
+
 def markdown_table(columns: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]

@@ -1,4 +1,4 @@
-"""LoRA over a frozen base, INT8 (bitsandbytes) by default, data parallel with DDP.
+"""LoRA over a frozen base, INT8 (bitsandbytes) by default or NF4 (QLoRA), data parallel with DDP.
 
 Across workers this is plain DDP, not ZeRO-3: 8-bit bitsandbytes weights and
 ZeRO-3 parameter partitioning do not mix (ZeRO-3 flattens and re-partitions
@@ -31,15 +31,16 @@ class LoraStrategy:
         self.config = config
         self.device = device
         # GPUs compute in bf16; most CPUs lack fast bf16 matmuls, so the CPU keeps fp32 activations.
-        precision = "bfloat16" if device.type == "cuda" or not config.lora.int8 else "float32"
+        quantized = config.lora.quantization != "none"
+        precision = "bfloat16" if device.type == "cuda" or not quantized else "float32"
         base = load_causal_lm(
-            config.model.name_or_path, precision=precision, int8=config.lora.int8,
+            config.model.name_or_path, precision=precision, quantization=config.lora.quantization,
             revision=config.model.revision, trust_remote_code=config.model.trust_remote_code,
-            device_map={"": device} if config.lora.int8 else None,
+            device_map={"": device} if quantized else None,
         )
         base.config.use_cache = False
         checkpointing = config.lora.gradient_checkpointing
-        if config.lora.int8:
+        if quantized:
             base = prepare_model_for_kbit_training(
                 base, use_gradient_checkpointing=checkpointing,
                 gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -103,6 +104,7 @@ class LoraStrategy:
                               for module in self.peft_model.modules() if hasattr(module, "base_layer")})
         return {
             "base_weight_dtype": ",".join(base_dtypes),
+            "quantization": self.config.lora.quantization,
             "lora_rank": self.config.lora.rank,
             "optimizer": optimizer_name(self.optimizer),
             "trainable_parameters": sum(p.numel() for p in self.params),
