@@ -39,6 +39,8 @@ class LoraStrategy:
             device_map={"": device} if quantized else None,
         )
         base.config.use_cache = False
+        if config.lora.quantization == "nf4" and device.type == "cpu":
+            keep_nf4_layout_for_training(base)
         checkpointing = config.lora.gradient_checkpointing
         if quantized:
             base = prepare_model_for_kbit_training(
@@ -144,6 +146,20 @@ class LoraStrategy:
         tokenizer.save_pretrained(folder)
         if self.config.lora.merge:
             merge_adapter(self.config, folder, folder / "merged")
+
+
+def keep_nf4_layout_for_training(model: Any) -> None:
+    """Turn off bitsandbytes' CPU inference path for 4-bit layers.
+
+    On a CPU with AVX512-BF16, the first forward of a 4-bit layer in eval mode repacks its weights in
+    place into a layout for inference kernels, which needs output sizes divisible by 32 (the tiny model's
+    MLP has 688) and is not the layout training's dequantization reads. Training evaluates between steps,
+    so its layers keep the plain layout."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def merge_adapter(config: JobConfig, adapter_dir: Path, target: Path) -> None:
