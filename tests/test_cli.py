@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -58,8 +59,18 @@ def test_data_inspect_shows_stats_and_the_two_spans(tmp_path):
     result = run("data", "inspect", "tiny-lora", "data.builtin_records=200", check=True)
     out = result.stdout
     assert "records" in out and "200" in out and "truncated at max_seq_len=512" in out
-    assert "prompt: masked from the loss (labels = -100)" in out and "response: trained" in out
+    assert out.count("masked from the loss (labels = -100)") == 1 and out.count("── trained: ") == 1
     assert "### Instruction:" in out and "</s>" in out
+    # A conversation shows every span: masked system and user turns, each assistant turn trained.
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "2 hours in minutes?"},
+        {"role": "assistant", "content": "120."}, {"role": "user", "content": "And 3?"},
+        {"role": "assistant", "content": "180."}]}) + "\n")
+    out = run("data", "inspect", "tiny-lora", f"data.path={chat}", "data.format=messages", "data.template=chatml",
+              "data.eval_fraction=0", check=True).stdout
+    assert out.count("── trained: ") == 2 and out.count("masked from the loss") == 2
+    assert "<|im_start|>user" in out
     stats = yaml.safe_load(run("data", "inspect", "tiny-lora", "data.builtin_records=200", "--json",
                                check=True).stdout)
     assert stats["records"] == 200 and stats["train_records"] + stats["eval_records"] == 200

@@ -182,3 +182,18 @@ def test_nf4_halves_the_base_and_costs_time_and_plan_shows_it_against_int8_on_bo
     rows = {(row["server"], row["base"]): row for row in data["quantization_comparison"]}
     assert set(rows) == {(s, q) for s in ("a800-80g", "rtx3090-24g") for q in ("int8", "nf4")}
     assert float(rows[("a800-80g", "nf4")]["memory / GPU (GiB)"]) < float(rows[("a800-80g", "int8")]["memory / GPU (GiB)"])
+
+
+@pytest.mark.parametrize("preset", ["llama3-8b-full-a800", "llama3-8b-full-rtx3090", "llama3-8b-lora-a800",
+                                    "llama3-8b-lora-rtx3090"])
+def test_llama3_8b_presets_fit_their_server_type_by_the_planner(preset):
+    """The Llama-3-8B presets' workers and batch are the planner's for that server type, and fit it."""
+    from raytune_it.plan.memory import NAMED_SHAPES
+    from raytune_it.plan.planner import config_fit_problem
+
+    config = load_config(preset, ["model.name_or_path=tiny-llama", "data.path=builtin:tasks"])
+    shape = NAMED_SHAPES["LLAMA3-8B"]
+    assert config_fit_problem(config, shape) is None
+    planned = plan(Workload(shape=shape, method=config.method, server_type=config.scaling.server_type))
+    assert (planned.num_gpus, planned.per_device_batch_size, planned.gradient_accumulation_steps) == (
+        config.scaling.num_workers, config.train.micro_batch_size, config.train.gradient_accumulation_steps)

@@ -13,8 +13,9 @@ from pathlib import Path
 from raytune_it.config.schema import JobConfig
 from raytune_it.errors import ConfigError
 from raytune_it.storage import is_uri, storage_cause
+from raytune_it.models.tiny import TINY_FAMILIES
 
-BUILTIN_MODELS = ("tiny-llama",)
+BUILTIN_MODELS = tuple(TINY_FAMILIES)
 BUILTIN_DATA = ("builtin:tasks",)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 

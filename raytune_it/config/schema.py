@@ -62,8 +62,8 @@ class ModelSection(Section):
     name_or_path: str = Field(
         "tiny-llama",
         description="A local Hugging Face model directory, a storage URI of one (s3://..., fetched into each "
-        "node's cache), a hub id (where a hub is reachable), or the built-in 'tiny-llama' (built locally on first "
-        "use).",
+        "node's cache), a hub id (where a hub is reachable), or a built-in tiny model built locally on first use: "
+        "'tiny-llama' (LLaMA 1/2-shaped), 'tiny-llama3', 'tiny-qwen2' or 'tiny-mistral'.",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for a hub id.")
     trust_remote_code: Bool = Field(

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from raytune_it.models.tiny import TINY_NAME, ensure_tiny_model
+from raytune_it.models.tiny import TINY_FAMILIES, ensure_tiny_model
 
 Precision = Literal["float32", "bfloat16", "float16"]
 
@@ -24,8 +24,8 @@ def resolve_model_path(name_or_path: str, key: str = "model.name_or_path", *, we
     """
     from raytune_it.storage import fetch_dir, is_uri, open_location
 
-    if name_or_path == TINY_NAME:
-        return str(ensure_tiny_model())
+    if name_or_path in TINY_FAMILIES:
+        return str(ensure_tiny_model(name_or_path))
     if is_uri(name_or_path):
         return str(fetch_dir(open_location(name_or_path, key), key, weights=weights))
     path = Path(name_or_path).expanduser()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from raytune_it.cache import cache_dir
@@ -34,8 +35,9 @@ ARCHITECTURE = dict(
 )
 
 
-def tiny_model_dir() -> Path:
-    return cache_dir() / "models" / f"{TINY_NAME}-v{TINY_VERSION}"
+def tiny_model_dir(name: str = TINY_NAME) -> Path:
+    version = TINY_VERSION if name == TINY_NAME else TINY_FAMILIES[name].version
+    return cache_dir() / "models" / f"{name}-v{version}"
 
 
 def _training_text() -> list[str]:
@@ -91,21 +93,58 @@ def build_tokenizer(style: str = "byte-level", vocab_size: int = VOCAB_SIZE):
     )
 
 
-def build_tiny_model(target: Path) -> Path:
-    """Build tokenizer and model and save them to ``target`` (atomically)."""
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+@dataclass(frozen=True)
+class TinyFamily:
+    """A locally built tiny random model in the shape of a real family: its architecture, attention
+    (``kv_heads`` below the 8 heads is grouped-query attention), vocabulary, tokenizer style and chat template."""
 
-    tokenizer = build_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
+    architecture: str  # "llama", "qwen2" or "mistral"
+    tokenizer: str  # a build_tokenizer style
+    vocab_size: int = VOCAB_SIZE
+    kv_heads: int = 8
+    chat_template: str | None = None  # a raytune_it.data.chat.CHAT_TEMPLATES name
+    version: int = 1
+
+
+#: The built-in models, by name: ``tiny-llama`` (LLaMA 1/2-shaped, the default) and today's families.
+TINY_FAMILIES = {
+    TINY_NAME: TinyFamily("llama", "byte-level"),
+    # LLaMA 3: grouped-query attention, a vocabulary larger than the tokenizer needs, the Llama 3 chat format.
+    "tiny-llama3": TinyFamily("llama", "byte-level", vocab_size=4096, kv_heads=2, chat_template="llama-3"),
+    # Qwen2: grouped-query attention with biased q/k/v projections, ChatML.
+    "tiny-qwen2": TinyFamily("qwen2", "byte-level", vocab_size=4096, kv_heads=2, chat_template="chatml"),
+    # Mistral: grouped-query attention, sliding-window attention, a SentencePiece-style tokenizer.
+    "tiny-mistral": TinyFamily("mistral", "sentencepiece", kv_heads=2, chat_template="llama-2"),
+}
+
+
+def _config_class(architecture: str):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    return {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[architecture]
+
+
+def build_tiny_model(target: Path, name: str = TINY_NAME) -> Path:
+    """Build a tiny family's tokenizer and random model and save them to ``target`` (atomically)."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    family = TINY_FAMILIES[name]
+    tokenizer = build_tokenizer(family.tokenizer)
+    if family.chat_template is not None:
+        from raytune_it.data.chat import CHAT_TEMPLATES
+
+        tokenizer.chat_template = CHAT_TEMPLATES[family.chat_template]
+    extra = {} if family.architecture != "mistral" else {"sliding_window": 256}
+    config = _config_class(family.architecture)(
+        vocab_size=max(len(tokenizer), family.vocab_size if name != TINY_NAME else 0),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        **ARCHITECTURE,
+        **dict(ARCHITECTURE, num_key_value_heads=family.kv_heads), **extra,
     )
     torch.manual_seed(TINY_VERSION)
-    model = LlamaForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(config)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )
@@ -120,14 +159,14 @@ def build_tiny_model(target: Path) -> Path:
     return target
 
 
-def ensure_tiny_model() -> Path:
-    """The tiny model's directory, built on first use; safe when several processes race."""
+def ensure_tiny_model(name: str = TINY_NAME) -> Path:
+    """A built-in model's directory, built on first use; safe when several processes race."""
     from filelock import FileLock
 
-    target = tiny_model_dir()
+    target = tiny_model_dir(name)
     if (target / "config.json").is_file():
         return target
     with FileLock(str(target) + ".lock"):
         if not (target / "config.json").is_file():
-            build_tiny_model(target)
+            build_tiny_model(target, name)
     return target

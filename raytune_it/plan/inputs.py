@@ -9,6 +9,7 @@ from typing import Any, Sequence
 from raytune_it.errors import ConfigError
 from raytune_it.plan.memory import (
     LLAMA_SHAPES,
+    NAMED_SHAPES,
     ModelShape,
     parse_parameter_count,
     shape_from_hf_config,
@@ -21,6 +22,8 @@ def shape_for(target: str) -> ModelShape | None:
     """A model shape from '7B' or a directory with config.json; None when ``target`` is neither."""
     if target.upper() in LLAMA_SHAPES:
         return LLAMA_SHAPES[target.upper()]
+    if target.upper() in NAMED_SHAPES:
+        return NAMED_SHAPES[target.upper()]
     count = parse_parameter_count(target)
     if count is not None:
         if count < 1e6:

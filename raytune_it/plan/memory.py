@@ -80,6 +80,12 @@ LLAMA_SHAPES = {
 }
 
 
+#: Today's models the planner knows by name (their config.json values), beside the survey's LLaMA sizes.
+NAMED_SHAPES = {
+    "LLAMA3-8B": ModelShape("Llama-3-8B", 32, 4096, 14336, 32, 8, 128256),
+}
+
+
 def shape_from_hf_config(path: str | Path, name: str | None = None) -> ModelShape:
     data = json.loads((Path(path) / "config.json").read_text())
     heads = data["num_attention_heads"]
