@@ -87,3 +87,23 @@ def test_enabling_checkpointing_on_transformers_before_the_rename():
     model = OlderModel()
     enable_checkpointing(model)
     assert model.kwargs == {"use_reentrant": False}
+
+
+def test_all_linear_targets_every_linear_layer_but_the_head_in_training_and_in_the_planner(tiny_model_dir):
+    """lora.target_modules=[all-linear] is peft's shorthand: the strategy passes it through, preflight lets
+    peft find the layers, and the planner counts every projection."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from raytune_it.plan.memory import LLAMA_SHAPES, lora_trainable_params
+    from raytune_it.train.preflight import preflight
+
+    config = load_config("tiny-lora", ["lora.target_modules=[all-linear]"])
+    preflight(config)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(
+        r=4, target_modules=config.lora.peft_target_modules, task_type="CAUSAL_LM"))
+    # names end in <module>.lora_A.default.weight
+    adapted = {name.split(".")[-4] for name, _ in model.named_parameters() if ".lora_A." in name}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}, adapted
+    shape = LLAMA_SHAPES["7B"]
+    assert lora_trainable_params(shape, 16, ["all-linear"]) > lora_trainable_params(shape, 16, ["q_proj", "v_proj"])

@@ -19,6 +19,8 @@ from raytune_it.hardware import ServerTypeChoice
 #: Run and adapter names become folder names: keep them to a safe alphabet.
 # (section, key) of every secret a config may hold: never saved, never printed.
 SECRETS = (("serve", "api_key"),)
+#: peft's shorthand for LoRA on every linear layer except the output head.
+ALL_LINEAR = "all-linear"
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -142,7 +144,8 @@ class LoraSection(Section):
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
         min_length=1,
-        description="Names of the linear modules that get LoRA adapters.",
+        description="Names of the linear modules that get LoRA adapters (the default suits LLaMA, Qwen2 and Mistral "
+        "alike), or [all-linear]: every linear layer but the output head, as peft offers.",
     )
     quantization: Literal["int8", "nf4", "none"] = Field(
         "int8", description="The frozen base's weights: 'int8' (bitsandbytes LLM.int8(), the survey's), 'nf4' "
@@ -153,6 +156,11 @@ class LoraSection(Section):
         True, description="Recompute the frozen base's activations in backward to save memory (the survey's LoRA "
                           "batches fit only with it).")
 
+
+    @property
+    def peft_target_modules(self) -> list[str] | str:
+        """What peft's LoraConfig takes: the names, or its "all-linear" shorthand."""
+        return ALL_LINEAR if list(self.target_modules) == [ALL_LINEAR] else list(self.target_modules)
 
     @field_validator("int8")
     @classmethod

@@ -141,6 +141,8 @@ def activation_bytes(shape: ModelShape, seq_len: int, micro_batch: int, checkpoi
 
 def lora_trainable_params(shape: ModelShape, rank: int, target_modules: list[str]) -> int:
     shapes = shape.module_shapes()
+    if list(target_modules) == ["all-linear"]:
+        target_modules = list(shapes)
     per_layer = sum(rank * (shapes[m][0] + shapes[m][1]) for m in target_modules if m in shapes)
     return shape.layers * per_layer
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from raytune_it.config.schema import JobConfig
+from raytune_it.config.schema import ALL_LINEAR, JobConfig
 from raytune_it.errors import ConfigError
 
 
@@ -22,6 +22,8 @@ def model_module_names(config: JobConfig) -> set[str]:
 
 
 def check_lora_targets(config: JobConfig) -> None:
+    if config.lora.peft_target_modules == ALL_LINEAR:
+        return  # peft finds the linear layers itself
     names = model_module_names(config)
     leaves = {name.rsplit(".", 1)[-1] for name in names}
     missing = [target for target in config.lora.target_modules if target not in leaves and target not in names]

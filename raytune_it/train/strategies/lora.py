@@ -51,7 +51,7 @@ class LoraStrategy:
             base.enable_input_require_grads()
         peft_config = LoraConfig(
             r=config.lora.rank, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
-            target_modules=list(config.lora.target_modules), task_type="CAUSAL_LM",
+            target_modules=config.lora.peft_target_modules, task_type="CAUSAL_LM",
         )
         self.peft_model = get_peft_model(base, peft_config)
         self.model = ray.train.torch.prepare_model(self.peft_model, parallel_strategy="ddp")
