@@ -85,31 +85,31 @@ def _checked_turns(turns: list[dict[str, Any]]) -> list[dict[str, str]]:
     return turns
 
 
+def _conversation(raw: Any, turns_key: str, speaker_key: str, text_key: str, roles: Mapping[str, str] | None,
+                  what: str) -> dict[str, Any]:
+    """A record's turns as ``{"role", "content"}``, checked (``_checked_turns``); ``roles`` maps the file's
+    speaker names to roles (None: they are the roles)."""
+    if not isinstance(raw, Mapping) or not isinstance(raw.get(turns_key), list):
+        raise ValueError(f"expected an object with a {turns_key!r} list of {what} turns")
+    turns = []
+    for number, turn in enumerate(raw[turns_key], start=1):
+        if not isinstance(turn, Mapping) or speaker_key not in turn or text_key not in turn:
+            raise ValueError(f"turn {number}: expected an object with {speaker_key!r} and {text_key!r}")
+        speaker = turn[speaker_key]
+        if roles is not None and speaker not in roles:
+            raise ValueError(f"turn {number}: unknown speaker {speaker!r}; allowed: {', '.join(roles)}")
+        turns.append({"role": roles[speaker] if roles is not None else speaker, "content": turn[text_key]})
+    return {"messages": _checked_turns(turns)}
+
+
 def messages_record(raw: Any) -> dict[str, Any]:
     """``{"messages": [{"role", "content"}, ...]}``, as OpenAI's fine-tuning files are."""
-    if not isinstance(raw, Mapping) or not isinstance(raw.get("messages"), list):
-        raise ValueError("expected an object with a 'messages' list of {role, content} turns")
-    turns = []
-    for number, turn in enumerate(raw["messages"], start=1):
-        if not isinstance(turn, Mapping) or "role" not in turn or "content" not in turn:
-            raise ValueError(f"turn {number}: expected an object with 'role' and 'content'")
-        turns.append({"role": turn["role"], "content": turn["content"]})
-    return {"messages": _checked_turns(turns)}
+    return _conversation(raw, "messages", "role", "content", None, "{role, content}")
 
 
 def sharegpt_record(raw: Any) -> dict[str, Any]:
     """``{"conversations": [{"from", "value"}, ...]}``, as ShareGPT exports and LLaMA-Factory's sharegpt format."""
-    if not isinstance(raw, Mapping) or not isinstance(raw.get("conversations"), list):
-        raise ValueError("expected an object with a 'conversations' list of {from, value} turns")
-    turns = []
-    for number, turn in enumerate(raw["conversations"], start=1):
-        if not isinstance(turn, Mapping) or "from" not in turn or "value" not in turn:
-            raise ValueError(f"turn {number}: expected an object with 'from' and 'value'")
-        speaker = turn["from"]
-        if speaker not in SHAREGPT_ROLES:
-            raise ValueError(f"turn {number}: unknown speaker {speaker!r}; allowed: {', '.join(SHAREGPT_ROLES)}")
-        turns.append({"role": SHAREGPT_ROLES[speaker], "content": turn["value"]})
-    return {"messages": _checked_turns(turns)}
+    return _conversation(raw, "conversations", "from", "value", SHAREGPT_ROLES, "{from, value}")
 
 
 def alpaca_messages(record: Mapping[str, str]) -> list[dict[str, str]]:

@@ -71,7 +71,7 @@ def evaluate(config: JobConfig, console: Any = None, models: dict[str, str] | No
     # No model is scored on an example it was tuned on: the examples of every evaluated model's training data
     # are left out, so every model is scored on the same unseen examples.
     exclude = training_keys(resolve_data_path(_adapter_config(config, "general", seen).data))
-    for name, path in models.items():
+    for path in models.values():
         exclude |= model_training_keys(path) or set()
     sets = held_out_examples(seen + unseen, config.eval.examples_per_family, exclude)
     total = sum(len(v) for v in sets.values()) * len(models)

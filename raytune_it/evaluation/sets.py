@@ -38,9 +38,11 @@ def model_training_keys(model: str) -> set[tuple[str, str]] | None:
     from raytune_it.data.pipeline import resolve_data_path
     from raytune_it.storage import as_location
 
+    from raytune_it.errors import UserError
+
     try:
         location = as_location(model, "eval.models")
-    except Exception:  # a hub id or a name: not a run's export
+    except UserError:  # not a path or storage URI this machine can read: not a run's export
         return None
     for folder in (location, location.parent):
         if (folder / "config.yaml").is_file():

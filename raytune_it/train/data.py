@@ -139,10 +139,12 @@ def epoch_rows(rows: int, seed: int, epoch: int, rank: int, world_size: int) -> 
 
 
 def eval_rows(rows: int, rank: int, world_size: int) -> Any:
-    """This worker's share of the eval split: every row once across workers, as equal as possible."""
+    """This worker's share of the eval split, in file order: ``rows // world_size`` rows each (at most
+    ``world_size - 1`` rows left out). Equal shares mean equal eval forwards on every rank, which ZeRO-3's
+    parameter gathers need: a rank with one more micro-batch would wait for the others forever."""
     import numpy as np
 
-    return np.arange(rows)[rank::world_size]
+    return np.arange(rows)[rank::world_size][:rows // world_size]
 
 
 LENGTH_GROUP_MICRO_BATCHES = 16

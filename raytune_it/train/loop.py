@@ -188,6 +188,7 @@ class Recipe:
         self.state = TrainState()
         self.strategy: Any = None
         self.eval_batches: list[dict] | None = None
+        self.tick = time.perf_counter()  # the end of the last booked step (or of eval and checkpoint after it)
         # Sent with the first step of each attempt: where the workers run and what was built.
         self.first_report: dict[str, Any] = {}
         self.pending: list[dict] = []
