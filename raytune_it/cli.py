@@ -365,8 +365,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: What a secret on the command line is replaced with in ``sys.argv`` once parsed.
+REDACTED = "<redacted>"
+
+
+def redacted_argv(argv: Sequence[str]) -> list[str]:
+    """The command line with its secrets' values replaced. Libraries record ``sys.argv`` (W&B keeps it with
+    every run), and a key given as ``serve.api_key=...`` or ``--api-key ...`` must not go with it."""
+    from raytune_it.config.schema import SECRETS
+
+    secret_overrides = tuple(f"{section}.{key}=" for section, key in SECRETS)
+    out: list[str] = []
+    for index, arg in enumerate(argv):
+        if index and argv[index - 1] == "--api-key":
+            arg = REDACTED
+        elif arg.startswith(secret_overrides) or arg.startswith("--api-key="):
+            arg = arg.split("=", 1)[0] + "=" + REDACTED
+        out.append(arg)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None:
+        sys.argv[:] = redacted_argv(sys.argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

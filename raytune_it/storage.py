@@ -57,14 +57,24 @@ def uri_problem(text: str) -> str | None:
         return (f"scheme {scheme!r} is not supported; allowed: a local path, or "
                 f"{', '.join(s + '://' for s in SCHEMES)}")
     parts = urlsplit(text)
-    if parts.username or parts.password or re.search(r"(access_key|secret\w*|session_token|password)=",
-                                                      parts.query, re.I):
+    if has_credentials(text):
         return ("credentials in the URI would be saved in config.yaml and shown in logs; remove them and give "
                 "them to every node the usual way (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, an instance "
                 "profile, GOOGLE_APPLICATION_CREDENTIALS)")
     if scheme != "file" and not parts.netloc:
         return f"it names no bucket or host; write it as {scheme}://bucket/prefix"
     return None
+
+
+#: A query parameter that carries a secret (``?access_key=``, ``&token=``), and its value.
+_SECRET_QUERY = re.compile(r"([?&][\w.-]*(?:access_key|secret|token|password|api_key)[\w.-]*=)[^&#\s'\"]*", re.I)
+
+
+def has_credentials(text: str) -> bool:
+    """Whether a URI carries a secret (``user:password@``, a key or token in its query): such a URI would be
+    saved in config.yaml and shown in logs."""
+    parts = urlsplit(text)
+    return bool(parts.username or parts.password or _SECRET_QUERY.search("?" + parts.query))
 
 
 def check_uri(text: str, key: str) -> None:
@@ -84,8 +94,9 @@ def folder_name(path_or_uri: str) -> str:
 
 
 def redact_uri(text: str) -> str:
-    """Text with any ``user:password@`` of a URI cut out, for messages and logs."""
-    return re.sub(r"//[^/@\s'\"]*@", "//", text)
+    """Text with any ``user:password@`` of a URI cut out and secret query values hidden, for messages and
+    logs."""
+    return _SECRET_QUERY.sub(r"\1<redacted>", re.sub(r"//[^/@\s'\"]*@", "//", text))
 
 
 @dataclass(frozen=True)

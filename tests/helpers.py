@@ -89,3 +89,43 @@ def concurrent_completions(client, clients: int, per_client: int, body: dict) ->
     for thread in threads:
         thread.join()
     return failures
+
+
+def wandb_offline_records(run_folder: Path) -> dict[str, list]:
+    """An offline W&B run's records, read from its ``run-<id>.wandb`` file by kind: ``config`` and ``summary``
+    (dicts of JSON values, in write order), ``history`` (one dict per ``log``), ``exit`` (exit codes).
+
+    wandb no longer ships a reader (its Go core writes the file), so this reads the format directly:
+    a 7-byte header (``:W&B``, magic, version), then LevelDB log records (CRC, length, type) in 32 KiB
+    blocks, a record split over blocks as FIRST, MIDDLE..., LAST chunks, each whole record a protobuf.
+    """
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = run_folder.glob("run-*.wandb")
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B run file"
+    block, header = 32768, 7
+    out: dict[str, list] = {"config": [], "summary": [], "history": [], "exit": []}
+    position, chunks = header, b""
+    while position + header <= len(data):
+        if block - position % block < header:  # a block's tail too short for a header is padding
+            position += block - position % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[position:position + header])
+        chunks += data[position + header:position + header + length]
+        position += header + length
+        if kind in (1, 4):  # FULL or LAST: a whole record
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(chunks)
+            chunks = b""
+            which = record.WhichOneof("record_type")
+            items = {"run": lambda: record.run.config.update, "config": lambda: record.config.update,
+                     "summary": lambda: record.summary.update, "history": lambda: record.history.item}
+            if which in items:
+                values = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items[which]()}
+                out["config" if which == "run" else which].append(values)
+            elif which == "exit":
+                out["exit"].append(record.exit.exit_code)
+    return out

@@ -15,5 +15,5 @@ def test_ci_runs_the_readme_commands():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     for command in ("python3 -m venv .venv && . .venv/bin/activate && pip install -c constraints.txt -e .",
-                    "pip install -c constraints.txt -e '.[test]' && python -m pytest"):
+                    "pip install -c constraints.txt -e '.[test,trackers]' && python -m pytest"):
         assert command in readme and command in ci

@@ -21,6 +21,8 @@ from raytune_it.hardware import ServerTypeChoice
 SECRETS = (("serve", "api_key"),)
 #: peft's shorthand for LoRA on every linear layer except the output head.
 ALL_LINEAR = "all-linear"
+#: Characters W&B refuses in a project name (and so in ``tracking.experiment``).
+NOT_IN_EXPERIMENT = "/\\#?%:"
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -374,6 +376,43 @@ class EvalSection(Section):
         return DataSection._known_families(value) or []
 
 
+class TrackingSection(Section):
+    """Experiment tracking (``raytune-it train``, ``sweep`` and ``run``): nothing is logged unless a backend is set."""
+
+    backend: Literal["none", "mlflow", "wandb"] = Field(
+        "none", description="Where runs log their config, every step's metrics, the summary and the export "
+        "location: MLflow or Weights & Biases (install raytune-it[trackers]); 'none' logs nothing.")
+    uri: str | None = Field(
+        None, description="MLflow: the tracking URI (http://host:5000, a folder, databricks); W&B: a self-hosted "
+        "server's base URL. Default: the library's own (MLFLOW_TRACKING_URI, WANDB_BASE_URL). Credentials come "
+        "from the environment (MLFLOW_TRACKING_TOKEN or _USERNAME/_PASSWORD, WANDB_API_KEY), never the URI.")
+    experiment: str = Field(
+        "raytune-it", min_length=1, max_length=128,
+        description="MLflow experiment or W&B project the runs go to; a sweep's trials are nested under the "
+        "sweep's run (MLflow) or grouped by its name (W&B).")
+
+    @field_validator("uri")
+    @classmethod
+    def _no_credentials(cls, value: str | None) -> str | None:
+        from raytune_it.storage import has_credentials
+
+        if value is not None and has_credentials(value):
+            raise ValueError("credentials in the URI would be saved in config.yaml and shown in logs; remove them "
+                             "and set MLFLOW_TRACKING_TOKEN (or MLFLOW_TRACKING_USERNAME and "
+                             "MLFLOW_TRACKING_PASSWORD) for MLflow, WANDB_API_KEY for W&B")
+        return value
+
+    @field_validator("experiment")
+    @classmethod
+    def _project_name(cls, value: str) -> str:
+        # W&B refuses these in project names; MLflow accepts them, but one rule keeps a config portable.
+        bad = "".join(sorted({c for c in value if c in NOT_IN_EXPERIMENT or not c.isprintable()}))
+        if bad or value != value.strip():
+            raise ValueError(f"must be printable, without surrounding spaces or any of {NOT_IN_EXPERIMENT!r}"
+                             + (f" (found {bad!r})" if bad else ""))
+        return value
+
+
 class EndToEndSection(Section):
     """What ``raytune-it run`` adds: the full-tuning run it sets beside the LoRA sweep, and the latency probe."""
 
@@ -399,6 +438,7 @@ class JobConfig(Section):
     serve: ServeSection = Field(default_factory=ServeSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     e2e: EndToEndSection = Field(default_factory=EndToEndSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
 
     @property
     def gradient_checkpointing(self) -> bool:

@@ -24,7 +24,7 @@ from raytune_it.errors import ConfigError
 from raytune_it.hardware import SERVER_TYPES
 from raytune_it.storage import Location, check_writable, open_location
 from raytune_it.train.state import StepPlan
-from raytune_it.train.summary import RunSummary, build_summary, print_summary
+from raytune_it.train.summary import SUMMARY_FILE, RunSummary, build_summary, print_summary
 
 #: Keys that may differ when a run is resumed; anything else changes what is being trained.
 RESUMABLE_CHANGES = {"train.max_steps", "train.eval_every_steps", "run.storage", "run.keep_checkpoints",
@@ -42,7 +42,7 @@ def check_resume_compatible(config: JobConfig, run_dir: Location) -> None:
     previous = load_run_config(previous_path)
     before, now = flatten(previous.to_dict()), flatten(config.to_dict())
     changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k)
-                     and k not in RESUMABLE_CHANGES and not k.startswith(("tune.", "serve.")))
+                     and k not in RESUMABLE_CHANGES and not k.startswith(("tune.", "serve.", "tracking.")))
     if changed:
         raise ConfigError(
             f"run {config.run.name!r} already exists in {run_dir.parent.uri} with a different config "
@@ -151,16 +151,18 @@ def scaling_config(config: JobConfig) -> Any:
                          resources_per_worker=worker_resources(config))
 
 
-def train(config: JobConfig, *, console: Any = None, callbacks: list | None = None) -> RunSummary:
+def train(config: JobConfig, *, console: Any = None, callbacks: list | None = None,
+          tracking_parent: Any = None) -> RunSummary:
     """Run (or resume) one training job and return its summary.
 
-    ``callbacks`` are Ray Train ``UserCallback``s (a sweep passes Tune's report callback).
+    ``callbacks`` are Ray Train ``UserCallback``s (a sweep passes Tune's report callback);
+    ``tracking_parent`` is the sweep's tracked run, for a trial's (``raytune_it.tracking.Parent``).
     """
     from rich.console import Console
 
-    from raytune_it.cluster import ray_session, wait_for_resources, warn_if_storage_is_not_shared
     from raytune_it.models.loading import load_tokenizer
-    from raytune_it.train.data import prepare_data, split_blocks
+    from raytune_it.tracking import tracked_run
+    from raytune_it.train.data import prepare_data
     from raytune_it.train.preflight import preflight
 
     console = console or Console()
@@ -174,14 +176,31 @@ def train(config: JobConfig, *, console: Any = None, callbacks: list | None = No
     save_config(config, run_dir)
     tokenizer = load_tokenizer(config.model.name_or_path, revision=config.model.revision,
                                trust_remote_code=config.model.trust_remote_code)
-    with console.status("tokenizing the dataset"):
-        prepared = prepare_data(config, tokenizer, run_dir / "data")
-    plan = plan_steps(config, prepared.train_rows)
-    console.print(f"run {config.run.name}: {prepared.train_rows:,} train / {prepared.eval_rows:,} eval sequences, "
-                  f"{plan.steps_per_epoch} steps/epoch, {plan.total_steps} steps, "
-                  f"{config.scaling.num_workers} worker(s), folder {run_dir.uri}", markup=False, highlight=False)
+    kind = "trial" if tracking_parent else "train"
+    with tracked_run(config, run_dir, console=console, kind=kind, parent=tracking_parent) as tracking:
+        with console.status("tokenizing the dataset"):
+            prepared = prepare_data(config, tokenizer, run_dir / "data")
+        plan = plan_steps(config, prepared.train_rows)
+        console.print(f"run {config.run.name}: {prepared.train_rows:,} train / {prepared.eval_rows:,} eval "
+                      f"sequences, {plan.steps_per_epoch} steps/epoch, {plan.total_steps} steps, "
+                      f"{config.scaling.num_workers} worker(s), folder {run_dir.uri}", markup=False, highlight=False)
+        started = time.perf_counter()
+        _fit(config, run_dir, prepared, plan, console, callbacks or [], tracking.log_steps)
+        history = read_history(run_dir / "metrics.jsonl")
+        summary = build_summary(config, history, plan.steps_per_epoch, time.perf_counter() - started,
+                                (run_dir / "export").uri)
+        summary.write(run_dir)
+        tracking.log_outcome(summary.to_dict(), files={SUMMARY_FILE: json.dumps(summary.to_dict(), indent=2)})
+        print_summary(summary, console)
+    return summary
 
-    started = time.perf_counter()
+
+def _fit(config: JobConfig, run_dir: Location, prepared: Any, plan: StepPlan, console: Any, callbacks: list,
+         on_steps: Any) -> None:
+    """The Ray part of a run: its TorchTrainer, with every step's metrics kept as they come."""
+    from raytune_it.cluster import ray_session, wait_for_resources, warn_if_storage_is_not_shared
+    from raytune_it.train.data import split_blocks
+
     with ray_session(min_cpus=config.scaling.num_workers * config.scaling.cpus_per_worker):
         import ray.train
         from ray.train.torch import TorchConfig, TorchTrainer
@@ -208,19 +227,13 @@ def train(config: JobConfig, *, console: Any = None, callbacks: list | None = No
                     num_to_keep=config.run.keep_checkpoints, checkpoint_score_attribute="eval_loss",
                     checkpoint_score_order="min"),
                 failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
-                callbacks=callbacks or [],
+                callbacks=callbacks,
             ),
         )
         try:
-            with ProgressMonitor(queue, plan.total_steps, run_dir / "metrics.jsonl", console):
+            with ProgressMonitor(queue, plan.total_steps, run_dir / "metrics.jsonl", console, on_steps=on_steps):
                 trainer.fit()
         except (KeyboardInterrupt, SystemExit):
             # Ray Train's own Ctrl-C handler aborts the run, and the wait for it then ends in SystemExit.
             console.print(interrupted_message(config, run_dir), style="yellow", markup=False, highlight=False)
             raise KeyboardInterrupt from None
-    history = read_history(run_dir / "metrics.jsonl")
-    summary = build_summary(config, history, plan.steps_per_epoch, time.perf_counter() - started,
-                            (run_dir / "export").uri)
-    summary.write(run_dir)
-    print_summary(summary, console)
-    return summary

@@ -5,7 +5,8 @@ Rank 0 puts each step's metrics on a Ray queue; a driver thread drains it while
 a terminal, a plain line every few steps in ``ray job`` logs), and keeps every
 step in ``metrics.jsonl`` in the run folder. Object stores cannot append, so the
 file is rewritten whole: at every eval step (so it always covers the latest
-checkpoint), every few seconds otherwise, and at the end.
+checkpoint), every few seconds otherwise, and at the end; each flush also hands
+the new steps to the experiment tracker, if any.
 """
 
 from __future__ import annotations
@@ -14,16 +15,19 @@ import json
 import math
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 FLUSH_EVERY_S = 5.0
 
 
 class ProgressMonitor:
-    def __init__(self, queue: Any, total_steps: int, metrics_path: Any, console: Any = None) -> None:
+    def __init__(self, queue: Any, total_steps: int, metrics_path: Any, console: Any = None,
+                 on_steps: Callable[[list[dict]], None] | None = None) -> None:
         from rich.console import Console
 
         self.queue = queue
+        self.on_steps = on_steps  # an experiment tracker's, given new steps at each flush
+        self._tracked = 0
         self.total_steps = total_steps
         self.metrics_path = metrics_path  # a storage Location
         self.console = console or Console(stderr=False)
@@ -59,6 +63,9 @@ class ProgressMonitor:
         return items
 
     def _flush(self) -> None:
+        if self.on_steps is not None and len(self.history) > self._tracked:
+            self.on_steps(self.history[self._tracked:])
+            self._tracked = len(self.history)
         if len(self._lines) == self._written:
             return
         try:

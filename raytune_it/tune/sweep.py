@@ -25,6 +25,7 @@ from raytune_it.config.loading import save_config
 from raytune_it.config.schema import JobConfig
 from raytune_it.hardware import SERVER_TYPES
 from raytune_it.storage import Location, check_writable
+from raytune_it.tracking import tracked_run
 from raytune_it.tune.layout import trial_name, trials_dir
 from raytune_it.tune.space import Trial, expand_trials
 
@@ -73,8 +74,8 @@ class _SweepReportCallback:
         return Carry()
 
 
-def run_trial(params: dict, trial_configs: dict, trials_uri: str) -> None:
-    """One Tune trial: the ordinary training driver on this trial's config."""
+def run_trial(params: dict, trial_configs: dict, trials_uri: str, tracking_parent: Any = None) -> None:
+    """One Tune trial: the ordinary training driver on this trial's config (tracked under the sweep's run)."""
     from io import StringIO
 
     from rich.console import Console
@@ -85,7 +86,8 @@ def run_trial(params: dict, trial_configs: dict, trials_uri: str) -> None:
     config = JobConfig.model_validate(trial_configs[index])
     config.run.storage = trials_uri
     config.run.name = trial_name(index)
-    train(config, console=Console(file=StringIO()), callbacks=[_SweepReportCallback()])
+    train(config, console=Console(file=StringIO()), callbacks=[_SweepReportCallback()],
+          tracking_parent=tracking_parent)
 
 
 @dataclass
@@ -129,22 +131,36 @@ def sweep(config: JobConfig, *, console: Any = None) -> SweepOutcome:
         if trial.skipped_reason:
             console.print(f"skipping trial {trial.index} ({', '.join(trial.overrides)}): {trial.skipped_reason}",
                           markup=False, highlight=False)
-    grid = None
-    if runnable:
-        per_trial = config.scaling.num_workers * config.scaling.cpus_per_worker
-        # Tune's own Ctrl-C handler returns a partial result grid that looks finished; let Ctrl-C raise
-        # instead, so an interrupted sweep writes no results. Tune's saved state is what a re-run restores.
-        os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
-        try:
-            with ray_session(min_cpus=2 * per_trial):
-                grid = _run_tuner(config, runnable, folder, console)
-        except KeyboardInterrupt:
-            console.print("sweep interrupted; run the same command again to resume it", markup=False,
-                          highlight=False)
-            raise
-    rows = collect_rows(config, trials, grid, trials_dir(folder))
-    best = write_outputs(config, rows, folder, console)
+    with tracked_run(config, folder, console=console, kind="sweep") as tracking:
+        grid = None
+        if runnable:
+            per_trial = config.scaling.num_workers * config.scaling.cpus_per_worker
+            # Tune's own Ctrl-C handler returns a partial result grid that looks finished; let Ctrl-C raise
+            # instead, so an interrupted sweep writes no results. Tune's saved state is what a re-run restores.
+            os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+            try:
+                with ray_session(min_cpus=2 * per_trial):
+                    grid = _run_tuner(config, runnable, folder, console,
+                                      tracking.parent_for_trials(config.run.name))
+            except KeyboardInterrupt:
+                console.print("sweep interrupted; run the same command again to resume it", markup=False,
+                              highlight=False)
+                raise
+        rows = collect_rows(config, trials, grid, trials_dir(folder))
+        best = write_outputs(config, rows, folder, console)
+        track_outcome(tracking, rows, best, folder)
     return SweepOutcome(folder=folder, rows=rows, best=best)
+
+
+def track_outcome(tracking: Any, rows: list[dict], best: dict | None, folder: Location) -> None:
+    """The sweep's own tracked run ends with its results table, how its trials ended, and the best one."""
+    from collections import Counter
+
+    counts = Counter(row["status"] for row in rows)
+    values = {f"trials_{status.replace(' ', '_')}": count for status, count in counts.items()}
+    tracking.log_outcome(values, prefix="sweep.", files={"results.csv": (folder / "results.csv").read_text()})
+    if best is not None:
+        tracking.log_outcome(best, prefix="best.", tags={"raytune_it.best_export": (folder / "best").uri})
 
 
 #: A trial shorter than its eval interval is evaluated this many times instead.
@@ -183,13 +199,15 @@ def grace_period(config: JobConfig, runnable: list[Trial]) -> int:
     return config.tune.grace_period_steps or max(t.config.train.eval_every_steps for t in runnable)
 
 
-def _run_tuner(config: JobConfig, runnable: list[Trial], folder: Location, console: Any) -> Any:
+def _run_tuner(config: JobConfig, runnable: list[Trial], folder: Location, console: Any,
+               tracking_parent: Any) -> Any:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     trial_configs = {t.index: t.config.to_dict() for t in runnable}
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, trial_configs=trial_configs, trials_uri=trials_dir(folder).uri),
+        tune.with_parameters(run_trial, trial_configs=trial_configs, trials_uri=trials_dir(folder).uri,
+                             tracking_parent=tracking_parent),
         # The trial only drives its TorchTrainer; the workers reserve the real resources.
         {"CPU": 0.01},
     )
