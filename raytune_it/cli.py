@@ -245,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a Ray Train TorchTrainer on the cluster in RAY_ADDRESS, or on a local Ray started for "
         "the run. Outputs go to run.storage/run.name/: config.yaml, metrics.jsonl, checkpoints/, summary.json "
         "and export/ (a Hugging Face model directory for method=full, a peft adapter for method=lora). "
-        "Running again with the same run.name resumes from the latest checkpoint.")
+        "Running again with the same run.name resumes from the latest checkpoint. With tracking.backend=mlflow "
+        "or wandb the run is also logged there (tracking.uri, tracking.experiment).")
     _add_config_args(train)
     train.set_defaults(func=cmd_train)
 
@@ -256,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
         "\"train.micro_batch_size\": [1, 2]}'. Every trial is validated before any starts; combinations "
         "estimated not to fit in memory are skipped. Outputs in run.storage/run.name/: results.csv, "
         "results.parquet, plots and best/ (the best adapter and its config.yaml). Re-running the same name "
-        "resumes an interrupted sweep.")
+        "resumes an interrupted sweep. With tracking.backend set, the sweep is a tracked run and each trial a "
+        "run under it.")
     _add_config_args(sweep)
     sweep.set_defaults(func=cmd_sweep)
 

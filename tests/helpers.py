@@ -114,6 +114,8 @@ def wandb_offline_records(run_folder: Path) -> dict[str, list]:
             position += block - position % block
             continue
         _crc, length, kind = struct.unpack("<IHB", data[position:position + header])
+        if position + header + length > len(data):  # a record still being written
+            break
         chunks += data[position + header:position + header + length]
         position += header + length
         if kind in (1, 4):  # FULL or LAST: a whole record

@@ -4,6 +4,7 @@ Each test reads what was logged back through the tracker's own client (MLflow) o
 and compares it with what the run folder says: the config, every step's loss, the summary, the export.
 """
 
+import io
 import json
 import os
 import signal
@@ -62,6 +63,62 @@ def test_secrets_on_the_command_line_are_redacted_once_parsed():
         "raytune-it", "serve", "x", "serve.api_key=<redacted>", "lora.rank=4"]
     assert redacted_argv(["raytune-it", "bench", "serve", "--api-key", "k2", "--api-key=k3"]) == [
         "raytune-it", "bench", "serve", "--api-key", "<redacted>", "--api-key=<redacted>"]
+
+
+def test_nothing_is_tracked_by_default(tmp_path):
+    from rich.console import Console
+
+    from raytune_it.storage import as_location
+    from raytune_it.tracking import start_run
+
+    run = start_run(load_config("tiny-lora"), as_location(tmp_path), console=Console(file=io.StringIO()), kind="train")
+    run.log_steps([{"step": 1, "loss": 1.0}])
+    run.log_outcome({"steps": 1})
+    run.end("finished")
+    assert not run.enabled and not any(tmp_path.iterdir())
+
+
+class _FlakyServer:
+    """A tracker backend whose server is down for its first ``down`` calls (the guard is under test here)."""
+
+    label, run_id, address = "Flaky", "r1", "flaky://r1"
+
+    def __init__(self, down):
+        self.down, self.steps, self.ended = down, {}, None
+
+    def _call(self):
+        if self.down:
+            self.down -= 1
+            raise ConnectionError("connection refused")
+
+    def log_steps(self, steps):
+        self._call()
+        self.steps.update(steps)
+
+    def log_outcome(self, metrics, tags, files, step):
+        self._call()
+
+    def end(self, status):
+        self._call()
+        self.ended = status
+
+
+def test_a_tracker_that_goes_away_warns_once_and_gets_the_steps_later():
+    from rich.console import Console
+
+    from raytune_it.tracking import TrackedRun
+
+    out = io.StringIO()
+    server = _FlakyServer(down=2)
+    run = TrackedRun(server, Console(file=out, width=400))
+    run.log_steps([{"step": 1, "loss": 3.0}])
+    run.log_steps([{"step": 2, "loss": 2.0, "eval_loss": 2.5}])
+    assert server.steps == {}
+    run.log_steps([{"step": 3, "loss": 1.0}])
+    assert server.steps == {1: {"loss": 3.0}, 2: {"loss": 2.0, "eval_loss": 2.5}, 3: {"loss": 1.0}}
+    run.end("finished")
+    assert server.ended == "finished"
+    assert out.getvalue().count("warning: Flaky did not take the run's metrics (connection refused)") == 1
 
 
 def test_an_unreachable_tracking_server_stops_the_job_before_ray(tmp_path):
@@ -168,28 +225,33 @@ def test_a_sweep_logs_its_trials_under_its_own_mlflow_run(local_ray, mlflow_serv
 
     from raytune_it.tune.sweep import sweep
 
+    # One trial at a time: the good learning rate first, then one that barely moves, which ASHA stops at step 2.
     outcome = sweep(load_config("tiny-sweep", [
-        f"run.storage={tmp_path}", "train.max_steps=4", "tune.scheduler=none", 'tune.search_space={"lora.rank": [4, 8]}',
+        f"run.storage={tmp_path}", "train.max_steps=6", "train.eval_every_steps=2", "tune.grace_period_steps=2",
+        'tune.search_space={"train.learning_rate": [3e-3, 1e-7]}', "tune.max_concurrent_trials=1",
         "tracking.backend=mlflow", f"tracking.uri={mlflow_server}", "tracking.experiment=sweep-test"]))
+    assert [row["status"] for row in outcome.rows] == ["finished", "stopped early"]
     client = _mlflow_client(mlflow_server)
     runs = client.search_runs([client.get_experiment_by_name("sweep-test").experiment_id])
     (parent,) = [r for r in runs if r.data.tags["raytune_it.kind"] == "sweep"]
     trials = sorted((r for r in runs if r.data.tags["raytune_it.kind"] == "trial"), key=lambda r: r.info.run_name)
     assert [r.info.run_name for r in trials] == ["tiny-sweep/trial-000", "tiny-sweep/trial-001"]
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in trials)
-    assert [r.data.params["lora.rank"] for r in trials] == ["4", "8"]
+    assert [float(r.data.params["train.learning_rate"]) for r in trials] == [3e-3, 1e-7]
     folder = Path(outcome.folder.path)
     for index, trial in enumerate(trials):
         trial_steps = raw_metrics(folder / "trials" / f"trial-00{index}")
         assert _history(client, trial.info.run_id, "loss") == pytest.approx(
             {m["step"]: m["loss"] for m in trial_steps})
-        assert trial.info.status == "FINISHED"
+    # The stopped trial's process was ended by Tune; the sweep ends its run, saying why.
+    assert [r.info.status for r in trials] == ["FINISHED", "KILLED"]
+    assert trials[1].data.tags["raytune_it.stopped"] == outcome.rows[1]["reason"]
     results = Path(client.download_artifacts(parent.info.run_id, "results.csv", str(tmp_path / "dl")))
     assert results.read_text() == (folder / "results.csv").read_text()
     table = pd.read_csv(folder / "results.csv")
-    assert parent.data.metrics["best.final_eval_loss"] == pytest.approx(table["final_eval_loss"].min())
-    assert parent.data.metrics["sweep.trials_finished"] == 2 and parent.info.status == "FINISHED"
-    assert parent.data.tags["raytune_it.best_export"] == str(folder / "best")
+    assert parent.data.metrics["best.final_eval_loss"] == pytest.approx(table["final_eval_loss"][0])
+    assert parent.data.metrics["sweep.trials_finished"] == 1 and parent.data.metrics["sweep.trials_stopped_early"] == 1
+    assert parent.data.tags["raytune_it.best_export"] == str(folder / "best") and parent.info.status == "FINISHED"
 
 
 @pytest.mark.integration
@@ -205,7 +267,10 @@ def test_a_run_logs_to_wandb_offline_beside_its_folder(local_ray, tmp_path, monk
     run_dir = tmp_path / "tiny-lora"
     saved = json.loads((run_dir / "tracking.json").read_text())
     (offline,) = (run_dir / "wandb").glob(f"offline-run-*-{saved['run_id']}")
-    records = wandb_offline_records(offline)
+    # wandb's core process finishes writing the file just after run.finish() returns: wait for its last record.
+    deadline = time.monotonic() + 60
+    while not (records := wandb_offline_records(offline))["exit"] and time.monotonic() < deadline:
+        time.sleep(0.2)
     config_values = {k: v for update in records["config"] for k, v in update.items()}
     assert config_values["lora.rank"] == 16 and config_values["train.max_steps"] == 4
     assert config_values["raytune_it.export"] == str(run_dir / "export")

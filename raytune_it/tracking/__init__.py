@@ -174,6 +174,21 @@ def start_run(config: JobConfig, run_dir: Location, *, console: Any, kind: Kind,
     return TrackedRun(backend, console)
 
 
+def close_stopped_run(config: JobConfig, run_dir: Location, status: Literal["failed", "killed"],
+                      reason: str) -> None:
+    """End the tracked run of a sweep trial that Tune stopped (ASHA) or lost, with the reason.
+
+    Tune ends such a trial by ending its process, so the trial never ends its tracked run itself, and
+    MLflow would show it running forever. W&B marks a run whose process is gone as crashed by itself."""
+    run_id = _saved_run_id(config, run_dir)
+    if config.tracking.backend != "mlflow" or run_id is None:
+        return
+    from raytune_it.tracking.mlflow_backend import end_stopped_run
+
+    with contextlib.suppress(Exception):  # the sweep's results never wait on, or fail for, a tracker
+        end_stopped_run(config.tracking.uri, run_id, status, reason)
+
+
 @contextlib.contextmanager
 def tracked_run(config: JobConfig, run_dir: Location, *, console: Any, kind: Kind,
                 parent: Parent | None = None) -> Iterator[TrackedRun]:

@@ -115,3 +115,14 @@ class MlflowBackend:
         # sweep trial's is silent, where MLflow's lines would come back through Ray's log forwarding).
         with contextlib.redirect_stdout(io.StringIO()):
             self.client.set_terminated(self.run_id, STATUSES[status])
+
+
+def end_stopped_run(uri: str | None, run_id: str, status: str, reason: str) -> None:
+    """End a run its own process could not end (its process was stopped), if it is still running."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    if client.get_run(run_id).info.status == "RUNNING":
+        client.set_tag(run_id, "raytune_it.stopped", reason)
+        with contextlib.redirect_stdout(io.StringIO()):
+            client.set_terminated(run_id, STATUSES[status])

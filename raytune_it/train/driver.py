@@ -1,12 +1,13 @@
 """``raytune-it train``: one Ray Train job from a validated config to a run folder.
 
 config -> preflight checks (no worker yet) -> run folder with config.yaml ->
-tokenized data in the object store -> TorchTrainer on the server type's resource ->
-progress while it runs -> summary.json and the export.
+the tracked run, if any -> tokenized data in the object store -> TorchTrainer on
+the server type's resource -> progress while it runs -> summary.json and the export.
 
 The run folder ``run.storage/run.name/`` holds ``config.yaml``, ``data/``,
 ``checkpoints/`` (Ray Train's, best N by eval loss), ``metrics.jsonl`` (every
-step), ``summary.json`` and ``export/``. It is a local folder or a storage URI
+step), ``summary.json``, ``export/`` and, with ``tracking.backend`` set,
+``tracking.json`` (the tracked run's id). It is a local folder or a storage URI
 (``raytune_it.storage``): the driver and the workers reach it through the same
 pyarrow filesystem, so no node needs another's disk. Running again with the same
 name resumes from the latest checkpoint.
@@ -190,7 +191,7 @@ def train(config: JobConfig, *, console: Any = None, callbacks: list | None = No
         summary = build_summary(config, history, plan.steps_per_epoch, time.perf_counter() - started,
                                 (run_dir / "export").uri)
         summary.write(run_dir)
-        tracking.log_outcome(summary.to_dict(), files={SUMMARY_FILE: json.dumps(summary.to_dict(), indent=2)})
+        tracking.log_outcome(summary.to_dict(), files={SUMMARY_FILE: summary.to_json()})
         print_summary(summary, console)
     return summary
 

@@ -48,10 +48,14 @@ class RunSummary:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def to_json(self) -> str:
+        """``summary.json``'s text: the same in the run folder and in an experiment tracker."""
+        return json.dumps(self.to_dict(), indent=2)
+
     def write(self, run_dir: Any) -> Any:
         """Into the run folder (a storage Location)."""
         path = run_dir / SUMMARY_FILE
-        path.write_text(json.dumps(self.to_dict(), indent=2))
+        path.write_text(self.to_json())
         return path
 
 

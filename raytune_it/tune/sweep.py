@@ -26,7 +26,7 @@ from raytune_it.config.schema import JobConfig
 from raytune_it.hardware import SERVER_TYPES
 from raytune_it.storage import Location, check_writable
 from raytune_it.tracking import tracked_run
-from raytune_it.tune.layout import trial_name, trials_dir
+from raytune_it.tune.layout import trial_dir, trial_name, trials_dir
 from raytune_it.tune.space import Trial, expand_trials
 
 GIB = 2**30
@@ -148,13 +148,23 @@ def sweep(config: JobConfig, *, console: Any = None) -> SweepOutcome:
                 raise
         rows = collect_rows(config, trials, grid, trials_dir(folder))
         best = write_outputs(config, rows, folder, console)
-        track_outcome(tracking, rows, best, folder)
+        track_outcome(config, tracking, rows, best, folder)
     return SweepOutcome(folder=folder, rows=rows, best=best)
 
 
-def track_outcome(tracking: Any, rows: list[dict], best: dict | None, folder: Location) -> None:
-    """The sweep's own tracked run ends with its results table, how its trials ended, and the best one."""
+def track_outcome(config: JobConfig, tracking: Any, rows: list[dict], best: dict | None, folder: Location) -> None:
+    """The sweep's own tracked run ends with its results table, how its trials ended, and the best one;
+    the runs of trials Tune stopped are ended with the reason."""
     from collections import Counter
+
+    from raytune_it.tracking import close_stopped_run
+    from raytune_it.tune.results import STATUS_FAILED, STATUS_STOPPED
+
+    if tracking.enabled:
+        for row in rows:
+            if row["status"] in (STATUS_STOPPED, STATUS_FAILED):
+                close_stopped_run(config, trial_dir(folder, row["trial"]),
+                                  "killed" if row["status"] == STATUS_STOPPED else "failed", row["reason"])
 
     counts = Counter(row["status"] for row in rows)
     values = {f"trials_{status.replace(' ', '_')}": count for status, count in counts.items()}
