@@ -31,7 +31,7 @@ def test_cluster_yaml_validates_against_rays_autoscaler_schema(path):
     head_start = " ".join(config["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head_start, "dashboard and job server not open to the world"
     assert "RAY_AUTH_MODE=token" in head_start
-    assert any("pip install -e '.[vllm]'" in c for c in config["setup_commands"])
+    assert any("pip install -e '.[vllm,trackers]'" in c for c in config["setup_commands"])
 
 
 def test_schema_check_has_teeth():
@@ -131,4 +131,4 @@ def test_monitoring_queries_name_metrics_the_endpoint_exports():
 def test_dockerfile_has_a_cuda_base_and_the_vllm_extra():
     text = (ROOT / "infra" / "Dockerfile").read_text()
     assert re.search(r"^FROM nvidia/cuda:\S+", text, re.M)
-    assert "pip install '.[vllm]'" in text and "USER ray" in text
+    assert "pip install '.[vllm,trackers]'" in text and "USER ray" in text

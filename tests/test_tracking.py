@@ -78,6 +78,20 @@ def test_nothing_is_tracked_by_default(tmp_path):
     assert not run.enabled and not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("backend", ["mlflow", "wandb"])
+def test_a_tracker_that_is_not_installed_is_named_with_the_extra_to_install(backend, tmp_path, monkeypatch):
+    from rich.console import Console
+
+    from raytune_it.storage import as_location
+    from raytune_it.tracking import start_run
+
+    monkeypatch.setitem(sys.modules, backend, None)  # as if not installed: importing it raises ImportError
+    config = load_config("tiny-lora", [f"tracking.backend={backend}"])
+    with pytest.raises(UserError, match=rf"tracking.backend={backend} needs the {backend} package.*raytune-it\[trackers\]"):
+        start_run(config, as_location(tmp_path), console=Console(file=io.StringIO()), kind="train")
+    assert not any(tmp_path.iterdir())
+
+
 class _FlakyServer:
     """A tracker backend whose server is down for its first ``down`` calls (the guard is under test here)."""
 
