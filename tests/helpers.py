@@ -24,6 +24,20 @@ def latest_checkpoint_step(run_dir) -> int | None:
     return latest(as_location(run_dir))
 
 
+def stop_process_group(process, first_signal=None, timeout: float = 30) -> None:
+    """Stop a server a test started with ``start_new_session=True``, children included: ``first_signal``
+    (SIGTERM by default), then SIGKILL if it is not gone in ``timeout`` seconds."""
+    import os
+    import signal
+    import subprocess
+
+    os.killpg(process.pid, first_signal or signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import free_port
+from helpers import free_port, stop_process_group
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).parents[1]
@@ -43,11 +43,7 @@ def ray_head():
             time.sleep(1)
         yield ray_bin, address, dict(env, RAYTUNE_IT_TEST_GCS=f"127.0.0.1:{gcs}")
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+        stop_process_group(head, timeout=60)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

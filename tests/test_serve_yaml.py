@@ -11,7 +11,7 @@ import httpx
 import pytest
 import yaml
 
-from helpers import free_port
+from helpers import free_port, stop_process_group
 
 ROOT = Path(__file__).parents[1]
 SERVE_FILES = sorted((ROOT / "serve").glob("*.yaml"))
@@ -59,11 +59,7 @@ def test_serve_run_of_the_tiny_yaml_comes_up_and_answers(tmp_path):
                                 json={"model": "tiny-llama", "prompt": "Hello", "max_tokens": 4})
         assert completion.status_code == 200 and completion.json()["usage"]["completion_tokens"] >= 1
     finally:
-        os.killpg(process.pid, signal.SIGINT)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+        stop_process_group(process, signal.SIGINT, timeout=60)
 
 
 @pytest.mark.integration

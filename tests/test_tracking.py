@@ -6,8 +6,6 @@ and compares it with what the run folder says: the config, every step's loss, th
 
 import io
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import free_port, raw_metrics, wandb_offline_records
+from helpers import free_port, raw_metrics, stop_process_group, wandb_offline_records
 from raytune_it.config import load_config
 from raytune_it.config.loading import flatten
 from raytune_it.errors import ConfigError, UserError
@@ -56,8 +54,13 @@ def test_params_are_the_config_without_its_secrets():
                          "flag": True}) == {"loss": 2.5}
 
 
-def test_secrets_on_the_command_line_are_redacted_once_parsed():
-    from raytune_it.cli import redacted_argv
+def test_secrets_on_the_command_line_are_redacted_once_parsed(monkeypatch, capsys):
+    from raytune_it.cli import main, redacted_argv
+
+    # What the CLI leaves in sys.argv for libraries that record it (W&B) once it has parsed the command line.
+    monkeypatch.setattr(sys, "argv", ["raytune-it", "config", "show", "tiny-lora", "serve.api_key=k0"])
+    assert main() == 0
+    assert sys.argv[-1] == "serve.api_key=<redacted>" and "k0" not in capsys.readouterr().out
 
     assert redacted_argv(["raytune-it", "serve", "x", "serve.api_key=k1", "lora.rank=4"]) == [
         "raytune-it", "serve", "x", "serve.api_key=<redacted>", "lora.rank=4"]
@@ -173,11 +176,7 @@ def mlflow_server(tmp_path_factory):
                 time.sleep(0.5)
         yield uri
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+        stop_process_group(server)
 
 
 @pytest.fixture(scope="module")

@@ -80,16 +80,14 @@ class TrackedRun:
         self._pending.extend((item["step"], step_metrics(item)) for item in items)
         self._pending = self._pending[-MAX_PENDING_STEPS:]
         self.last_step = max(self.last_step, *(item["step"] for item in items))
-        if self._guard(lambda: self.backend.log_steps(self._pending)):
-            self._pending = []
+        self._send_pending()
 
     def log_outcome(self, values: dict[str, Any], *, prefix: str = "summary.", tags: dict[str, str] | None = None,
                     files: dict[str, str] | None = None) -> None:
         """The numbers a run ends with (its summary, a sweep's best trial), with its files (summary.json)."""
         if self.backend is None:
             return
-        if self._pending and self._guard(lambda: self.backend.log_steps(self._pending)):
-            self._pending = []
+        self._send_pending()
         self._guard(lambda: self.backend.log_outcome(outcome_metrics(values, prefix), tags or {}, files or {},
                                                      self.last_step))
 
@@ -99,6 +97,11 @@ class TrackedRun:
         if self._guard(lambda: self.backend.end(status)) and status == "finished":
             self.console.print(f"tracking: logged to {self.backend.label} {self.backend.address}", markup=False,
                                highlight=False)
+
+    def _send_pending(self) -> None:
+        """The steps not yet taken (all of them, after a failed try), in one go."""
+        if self._pending and self._guard(lambda: self.backend.log_steps(self._pending)):
+            self._pending = []
 
     def _guard(self, call: Callable[[], None]) -> bool:
         try:
@@ -180,8 +183,10 @@ def close_stopped_run(config: JobConfig, run_dir: Location, status: Literal["fai
 
     Tune ends such a trial by ending its process, so the trial never ends its tracked run itself, and
     MLflow would show it running forever. W&B marks a run whose process is gone as crashed by itself."""
+    if config.tracking.backend != "mlflow":
+        return
     run_id = _saved_run_id(config, run_dir)
-    if config.tracking.backend != "mlflow" or run_id is None:
+    if run_id is None:
         return
     from raytune_it.tracking.mlflow_backend import end_stopped_run
 

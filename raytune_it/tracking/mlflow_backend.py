@@ -48,19 +48,18 @@ class MlflowBackend:
         self.experiment_id = self._experiment(experiment)
         if parent_id:
             tags = dict(tags, **{"mlflow.parentRunId": parent_id})
-        run_id = run_id if run_id and self._exists(run_id) else None
-        if run_id:  # a resumed run continues its tracked run; parameters are kept as first logged
+        earlier = self._active_run(run_id) if run_id else None
+        if earlier is not None:  # a resumed run continues its tracked run; parameters are kept as first logged
             self.run_id = run_id
             self.client.update_run(run_id, status="RUNNING")
-            logged = self.client.get_run(run_id).data.params
-            params = {k: v for k, v in params.items() if k not in logged}
+            params = {k: v for k, v in params.items() if k not in earlier.data.params}
         else:
             self.run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
         from mlflow.entities import Param, RunTag
 
         for chunk in _chunks([Param(k, param_text(v)) for k, v in params.items()], PARAMS_PER_CALL):
             self.client.log_batch(self.run_id, params=chunk)
-        if run_id:
+        if earlier is not None:
             self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
     def _experiment(self, name: str) -> str:
@@ -77,14 +76,15 @@ class MlflowBackend:
                 raise
             return found.experiment_id
 
-    def _exists(self, run_id: str) -> bool:
-        """Whether the run a resumed job logged to is still there (not deleted since) to continue."""
+    def _active_run(self, run_id: str) -> Any:
+        """The run a resumed job logged to, if it is still there (not deleted since) to continue."""
         from mlflow.exceptions import MlflowException
 
         try:
-            return self.client.get_run(run_id).info.lifecycle_stage == "active"
+            run = self.client.get_run(run_id)
         except MlflowException:
-            return False
+            return None
+        return run if run.info.lifecycle_stage == "active" else None
 
     @property
     def address(self) -> str:
@@ -111,10 +111,14 @@ class MlflowBackend:
             self.client.log_text(self.run_id, text, name)
 
     def end(self, status: str) -> None:
-        # MLflow writes the run's address to stdout itself; the driver prints it once, on its console (a
-        # sweep trial's is silent, where MLflow's lines would come back through Ray's log forwarding).
-        with contextlib.redirect_stdout(io.StringIO()):
-            self.client.set_terminated(self.run_id, STATUSES[status])
+        _terminate(self.client, self.run_id, status)
+
+
+def _terminate(client: Any, run_id: str, status: str) -> None:
+    # MLflow writes the run's address to stdout itself; the driver prints it once, on its console (a
+    # sweep trial's is silent, where MLflow's lines would come back through Ray's log forwarding).
+    with contextlib.redirect_stdout(io.StringIO()):
+        client.set_terminated(run_id, STATUSES[status])
 
 
 def end_stopped_run(uri: str | None, run_id: str, status: str, reason: str) -> None:
@@ -124,5 +128,4 @@ def end_stopped_run(uri: str | None, run_id: str, status: str, reason: str) -> N
     client = MlflowClient(tracking_uri=uri)
     if client.get_run(run_id).info.status == "RUNNING":
         client.set_tag(run_id, "raytune_it.stopped", reason)
-        with contextlib.redirect_stdout(io.StringIO()):
-            client.set_terminated(run_id, STATUSES[status])
+        _terminate(client, run_id, status)

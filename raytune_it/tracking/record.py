@@ -1,9 +1,9 @@
 """What a tracked run holds, whichever tracker: its parameters, each step's metrics, its outcome.
 
 One home for these rules, so an MLflow run and a W&B run of the same job carry the same names:
-parameters are the flattened config (``lora.rank``, ``train.learning_rate``; secrets are never in
-it; MLflow takes them as text, W&B as values), step metrics are the numbers of a ``metrics.jsonl`` line keyed by its ``step``, and a run's
-outcome is its summary's numbers under ``summary.``.
+parameters are the flattened config (``lora.rank``, ``train.learning_rate``; never a secret;
+MLflow takes them as text, W&B as values), step metrics are the numbers of a ``metrics.jsonl``
+line keyed by its ``step``, and a run's outcome is its summary's numbers under ``summary.``.
 """
 
 from __future__ import annotations
