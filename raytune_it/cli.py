@@ -131,6 +131,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from raytune_it.generation.offline import generate
+
+    generate(_load(args))
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -305,14 +312,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluation = sub.add_parser(
         "eval", help="measure the three effects of instruction tuning on held-out task families",
-        description="Score the base model and tuned models on held-out examples of the generated task families "
-        "(exact match, token F1, ROUGE-L per family) and report: performance (general adapter vs base on tuned "
+        description="Score the base model and tuned models on held-out examples of the generated task families, "
+        "or of your own file's families (eval.data.path, eval.family_field, e.g. Dolly's category), with exact "
+        "match, token F1 and ROUGE-L per family, and report: performance (general adapter vs base on tuned "
         "families), task generalization (the same on eval.held_out_families, never tuned on) and domain "
-        "specialization (the eval.domain adapter vs the general one on that domain's families). Adapters not "
-        "named in eval.models are trained first with 'raytune-it train' (eval.train_steps each). Results: "
+        "specialization (the eval.domain adapter vs the general one on eval.domain_families). Adapters not "
+        "named in eval.models are trained first with 'raytune-it train' (eval.train_steps each). Answers come "
+        "from the serving engines in batches (serve.engine, eval.batch_size), each model in the prompt format "
+        "it was tuned with; eval.judge adds pairwise win rates from a judge model. Results: "
         "run.storage/run.name/eval/eval.json.")
     _add_config_args(evaluation, required=False)
     evaluation.set_defaults(func=cmd_eval)
+
+    generation = sub.add_parser(
+        "generate", help="offline batch inference: models over a dataset on Ray Data, rows to storage",
+        description="Run the base model, adapters or full exports (generate.models) over data.path (alpaca, "
+        "messages, sharegpt or prompt records; JSON, JSONL or Parquet; a path or storage URI) with an actor pool "
+        "of engine replicas (generate.num_actors, serve.engine), and write one row per input and model (id, "
+        "prompt, completion, token counts, finish_reason) to run.storage/run.name/generations/<model>/, a file per "
+        "block of generate.block_rows rows. A re-run skips the blocks already written. Example: raytune-it "
+        "generate tiny-lora data.path=prompts.jsonl data.format=prompt 'generate.models={adapter: runs/x/export}'")
+    _add_config_args(generation)
+    generation.set_defaults(func=cmd_generate)
 
     plan = sub.add_parser(
         "plan", help="size a tuning job: GPUs, per-device batch, hours, inference GPUs and tokens/s",

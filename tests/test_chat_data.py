@@ -8,7 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from raytune_it.config import load_config
-from raytune_it.data.chat import CHAT_TEMPLATES, record_template
+from raytune_it.data.chat import CHAT_TEMPLATES
+from raytune_it.data.prompt_format import PromptFormat
 from raytune_it.data.pipeline import iter_examples
 from raytune_it.data.records import ReadReport, iter_records
 from raytune_it.data.tokenize import IGNORE_INDEX, tokenize_records
@@ -106,7 +107,7 @@ def test_serve_builds_the_prompt_ids_training_built_for_the_same_conversation(to
     [example] = tokenize_records([{"messages": CONVERSATION}], tokenizer, 512,
                                  chat_template=CHAT_TEMPLATES[template])
     trained_tokenizer = load_tokenizer("tiny-llama")
-    record_template(trained_tokenizer, config.data)
+    PromptFormat.for_run(trained_tokenizer, config.data).record_on(trained_tokenizer)
     trained_tokenizer.save_pretrained(tmp_path / "export")  # what the strategies' export does
     served = load_tokenizer(str(tmp_path / "export"))
     assert served.chat_template == CHAT_TEMPLATES[template]

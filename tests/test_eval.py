@@ -3,8 +3,8 @@
 import pytest
 
 from helpers import train_tiny_adapter
-from raytune_it.evaluation.harness import effect, load_for_eval, score_model
-from raytune_it.evaluation.metrics import exact_match, rouge_l, token_f1
+from raytune_it.evaluation.harness import effect, score_models
+from raytune_it.evaluation.metrics import exact_match, rouge_l, token_f1, tokens
 from raytune_it.evaluation.sets import held_out_examples
 
 
@@ -19,6 +19,40 @@ def test_metrics_on_hand_computed_cases():
     assert token_f1("", "x") == rouge_l("", "x") == 0.0
 
 
+def _lcs_f1(prediction: str, reference: str) -> float:
+    """The ROUGE-L eval computed by hand before it used rouge-score: LCS over the same word tokens."""
+    pred, ref = tokens(prediction), tokens(reference)
+    if not pred or not ref:
+        return float(pred == ref)
+    previous = [0] * (len(ref) + 1)
+    for x in pred:
+        current = [0]
+        for j, y in enumerate(ref):
+            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
+        previous = current
+    lcs = previous[-1]
+    return 0.0 if not lcs else 2 * (lcs / len(pred)) * (lcs / len(ref)) / (lcs / len(pred) + lcs / len(ref))
+
+
+def test_rouge_l_from_rouge_score_matches_the_numbers_eval_gave_before():
+    from raytune_it.data.synthetic import generate
+
+    records = list(generate(60, seed=11))
+    # the same outputs, paired with other references: answers that share some words and not others
+    pairs = [(a["output"], b["output"]) for a, b in zip(records, records[1:] + records[:1])]
+    pairs += [(r["output"], r["output"]) for r in records[:5]] + [("kg kg kg", "The BMI is 22.5 kg/m2.")]
+    assert any(0 < _lcs_f1(p, r) < 1 for p, r in pairs)
+    for prediction, reference in pairs:
+        assert rouge_l(prediction, reference) == pytest.approx(_lcs_f1(prediction, reference), abs=1e-12)
+
+
+def test_judge_verdicts_are_parsed_strictly():
+    from raytune_it.evaluation.judge import parse_verdict
+
+    assert [parse_verdict(t) for t in ("A", " b ", "Tie.", "tie")] == ["A", "B", "tie", "tie"]
+    assert [parse_verdict(t) for t in ("A is better", "AB", "", "answer: B", "kg kg")] == [None] * 5
+
+
 def test_held_out_examples_skip_what_training_saw():
     first = held_out_examples(["arithmetic"], 5, set())["arithmetic"]
     exclude = {(r["instruction"], r["input"]) for r in first[:3]}
@@ -29,11 +63,18 @@ def test_held_out_examples_skip_what_training_saw():
 
 def test_a_model_tuned_on_one_family_scores_it_above_the_base(tmp_path):
     adapter = train_tiny_adapter(tmp_path / "clause_type", ["clause_type"], steps=30, rank=16)
+    from raytune_it.config import load_config
+    from raytune_it.generation.answers import Answerer, resolve_models
+
     sets = held_out_examples(["clause_type"], 8, set())
-    results = {}
-    for name, path in (("base", "tiny-llama"), ("tuned", str(adapter))):
-        model, tokenizer = load_for_eval(path, "tiny-llama")
-        results[name] = score_model(model, tokenizer, sets, max_new_tokens=24)
+    config = load_config("tiny-lora", [])
+    answerer = Answerer(config.serve.model_dump(), config.data, batch_size=4)
+    entries = resolve_models("tiny-llama", {"base": "tiny-llama", "tuned": str(adapter)}, "eval.models")
+    try:
+        results, answers = score_models(answerer, entries, sets, max_new_tokens=24)
+    finally:
+        answerer.close()
+    assert len(answers["tuned"]["clause_type"]) == 8
     tuned, base = results["tuned"]["clause_type"], results["base"]["clause_type"]
     assert tuned.examples == base.examples == 8
     assert tuned.token_f1 > base.token_f1 and tuned.rouge_l > base.rouge_l

@@ -286,3 +286,32 @@ def test_the_engine_answers_as_the_transformers_engine_does_at_temperature_zero(
             assert body["choices"][0]["finish_reason"] == expected.finish_reason
             assert body["usage"]["completion_tokens"] == expected.completion_tokens
             assert body["usage"]["prompt_tokens"] == expected.prompt_tokens == len(reference.tokenizer(prompt)["input_ids"])
+
+
+def test_the_judge_asks_the_served_model_in_both_orders_and_counts_what_it_cannot_parse(endpoint, monkeypatch):
+    """eval.judge against this app: every example is judged twice (answers swapped), a verdict that is not
+    exactly A, B or tie is counted as unparseable (the tiny model's are), and a refused key stops eval."""
+    import io
+
+    from rich.console import Console
+
+    from raytune_it.config.schema import JudgeSection
+    from raytune_it.errors import UserError
+    from raytune_it.evaluation.judge import judge_effects
+    from raytune_it.evaluation.sets import held_out_examples
+
+    if endpoint.engine != "transformers":
+        pytest.skip("the judge only speaks HTTP: the same on both engines, tested on one")
+    sets = held_out_examples(["dosage"], 3, set())
+    outcome = {"eval_set": sets, "effects": [{"name": "performance", "model": "tuned", "baseline": "base",
+                                               "families": ["dosage"]}]}
+    answers = {"tuned": {"dosage": [r["output"] for r in sets["dosage"]]}, "base": {"dosage": ["kg kg"] * 3}}
+    monkeypatch.setenv("JUDGE_KEY", API_KEY)
+    judge = JudgeSection(url=f"{endpoint.base_url}/v1", model="tiny-llama", api_key_env="JUDGE_KEY", max_examples=3)
+    [result] = judge_effects(judge, outcome, answers, Console(file=io.StringIO()))
+    assert result["wins"] + result["losses"] + result["ties"] + result["unparseable"] == 6
+    parsed = result["wins"] + result["losses"] + result["ties"]
+    assert result["win_rate"] == (None if not parsed else (result["wins"] + result["ties"] / 2) / parsed)
+    monkeypatch.setenv("JUDGE_KEY", "wrong")
+    with pytest.raises(UserError, match="answered 401"):
+        judge_effects(judge, outcome, answers, Console(file=io.StringIO()))

@@ -51,6 +51,8 @@ def test_both_engines_stop_at_eos_in_the_same_place_and_count_it(tmp_path, tiny_
     base = str(folder)
     options = ["serve.max_model_len=256", "serve.enforce_eager=true", "serve.kv_cache_gib=0.25"]
 
+    batched = {}
+
     async def run():
         results = {}
         for engine_name in ("transformers", "vllm"):
@@ -61,6 +63,9 @@ def test_both_engines_stop_at_eos_in_the_same_place_and_count_it(tmp_path, tiny_
                     await engine.generate(GenerationRequest(model="stops", prompt=p, max_tokens=24, temperature=0,
                                                             ignore_eos=ignore))
                     for p in PROMPTS for ignore in (False, True)]
+                # A batch (eval's and generate's path) answers each prompt as it is answered alone.
+                batched[engine_name] = await engine.generate_batch(
+                    [GenerationRequest(model="stops", prompt=p, max_tokens=24, temperature=0) for p in PROMPTS])
             finally:
                 engine.shutdown()
         return results
@@ -73,6 +78,10 @@ def test_both_engines_stop_at_eos_in_the_same_place_and_count_it(tmp_path, tiny_
     assert stopped.finish_reason == "stop" and stopped.completion_tokens == length, "EOS ends it, and is counted"
     assert "</s>" not in stopped.text
     assert results["vllm"][1].completion_tokens == 24, "ignore_eos generates exactly max_tokens"
+    for engine_name, answers in batched.items():
+        alone = results[engine_name][::2]  # the same prompts without ignore_eos
+        assert [(r.text, r.completion_tokens, r.finish_reason) for r in answers] == [
+            (r.text, r.completion_tokens, r.finish_reason) for r in alone], engine_name
 
 
 def decodable_copy(folder, model_dir):

@@ -100,3 +100,6 @@ def check_paths(config: JobConfig) -> None:
     check_data_path(config.data.path)
     for name, path in config.eval.models.items():
         check_model_path(path, f"eval.models.{name}", adapter_ok=True)
+    check_data_path(config.eval.data.path, "eval.data.path")
+    for name, path in config.generate.models.items():
+        check_model_path(path, f"generate.models.{name}", adapter_ok=True)

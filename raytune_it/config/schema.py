@@ -12,7 +12,7 @@ import re
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, field_validator, model_validator
 
 from raytune_it.hardware import ServerTypeChoice
 
@@ -87,10 +87,11 @@ class DataSection(Section):
         "URI, read by the driver), or 'builtin:tasks' for the project's generated instruction data (Alpaca).",
     )
 
-    format: Literal["alpaca", "messages", "sharegpt"] = Field(
+    format: Literal["alpaca", "messages", "sharegpt", "prompt"] = Field(
         "alpaca", description="Record format: 'alpaca' (instruction / input / output), 'messages' (OpenAI-style "
         "{messages: [{role, content}]}, system, user, assistant and tool turns) or 'sharegpt' ({conversations: "
-        "[{from, value}]}). Conversations train every assistant turn.")
+        "[{from, value}]}). Conversations train every assistant turn. 'prompt' ({prompt: text}, sent as it is) "
+        "is for raytune-it generate only: it has no answers to train on.")
     template: Literal["auto", "alpaca", "chatml", "llama-2", "llama-3"] = Field(
         "auto", description="Prompt format: 'auto' is the tokenizer's chat template, or the Alpaca prompt when it "
         "has none; or a named chat template. Saved in the export's tokenizer, so serve renders chat the same way.")
@@ -346,22 +347,79 @@ class ServeSection(Section):
         return None if value is None else _checked_uri(value)
 
 
-class EvalSection(Section):
-    """The three effects of instruction tuning (``raytune-it eval``), on the generated task families."""
+BUILTIN_DATA = "builtin:tasks"
 
+
+class EvalDataSection(Section):
+    """The records eval scores on (and, for adapters it trains, tunes on): the generated task families by
+    default, or the user's own file with a family field."""
+
+    path: str = Field(BUILTIN_DATA, description="Records with a task family each: a .json, .jsonl or .parquet "
+                      "file (local path or storage URI) in eval.data.format, or 'builtin:tasks' (the generated "
+                      "families, examples drawn with a seed training never uses).")
+    format: Literal["alpaca", "messages", "sharegpt"] = Field(
+        "alpaca", description="Record format, as data.format; a conversation's last assistant turn is the reference.")
+    file_type: Literal["auto", "json", "jsonl", "parquet"] = Field("auto", description="As data.file_type.")
+    skip_bad_records: Bool = Field(False, description="Skip and count malformed records instead of stopping.")
+
+    @field_validator("path")
+    @classmethod
+    def _data_uri(cls, value: str) -> str:
+        return _checked_uri(value)
+
+
+class JudgeSection(Section):
+    """An OpenAI-compatible model that compares two answers (``eval.judge``)."""
+
+    url: str = Field(description="Base URL of an OpenAI-compatible API (http://127.0.0.1:8000/v1 for raytune-it "
+                     "serve); its /chat/completions is called.")
+    model: str = Field(description="The judge model's name at that endpoint.")
+    api_key_env: str | None = Field(None, description="Name of the environment variable that holds the endpoint's "
+                                    "API key (the key itself never goes in a config).")
+    max_examples: PositiveInt = Field(24, description="Examples judged per effect (each twice, answers swapped).")
+    timeout_s: Float = Field(60.0, gt=0, description="Seconds per judge request.")
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, value: str) -> str:
+        from raytune_it.storage import has_credentials
+
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        if has_credentials(value):
+            raise ValueError("credentials in the URL would be saved with the run; use eval.judge.api_key_env")
+        return value.rstrip("/")
+
+
+class EvalSection(Section):
+    """The three effects of instruction tuning (``raytune-it eval``): on the generated task families, or on
+    any dataset whose records name their task family (``eval.data``, ``eval.family_field``)."""
+
+    data: EvalDataSection = Field(default_factory=EvalDataSection)
+    family_field: str = Field("family", min_length=1, description="The record field that holds its task family "
+                              "(Dolly's 'category', for example); the generated tasks use 'family'.")
     held_out_families: list[str] = Field(
         ["bmi", "percent_change", "reverse_words"],
-        description="Families left out of the tuned models' training: task generalization is measured on them.")
-    domain: Literal["medicine", "law", "finance"] = Field(
-        "medicine", description="The domain whose adapter is compared with the general one (domain specialization).")
+        description="Families (values of eval.family_field) left out of the tuned models' training: task "
+                    "generalization is measured on them.")
+    domain: str = Field(
+        "medicine", description="The domain's name: its adapter is compared with the general one (domain "
+        "specialization). For builtin:tasks one of medicine, law, finance, unless eval.domain_families is set.")
+    domain_families: list[str] | None = Field(
+        None, description="The domain's families, by value; default for builtin:tasks: the domain's generated "
+        "families. Required with eval.data.path.")
     examples_per_family: PositiveInt = Field(12, description="Held-out examples per family (unseen in training).")
     max_new_tokens: PositiveInt = Field(40, description="Greedy decoding length for each answer.")
+    batch_size: PositiveInt = Field(16, description="Prompts per engine call (serve.engine: transformers batches "
+                                    "them, vLLM schedules them together).")
     train_steps: PositiveInt = Field(
         80, description="Steps for each adapter eval trains itself (the general and the domain one) when "
         "eval.models does not name them.")
     models: dict[str, str] = Field(
         {}, description="Extra or given models, name -> model or adapter directory (or storage URI). 'general' "
         "and the domain's name replace the adapters eval would train; 'base' is always model.name_or_path.")
+    judge: JudgeSection | None = Field(None, description="Also compare each effect's answers pairwise with a judge "
+                                       "model (win rates, both answer orders).")
 
     @field_validator("models")
     @classmethod
@@ -370,10 +428,63 @@ class EvalSection(Section):
             _checked_uri(path)
         return value
 
-    @field_validator("held_out_families")
+    @field_validator("domain")
     @classmethod
-    def _known(cls, value: list[str]) -> list[str]:
-        return DataSection._known_families(value) or []
+    def _domain_name(cls, value: str) -> str:
+        if not SAFE_NAME.match(value) or value in ("base", "general"):
+            raise ValueError("must be letters, digits, '.', '_' or '-', starting alphanumeric, and not 'base' or "
+                             "'general' (it names the domain's model beside those)")
+        return value
+
+    @model_validator(mode="after")
+    def _families_exist(self) -> "EvalSection":
+        """On the generated tasks the families are known before anything runs; on a user's file they are
+        checked against its records when eval reads it."""
+        if self.data.path != BUILTIN_DATA:
+            if not self.domain_families:
+                raise ValueError("eval.domain_families: name the domain's families (values of eval.family_field "
+                                 "in eval.data.path), e.g. eval.domain_families=[open_qa,closed_qa]")
+            return self
+        from raytune_it.data.synthetic import FAMILIES
+
+        DataSection._known_families(self.held_out_families or None)
+        if self.domain_families is not None:
+            DataSection._known_families(self.domain_families)
+        elif self.domain not in {f.domain for f in FAMILIES} - {"general"}:
+            raise ValueError(f"eval.domain {self.domain!r} has no generated families; allowed: "
+                             f"{', '.join(sorted({f.domain for f in FAMILIES} - {'general'}))}, or set "
+                             "eval.domain_families")
+        return self
+
+
+class GenerateSection(Section):
+    """Offline batch inference (``raytune-it generate``): models over data.path on Ray Data, rows to storage."""
+
+    models: dict[str, str] = Field(
+        {}, description="Models to run, name -> base model, full export or peft adapter (folder or storage URI); "
+        "default: the base model (model.name_or_path) as 'base'. Several adapters run in one pass.")
+    max_new_tokens: PositiveInt = Field(128, description="Most tokens each completion generates.")
+    temperature: Float = Field(0.0, ge=0.0, le=2.0, description="0: greedy (batched); above: sampled with "
+                               "generate.seed, one prompt at a time on the transformers engine.")
+    top_p: Float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    seed: Int = Field(0, description="Sampling seed.")
+    output_format: Literal["jsonl", "parquet"] = Field("jsonl", description="Files written per block.")
+    block_rows: PositiveInt = Field(256, description="Input rows per output file: the unit of progress and of "
+                                    "resume (a re-run skips blocks already written).")
+    batch_size: PositiveInt = Field(16, description="Prompts per engine call.")
+    num_actors: PositiveInt = Field(1, description="Engine replicas: a Ray Data actor pool spread over the cluster.")
+    cpus_per_actor: PositiveInt = Field(1, description="CPUs each actor reserves (its torch threads).")
+    use_gpu: Bool = Field(False, description="One GPU per actor.")
+
+    @field_validator("models")
+    @classmethod
+    def _model_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, path in value.items():
+            if not SAFE_NAME.match(name):
+                raise ValueError(f"model name {name!r} names a folder: letters, digits, '.', '_' or '-', "
+                                 "starting alphanumeric")
+            _checked_uri(path)
+        return value
 
 
 class TrackingSection(Section):
@@ -437,6 +548,7 @@ class JobConfig(Section):
     tune: TuneSection = Field(default_factory=TuneSection)
     serve: ServeSection = Field(default_factory=ServeSection)
     eval: EvalSection = Field(default_factory=EvalSection)
+    generate: GenerateSection = Field(default_factory=GenerateSection)
     e2e: EndToEndSection = Field(default_factory=EndToEndSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
 

@@ -66,9 +66,10 @@ CHAT_TEMPLATES = {
 }
 
 
-def _checked_turns(turns: list[dict[str, Any]]) -> list[dict[str, str]]:
+def _checked_turns(turns: list[dict[str, Any]], ends_on_answer: bool = True) -> list[dict[str, str]]:
     """A conversation that trains: known roles, string contents, a non-empty assistant turn, and an end on
-    one (a conversation that ends on a user turn has no answer to learn)."""
+    one (a conversation that ends on a user turn has no answer to learn). A prompt for generation
+    (``ends_on_answer=False``) may end on any turn."""
     for number, turn in enumerate(turns, start=1):
         if turn["role"] not in ROLES:
             raise ValueError(f"turn {number}: unknown role {turn['role']!r}; allowed: {', '.join(ROLES)}")
@@ -80,15 +81,16 @@ def _checked_turns(turns: list[dict[str, Any]]) -> list[dict[str, str]]:
             raise ValueError(f"turn {number}: a system turn may only come first")
     if not turns:
         raise ValueError("the conversation has no turns")
-    if turns[-1]["role"] != "assistant":
+    if ends_on_answer and turns[-1]["role"] != "assistant":
         raise ValueError(f"the conversation ends on a {turns[-1]['role']} turn; it must end on an assistant turn")
     return turns
 
 
 def _conversation(raw: Any, turns_key: str, speaker_key: str, text_key: str, roles: Mapping[str, str] | None,
-                  what: str) -> dict[str, Any]:
+                  what: str, ends_on_answer: bool) -> dict[str, Any]:
     """A record's turns as ``{"role", "content"}``, checked (``_checked_turns``); ``roles`` maps the file's
-    speaker names to roles (None: they are the roles)."""
+    speaker names to roles (None: they are the roles). The record's other fields (an id, a task family)
+    are kept beside ``messages``."""
     if not isinstance(raw, Mapping) or not isinstance(raw.get(turns_key), list):
         raise ValueError(f"expected an object with a {turns_key!r} list of {what} turns")
     turns = []
@@ -99,17 +101,18 @@ def _conversation(raw: Any, turns_key: str, speaker_key: str, text_key: str, rol
         if roles is not None and speaker not in roles:
             raise ValueError(f"turn {number}: unknown speaker {speaker!r}; allowed: {', '.join(roles)}")
         turns.append({"role": roles[speaker] if roles is not None else speaker, "content": turn[text_key]})
-    return {"messages": _checked_turns(turns)}
+    others = {key: value for key, value in raw.items() if key not in (turns_key, "messages")}
+    return {**others, "messages": _checked_turns(turns, ends_on_answer)}
 
 
-def messages_record(raw: Any) -> dict[str, Any]:
+def messages_record(raw: Any, ends_on_answer: bool = True) -> dict[str, Any]:
     """``{"messages": [{"role", "content"}, ...]}``, as OpenAI's fine-tuning files are."""
-    return _conversation(raw, "messages", "role", "content", None, "{role, content}")
+    return _conversation(raw, "messages", "role", "content", None, "{role, content}", ends_on_answer)
 
 
-def sharegpt_record(raw: Any) -> dict[str, Any]:
+def sharegpt_record(raw: Any, ends_on_answer: bool = True) -> dict[str, Any]:
     """``{"conversations": [{"from", "value"}, ...]}``, as ShareGPT exports and LLaMA-Factory's sharegpt format."""
-    return _conversation(raw, "conversations", "from", "value", SHAREGPT_ROLES, "{from, value}")
+    return _conversation(raw, "conversations", "from", "value", SHAREGPT_ROLES, "{from, value}", ends_on_answer)
 
 
 def alpaca_messages(record: Mapping[str, str]) -> list[dict[str, str]]:
@@ -129,14 +132,6 @@ def template_source(tokenizer: Any, data: Any) -> str | None:
     if own is None and data.format != "alpaca":
         return CHAT_TEMPLATES["alpaca"]
     return own
-
-
-def record_template(tokenizer: Any, data: Any) -> None:
-    """Give the tokenizer the chat template the run trains with, so the export's tokenizer carries it and
-    ``raytune-it serve`` renders chat requests as training rendered the conversations."""
-    source = template_source(tokenizer, data)
-    if source is not None:
-        tokenizer.chat_template = source
 
 
 def render(tokenizer: Any, source: str, messages: list[dict[str, str]], *, generation_prompt: bool = False) -> str:

@@ -6,7 +6,7 @@ import json
 from itertools import islice
 
 from raytune_it.config.schema import JobConfig
-from raytune_it.data.chat import template_source
+from raytune_it.data.prompt_format import PromptFormat
 from raytune_it.data.pipeline import dataset_stats, iter_split_records
 from raytune_it.data.records import ReadReport
 from raytune_it.data.tokenize import IGNORE_INDEX, tokenize_records
@@ -56,7 +56,7 @@ def inspect_dataset(config: JobConfig, as_json: bool = False) -> None:
         out.print("no training example to show")
         return
     example = tokenize_records([first], tokenizer, max_len,
-                               chat_template=template_source(tokenizer, config.data))
+                               chat_template=PromptFormat.for_run(tokenizer, config.data).chat_template)
     if not example:
         out.print("the first record has no response left after truncation")
         return

@@ -92,11 +92,11 @@ def iter_examples(
     on_record: Callable[[dict, Split], None] | None = None,
 ) -> Iterator[dict[str, list[int]]]:
     """Tokenized (and, with ``data.packing``, packed) examples of one split, streamed."""
-    from raytune_it.data.chat import template_source
+    from raytune_it.data.prompt_format import PromptFormat
 
     report = report if report is not None else ReadReport()
     records = iter_split_records(data, split, seed, report, on_record)
-    template = template_source(tokenizer, data)
+    template = PromptFormat.for_run(tokenizer, data).chat_template
 
     def tokenized() -> Iterator[dict[str, list[int]]]:
         while batch := list(islice(records, BATCH)):

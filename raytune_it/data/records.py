@@ -1,4 +1,4 @@
-"""Reading Alpaca records (instruction / input / output) from JSON, JSONL or Parquet.
+"""Reading records (Alpaca, conversations, plain prompts: ``data.format``) from JSON, JSONL or Parquet.
 
 Files stream: a JSON array is parsed incrementally (ijson), JSONL line by line and
 Parquet batch by batch (pyarrow), so a file of hundreds of thousands of records
@@ -58,17 +58,20 @@ def detect_file_type(path: Path) -> FileType:
                     "or set data.file_type")
 
 
-def validate_record(raw: Any) -> dict[str, Any]:
-    """Check one record and normalise it; raises ValueError with the reason."""
+def validate_record(raw: Any, answers_required: bool = True) -> dict[str, Any]:
+    """Check one record and normalise it; raises ValueError with the reason. A prompt for generation
+    (``answers_required=False``) may have no output."""
     if not isinstance(raw, dict):
         raise ValueError(f"expected an object with instruction/input/output, got {type(raw).__name__}")
     record = dict(raw)
+    if not answers_required and record.get("output") is None:
+        record["output"] = ""
     for name in REQUIRED_TEXT:
         if name not in record or record[name] is None:
             raise ValueError(f"missing field {name!r}")
         if not isinstance(record[name], str):
             raise ValueError(f"field {name!r} must be a string, got {type(record[name]).__name__}")
-    if not record["output"].strip():
+    if answers_required and not record["output"].strip():
         raise ValueError("field 'output' is empty: there is nothing to train on")
     if not record["instruction"].strip():
         raise ValueError("field 'instruction' is empty")
@@ -148,13 +151,27 @@ def _parquet(path: Path) -> Iterator[tuple[str, Any]]:
             yield f"{path}: record {index}", row
 
 
-def validator(record_format: str) -> Any:
-    """The check that turns a raw record of ``data.format`` into a training record (ValueError: why not)."""
-    if record_format == "alpaca":
-        return validate_record
+def prompt_record(raw: Any) -> dict[str, Any]:
+    """``{"prompt": text}``: a plain prompt for ``raytune-it generate``, sent as it is."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("prompt"), str) or not raw["prompt"].strip():
+        raise ValueError("expected an object with a non-empty string 'prompt'")
+    return dict(raw)
+
+
+def validator(record_format: str, answers_required: bool = True) -> Any:
+    """The check that turns a raw record of ``data.format`` into a record (ValueError: why not): a training
+    record, or with ``answers_required=False`` a prompt to generate from (no answer needed)."""
+    from functools import partial
+
     from raytune_it.data.chat import messages_record, sharegpt_record
 
-    return {"messages": messages_record, "sharegpt": sharegpt_record}[record_format]
+    if record_format == "prompt":
+        if answers_required:
+            raise ValueError("data.format=prompt has no answers to train on")
+        return prompt_record
+    check = {"alpaca": validate_record, "messages": messages_record, "sharegpt": sharegpt_record}[record_format]
+    return check if answers_required else partial(check, **{
+        "answers_required" if record_format == "alpaca" else "ends_on_answer": False})
 
 
 def iter_records(
@@ -165,20 +182,28 @@ def iter_records(
     report: ReadReport | None = None,
     limit: int | None = None,
     record_format: str = "alpaca",
+    answers_required: bool = True,
+    required_field: str | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Yield validated records; raise DataError on the first bad one unless skipping."""
+    """Yield validated records; raise DataError on the first bad one unless skipping. ``required_field``
+    (eval's family field) must be a non-empty string or number in every record."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     kind: FileType = detect_file_type(path) if file_type == "auto" else file_type
     reader = {"json": _json_array, "jsonl": _jsonl, "parquet": _parquet}[kind]
     report = report if report is not None else ReadReport()
-    check = validator(record_format)
+    check = validator(record_format, answers_required)
     for where, raw in reader(path):
         try:
             if isinstance(raw, Exception):
                 raise raw
             record = check(raw)
+            if required_field is not None:
+                value = record.get(required_field)
+                if isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value).strip():
+                    raise ValueError(f"field {required_field!r} (eval.family_field) is missing or not a name")
+                record[required_field] = str(value)
         except ValueError as exc:
             if not skip_bad_records:
                 raise DataError(f"{where}: {exc}. Fix the record, or set data.skip_bad_records=true "
@@ -193,5 +218,6 @@ def iter_records(
         if report.bad_records:
             raise DataError(f"{path}: no usable record: all {report.bad_records} were bad and skipped "
                             f"(data.skip_bad_records=true), the first: {report.reasons[0]}. "
-                            "Fix the records; there is nothing to train on.")
-        raise DataError(f"{path}: the file holds no records; there is nothing to train on.")
+                            "Fix the records; there is nothing to read.")
+        raise DataError(f"{path}: the file holds no records; there is nothing to "
+                        f"{'train on' if answers_required else 'generate from'}.")

@@ -17,9 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
-from raytune_it.data.chat import CHAT_TEMPLATES
-from raytune_it.data.templates import render_prompt
-
 IGNORE_INDEX = -100
 
 
@@ -52,23 +49,18 @@ def tokenize_records(
     stats: TokenizeStats | None = None,
     chat_template: str | None = None,
 ) -> list[dict[str, list[int]]]:
-    """Tokenize a batch of records at once (the fast tokenizer runs the batch in Rust threads).
+    """Tokenize a batch of records at once (the fast tokenizer runs the batch in Rust threads), rendered
+    by the run's prompt format (``prompt_format.PromptFormat``): Alpaca records without a ``chat_template``
+    get the Alpaca prompt; conversations, and Alpaca records with a template, are rendered with the template
+    and train every assistant turn (``data.chat``)."""
+    from raytune_it.data.prompt_format import PromptFormat
 
-    Alpaca records without a ``chat_template`` get the Alpaca prompt; conversations, and Alpaca records
-    with a template, are rendered with the template and train every assistant turn (``data.chat``)."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    prompt_format = PromptFormat(tokenizer, chat_template)
     eos = [tokenizer.eos_token_id]
-    if chat_template is None and all("messages" not in r for r in records):
-        prompts = [render_prompt(r) for r in records]
-        texts = [prompt + r["output"] for prompt, r in zip(prompts, records)]
-        ids, prompt_lengths = joined_ids(tokenizer, prompts, texts)
-        trained_masks = [[False] * length + [True] * (len(text_ids) - length)
-                         for text_ids, length in zip(ids, prompt_lengths)]
-    else:
-        ids, trained_masks = conversation_ids(tokenizer, chat_template or CHAT_TEMPLATES["alpaca"], records)
+    ids, trained_masks = prompt_format.training_ids(records)
     out = []
     for text_ids, trained_mask in zip(ids, trained_masks):
-        prefix = [] if bos and text_ids[:1] == bos else bos  # a template that writes BOS itself has it already
+        prefix = prompt_format.bos(text_ids)  # a template that writes BOS itself has it already
         input_ids = prefix + text_ids + eos
         labels = [IGNORE_INDEX] * len(prefix) + [token if trained else IGNORE_INDEX
                                               for token, trained in zip(text_ids, trained_mask)] + eos

@@ -1,18 +1,17 @@
 """Score models on held-out examples, per task family, and read the three effects off the scores.
 
-A model is a base model directory (or hub id), a fully tuned model directory, or
-a peft adapter directory applied to the base. Every model answers every example
-with greedy decoding from the same Alpaca prompt the training used, so the
+A model is a base model directory (or hub id), a fully tuned model directory, or a peft adapter
+directory applied to the base. Every model answers every example with greedy decoding through the
+serving engines, in batches (``generation.answers``), each in the prompt format it was tuned with, so the
 comparison is the same harness on a tiny model and on a 7B checkpoint.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
-from raytune_it.data.templates import render_prompt
+from raytune_it.data.prompt_format import split_reference
 from raytune_it.evaluation.metrics import METRICS
 
 
@@ -26,51 +25,52 @@ class FamilyScore:
     samples: list[dict] = field(default_factory=list)
 
 
-def load_for_eval(path: str, base: str) -> tuple[Any, Any]:
-    """(model, tokenizer) for a model directory or a peft adapter directory over ``base``."""
-    from raytune_it.models.loading import load_causal_lm, load_tokenizer, resolve_model_path
-
-    resolved = resolve_model_path(path)
-    if (Path(resolved) / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(load_causal_lm(base), resolved)
-        tokenizer = load_tokenizer(resolved if (Path(resolved) / "tokenizer_config.json").is_file() else base)
-    else:
-        model, tokenizer = load_causal_lm(resolved), load_tokenizer(resolved)
-    model.eval()
-    return model, tokenizer
+def describe(record: dict) -> dict[str, str]:
+    """A record's question as the eval files show it: an Alpaca record's instruction and input, a
+    conversation's last user turn and the turns before it."""
+    if "messages" not in record:
+        return {"prompt": record["instruction"], "input": record.get("input", "")}
+    prompt, _ = split_reference(record)
+    turns = prompt["messages"]
+    last = max((i for i, t in enumerate(turns) if t["role"] == "user"), default=len(turns) - 1)
+    return {"prompt": str(turns[last]["content"]) if turns else "",
+            "input": "\n".join(f"{t['role']}: {t['content']}" for i, t in enumerate(turns) if i != last)}
 
 
-def answer(model: Any, tokenizer: Any, record: dict, max_new_tokens: int) -> str:
-    import torch
+def score_models(answerer: Any, entries: Sequence[Any], sets: dict[str, list[dict]], max_new_tokens: int,
+                 progress: Callable[[int], None] | None = None,
+                 keep_samples: int = 2) -> tuple[dict[str, dict[str, FamilyScore]], dict[str, dict[str, list[str]]]]:
+    """Every model's scores per family, and its answers (by family, in the order of ``sets``). Models run
+    one after another, each model's examples in batches; an engine is released after its last model."""
+    from raytune_it.generation.answers import Sampling
 
-    inputs = tokenizer(render_prompt(record), return_tensors="pt")
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    scores: dict[str, dict[str, FamilyScore]] = {}
+    answers: dict[str, dict[str, list[str]]] = {}
+    for position, entry in enumerate(entries):
+        scores[entry.name], answers[entry.name] = {}, {}
+        for family, records in sets.items():
+            items, references = zip(*(split_reference(r) for r in records)) if records else ((), ())
+            predictions: list[str] = []
+            for batch in answerer.answers(entry, list(items), Sampling(max_new_tokens)):
+                predictions += [answer.completion for answer in batch]
+                if progress is not None:
+                    progress(len(batch))
+            answers[entry.name][family] = predictions
+            scores[entry.name][family] = family_score(family, records, list(references), predictions, keep_samples)
+        answerer.release(entry, keep=entries[position + 1:])
+    return scores, answers
 
 
-def score_model(model: Any, tokenizer: Any, sets: dict[str, list[dict]], max_new_tokens: int,
-                progress: Callable[[], None] | None = None, keep_samples: int = 2) -> dict[str, FamilyScore]:
-    scores: dict[str, FamilyScore] = {}
-    for family, records in sets.items():
-        totals = {name: 0.0 for name in METRICS}
-        samples = []
-        for record in records:
-            prediction = answer(model, tokenizer, record, max_new_tokens)
-            for name, metric in METRICS.items():
-                totals[name] += metric(prediction, record["output"])
-            if len(samples) < keep_samples:
-                samples.append({"prompt": record["instruction"], "input": record.get("input", ""),
-                                "reference": record["output"], "prediction": prediction})
-            if progress is not None:
-                progress()
-        count = max(1, len(records))
-        scores[family] = FamilyScore(family, len(records), **{k: v / count for k, v in totals.items()},
-                                     samples=samples)
-    return scores
+def family_score(family: str, records: Sequence[dict], references: Sequence[str | None],
+                 predictions: Sequence[str], keep_samples: int = 2) -> FamilyScore:
+    totals = {name: 0.0 for name in METRICS}
+    for prediction, reference in zip(predictions, references):
+        for name, metric in METRICS.items():
+            totals[name] += metric(prediction, reference or "")
+    samples = [dict(describe(record), reference=reference or "", prediction=prediction)
+               for record, reference, prediction in list(zip(records, references, predictions))[:keep_samples]]
+    count = max(1, len(records))
+    return FamilyScore(family, len(records), **{k: v / count for k, v in totals.items()}, samples=samples)
 
 
 def mean_over(scores: dict[str, FamilyScore], families: list[str], metric: str) -> float | None:

@@ -1,13 +1,16 @@
 """Held-out evaluation sets from the generated task families.
 
-Examples come from a seed the training data never uses, and any example whose
-instruction and input also occur in the training data of *any* evaluated model is
-dropped, so no model is scored on examples it was tuned on, and every model is
-scored on the same examples.
+On the generated families, examples come from a seed the training data never uses;
+on a user's file (``eval.data``), each family's examples are picked by a seeded hash
+of their content and the rest of the file is what eval's own adapters tune on. Either
+way any example whose question also occurs in the training data of *any* evaluated
+model is dropped, so no model is scored on examples it was tuned on, and every model
+is scored on the same examples.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterable
 
@@ -16,18 +19,26 @@ from raytune_it.data.synthetic import FAMILIES, generate
 EVAL_SEED = 1_000_003
 
 
-def _key(record: dict) -> tuple[str, str]:
+def record_key(record: dict) -> tuple[str, str]:
+    """What makes two examples the same question: an Alpaca record's instruction and input, a
+    conversation's turns before its answer."""
+    if "messages" in record:
+        from raytune_it.data.prompt_format import split_reference
+
+        prompt, _ = split_reference(record)
+        return "messages", json.dumps(prompt["messages"], sort_keys=True, ensure_ascii=False)
     return record["instruction"], record.get("input", "")
 
 
+
 def training_keys(path: Path | None, record_format: str = "alpaca") -> set[tuple[str, str]]:
-    """Every (instruction, input) of an Alpaca training file, in any file type the pipeline reads. Chat data
-    has no instruction field to match the generated examples by: none."""
+    """The question of every training record of a file, in any file type and format the pipeline reads."""
     from raytune_it.data.records import iter_records
 
-    if path is None or not Path(path).is_file() or record_format != "alpaca":
+    if path is None or not Path(path).is_file() or record_format == "prompt":
         return set()
-    return {_key(record) for record in iter_records(path, skip_bad_records=True)}
+    return {record_key(record) for record in iter_records(path, skip_bad_records=True,
+                                                          record_format=record_format)}
 
 
 def model_training_keys(model: str) -> set[tuple[str, str]] | None:
@@ -59,8 +70,8 @@ def held_out_examples(families: Iterable[str], per_family: int, exclude: set[tup
         picked: list[dict] = []
         seen = set(exclude)
         for record in generate(per_family * 20, seed=seed, families=[family]):
-            if _key(record) not in seen:
-                seen.add(_key(record))
+            if record_key(record) not in seen:
+                seen.add(record_key(record))
                 picked.append(record)
                 if len(picked) == per_family:
                     break
@@ -70,3 +81,28 @@ def held_out_examples(families: Iterable[str], per_family: int, exclude: set[tup
 
 def families_of_domain(domain: str) -> list[str]:
     return [family.name for family in FAMILIES if family.domain == domain]
+
+
+def user_sets(records: Iterable[dict], family_field: str, per_family: int, exclude: set[tuple[str, str]],
+              seed: int = EVAL_SEED) -> tuple[dict[str, list[dict]], dict[str, list[dict]]]:
+    """(eval examples, training pool) per family of a user's records: ``per_family`` examples each, chosen
+    by a seeded hash of the question (stable when the file is reordered or grows), none in ``exclude``;
+    every other record whose question is not an eval example's goes to the pool."""
+    import hashlib
+
+    by_family: dict[str, list[tuple[int, dict]]] = {}
+    for record in records:
+        digest = hashlib.blake2b(f"{seed}\x00{record_key(record)}".encode(), digest_size=8).digest()
+        by_family.setdefault(record[family_field], []).append((int.from_bytes(digest, "big"), record))
+    examples: dict[str, list[dict]] = {}
+    pool: dict[str, list[dict]] = {}
+    for family in sorted(by_family):
+        picked, taken = [], set()
+        for _, record in sorted(by_family[family], key=lambda pair: pair[0]):
+            key = record_key(record)
+            if len(picked) < per_family and key not in exclude and key not in taken:
+                picked.append(record)
+                taken.add(key)
+        examples[family] = picked
+        pool[family] = [record for _, record in by_family[family] if record_key(record) not in taken]
+    return examples, pool

@@ -168,7 +168,7 @@ class Recipe:
         import ray.train
         import ray.train.torch
         from raytune_it.config.schema import JobConfig
-        from raytune_it.data.chat import record_template
+        from raytune_it.data.prompt_format import PromptFormat
         from raytune_it.models.loading import load_tokenizer
 
         self.config = config = JobConfig.model_validate(loop_config["config"])
@@ -182,7 +182,8 @@ class Recipe:
         torch.manual_seed(config.train.seed)
         self.tokenizer = load_tokenizer(config.model.name_or_path, revision=config.model.revision,
                                         trust_remote_code=config.model.trust_remote_code)
-        record_template(self.tokenizer, config.data)  # the export's tokenizer carries the run's chat template
+        # The export's tokenizer carries the run's prompt format (its chat template, if any).
+        PromptFormat.for_run(self.tokenizer, config.data).record_on(self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id
         self.micro, self.accumulation = config.train.micro_batch_size, config.train.gradient_accumulation_steps
         self.state = TrainState()

@@ -34,5 +34,8 @@ def check_lora_targets(config: JobConfig) -> None:
 
 
 def preflight(config: JobConfig) -> None:
+    if config.data.format == "prompt":
+        raise ConfigError("data.format=prompt: plain prompts have no answers to train on; it is for raytune-it "
+                          "generate. Train on alpaca, messages or sharegpt records.")
     if config.method == "lora":
         check_lora_targets(config)

@@ -14,10 +14,10 @@ stop strings here (``StopScanner``), so they cannot drift apart.
 
 from __future__ import annotations
 
-import functools
-
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Protocol
+
+from raytune_it.data.prompt_format import PromptFormat
 
 
 # Below this temperature sampling is greedy (vLLM's rule too): dividing logits by it would overflow.
@@ -58,6 +58,9 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     ignore_eos: bool = False
+    #: Tokens that end the answer, set by a caller that built the prompt ids with its own prompt format
+    #: (eval, generate); None: the served model's format decides.
+    stop_token_ids: list[int] | None = None
     adapter_folder: str | None = None  # set by the serving layer, never by a client: the adapter to use
 
 
@@ -112,23 +115,40 @@ class Engine(Protocol):
 
     async def generate(self, request: GenerationRequest) -> GenerationResult: ...
 
+    async def generate_batch(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        """Many requests at once, results in order (eval and ``raytune-it generate``); at temperature 0 each
+        answer is the one ``generate`` gives the request alone."""
+
     def stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]: ...
 
     def shutdown(self) -> None: ...
 
 
 class PromptBuilder:
-    """Turns a request into prompt token ids with the base model's tokenizer, the same way for every engine."""
+    """Turns a request into prompt token ids, and says what ends its answer, with the base model's tokenizer
+    and the model's prompt format (``data.prompt_format``), the same way for every engine and as training
+    built them."""
 
     def __init__(self, tokenizer: Any, max_model_len: int) -> None:
         self.tokenizer, self.max_model_len = tokenizer, max_model_len
+        self.base_format = PromptFormat.of_tokenizer(tokenizer)
+        self._formats: dict[str, PromptFormat] = {}
+
+    def prompt_format(self, adapter_folder: str | None) -> PromptFormat:
+        """An adapter's own format (the one its run trained with, saved with its tokenizer), else the base's."""
+        if adapter_folder is None:
+            return self.base_format
+        if adapter_folder not in self._formats:
+            self._formats[adapter_folder] = PromptFormat.of_model(adapter_folder, self.tokenizer, self.base_format)
+        return self._formats[adapter_folder]
 
     def ids(self, request: GenerationRequest) -> list[int]:
         if request.synthetic_tokens is not None:  # checked before building: a huge length costs nothing
             check_length(request.synthetic_tokens, request.max_tokens, self.max_model_len)
             return self.synthetic(request.synthetic_tokens)
+        prompt_format = self.prompt_format(request.adapter_folder)
         if request.messages is not None:
-            text = self.render_chat(request.messages, self.chat_template(request.adapter_folder))
+            text = prompt_format.prompt_text({"messages": request.messages})
         elif isinstance(request.prompt, list):
             ids = list(request.prompt)
             check_length(len(ids), request.max_tokens, self.max_model_len)
@@ -140,58 +160,27 @@ class PromptBuilder:
             raise EngineError(f"the prompt ({len(text)} characters) cannot fit the context of "
                               f"{self.max_model_len} tokens", code="context_length_exceeded", param="prompt")
         try:
-            # A template that writes BOS itself (Llama 3's, for one) already has it: no second one.
-            bos = self.tokenizer.bos_token
-            ids = self.tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
+            ids = prompt_format.text_ids(text)
         except Exception as exc:  # noqa: BLE001 - text the tokenizer cannot take (lone surrogates ...) is the client's
             raise EngineError(f"the prompt cannot be tokenized: {type(exc).__name__}: {exc}"[:300],
                               param="messages" if request.messages is not None else "prompt") from None
         check_length(len(ids), request.max_tokens, self.max_model_len)
         return ids
 
-    def chat_template(self, adapter_folder: str | None) -> str | None:
-        """The chat template a request is rendered with: an adapter's own (the one its run trained with,
-        saved with its tokenizer), else the base tokenizer's."""
-        if adapter_folder is not None:
-            own = _adapter_chat_template(adapter_folder)
-            if own:
-                return own
-        return getattr(self.tokenizer, "chat_template", None) or None
-
-    def render_chat(self, messages: list[dict], template: str | None = None) -> str:
-        """The chat template where there is one, the Alpaca template otherwise (as training renders them)."""
-        if template:
-            return self.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                                      add_generation_prompt=True)
-        from raytune_it.data.templates import render_prompt
-
-        # Alpaca has one instruction and one input: the last user turn is the instruction, the
-        # system prompt and earlier turns become the input.
-        last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=len(messages) - 1)
-        context = "\n".join(f"{m['role']}: {m['content']}" for i, m in enumerate(messages) if i != last_user)
-        return render_prompt({"instruction": messages[last_user]["content"], "input": context})
+    def ending(self, request: GenerationRequest) -> tuple[set[int], list[str]]:
+        """(the tokens that end the answer, the stop strings that cut it): the format's end of turn and the
+        request's own stop strings; with ``ignore_eos`` only the latter."""
+        if request.ignore_eos:
+            return set(), list(request.stop)
+        if request.stop_token_ids is not None:
+            return set(request.stop_token_ids), list(request.stop)
+        prompt_format = self.prompt_format(request.adapter_folder)
+        return set(prompt_format.stop_token_ids), [*request.stop, *prompt_format.stop_strings]
 
     def synthetic(self, length: int) -> list[int]:
         filler = self.tokenizer(" the", add_special_tokens=False)["input_ids"] or [self.tokenizer.eos_token_id]
         bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
         return (bos + filler * length)[:length]
-
-
-@functools.lru_cache(maxsize=64)
-def _adapter_chat_template(folder: str) -> str | None:
-    """The chat template saved with an adapter (transformers writes ``chat_template.jinja``; older versions
-    put it in ``tokenizer_config.json``), read once per folder."""
-    import json
-    from pathlib import Path
-
-    jinja = Path(folder) / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
-    config = Path(folder) / "tokenizer_config.json"
-    if config.is_file():
-        template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
-        return template if isinstance(template, str) else None
-    return None
 
 
 class StopScanner:
@@ -229,3 +218,26 @@ class StopScanner:
         held = max((size for stop in self.stop for size in range(1, len(stop))
                     if self.text[:end].endswith(stop[:size])), default=0)
         return end - held
+
+
+class EngineThread:
+    """Runs an engine's coroutines from synchronous code (eval, ``raytune-it generate``) on one event loop
+    of its own, in a thread: vLLM's engine keeps tasks on the loop it first ran on, so every call must use
+    the same loop."""
+
+    def __init__(self) -> None:
+        import asyncio
+        import threading
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="raytune-it-engine", daemon=True)
+        self.thread.start()
+
+    def run(self, coroutine: Any) -> Any:
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=30)

@@ -1,4 +1,5 @@
-"""The transformers engine (peft for adapters): CPU or GPU, one generation at a time.
+"""The transformers engine (peft for adapters): CPU or GPU; serving generates one request at a time, eval
+and ``raytune-it generate`` send greedy batches (``generate_batch``).
 
 One replica loads the base once; adapters are added to it as named peft adapters
 when the serving layer loads them and deleted when it evicts them, and a request
@@ -7,6 +8,11 @@ disabled). Generation is a plain KV-cached decode loop, so time to first token
 and the per-token rate are measured exactly where they happen. Requests are
 serialised with a lock: the active adapter is model state, and batch size 1 is
 what the survey measures.
+
+A batch (``generate_batch``) runs transformers' own ``generate`` over left-padded prompts: the attention
+mask hides the padding and the positions start at each prompt's first token, so a greedy answer in a
+batch is the answer the prompt gets alone (tested token for token). Sampled requests keep their own seed
+and run one at a time.
 """
 
 from __future__ import annotations
@@ -129,7 +135,76 @@ class TransformersEngine:
             cancelled.set()  # a client that left stops the generation at the next token
             await worker
 
+    async def generate_batch(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        return await asyncio.to_thread(self._generate_batch, requests)
+
     # --- generation ------------------------------------------------------------------------
+
+    def _generate_batch(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        """Greedy requests in batches of one adapter each; sampled ones (their own seeds) and ``ignore_eos``
+        ones (timing runs) one at a time."""
+        results: list[GenerationResult | None] = [None] * len(requests)
+        groups: dict[str | None, list[int]] = {}
+        for index, request in enumerate(requests):
+            if request.temperature >= SAMPLING_EPS or request.ignore_eos:
+                results[index] = self._generate(request, None, threading.Event())
+            else:
+                groups.setdefault(request.model if request.adapter_folder else None, []).append(index)
+        for indices in groups.values():
+            for index, result in zip(indices, self._greedy_batch([requests[i] for i in indices])):
+                results[index] = result
+        return [result for result in results if result is not None]
+
+    def _greedy_batch(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        import torch
+        from transformers.generation.streamers import BaseStreamer
+
+        prompts = [self.prompts.ids(request) for request in requests]
+        endings = [self.prompts.ending(request) for request in requests]
+        stop_ids = sorted(set().union(*(ids for ids, _ in endings)))
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (stop_ids or [0])[0]
+        width = max(len(ids) for ids in prompts)
+        input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, ids in enumerate(prompts):  # left padding: every prompt ends where generation starts
+            input_ids[row, width - len(ids):] = torch.tensor(ids)
+            mask[row, width - len(ids):] = 1
+
+        class FirstToken(BaseStreamer):  # generate calls put() with the prompt, then with each step's tokens
+            calls, at = 0, None
+
+            def put(self, value: Any) -> None:
+                self.calls += 1
+                if self.calls == 2:
+                    self.at = time.perf_counter()
+
+            def end(self) -> None:
+                pass
+
+        first = FirstToken()
+        with self._lock, torch.inference_mode(), self._select(requests[0]):
+            started = time.perf_counter()
+            out = self.model.generate(
+                input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device), do_sample=False,
+                max_new_tokens=max(request.max_tokens for request in requests), eos_token_id=stop_ids or None,
+                pad_token_id=pad, streamer=first, top_p=None, top_k=None, temperature=None)
+            ended = time.perf_counter()
+        new_tokens = out[:, width:].tolist()
+        self.tokens_generated += sum(len(row) for row in new_tokens)
+        results = []
+        for request, ids, (row_stops, stop_strings), row in zip(requests, prompts, endings, new_tokens):
+            tokens, finish = [], "length"
+            for token in row[:request.max_tokens]:
+                tokens.append(token)
+                if token in row_stops:
+                    finish = "stop"
+                    break
+            text, tokens, cut = _cut_at_stop_string(self.tokenizer, tokens, stop_strings)
+            results.append(GenerationResult(
+                text=text, prompt_tokens=len(ids), completion_tokens=len(tokens),
+                finish_reason="stop" if cut else finish,
+                time_to_first_token_s=(first.at or ended) - started, latency_s=ended - started))
+        return results
 
     def _select(self, request: GenerationRequest) -> Any:
         """Make the request's adapter the active one (loading it if it was evicted meanwhile), or disable
@@ -158,8 +233,8 @@ class TransformersEngine:
         import torch
 
         ids = self.prompts.ids(request)
-        eos = self.tokenizer.eos_token_id
-        scanner = StopScanner(self.tokenizer, request.stop)
+        stop_ids, stop_strings = self.prompts.ending(request)
+        scanner = StopScanner(self.tokenizer, stop_strings)
         with self._lock, torch.inference_mode(), self._select(request):
             generator = torch.Generator(device=self.device)
             generator.manual_seed(request.seed if request.seed is not None else int(time.time_ns() % 2**31))
@@ -179,11 +254,11 @@ class TransformersEngine:
                     first_token_at = time.perf_counter()
                 tokens.append(token)  # EOS included: it is a generated token (see base)
                 self.tokens_generated += 1
-                if token == eos and not request.ignore_eos:
+                if token in stop_ids:
                     finish = "stop"
                     break
                 inputs = torch.tensor([[token]], device=self.device)
-                if emit is None and not request.stop:
+                if emit is None and not stop_strings:
                     continue  # nothing to look at mid-way: decode once at the end
                 piece = scanner.update(tokens)
                 if emit is not None and piece:
@@ -202,3 +277,18 @@ class TransformersEngine:
             text=scanner.text, prompt_tokens=len(ids), completion_tokens=len(tokens), finish_reason=finish,
             time_to_first_token_s=(first_token_at or ended) - started, latency_s=ended - started,
         )
+
+
+def _cut_at_stop_string(tokenizer: Any, tokens: list[int], stop: list[str]) -> tuple[str, list[int], bool]:
+    """(text, tokens, cut?): the answer as the one-at-a-time path gives it, which stops generating at the
+    first token whose text completes a stop string."""
+    scanner = StopScanner(tokenizer, stop)
+    scanner.update(tokens)
+    if not scanner.stopped:
+        return scanner.text, tokens, False
+    for length in range(1, len(tokens) + 1):  # the shortest prefix that holds a stop string
+        shorter = StopScanner(tokenizer, stop)
+        shorter.update(tokens[:length])
+        if shorter.stopped:
+            return shorter.text, tokens[:length], True
+    return scanner.text, tokens, True

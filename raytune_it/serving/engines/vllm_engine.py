@@ -12,6 +12,7 @@ outside Ray Serve needs the ``if __name__ == "__main__":`` guard.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
 import uuid
@@ -94,11 +95,12 @@ class VLLMEngine:
         from vllm import SamplingParams, TokensPrompt
 
         ids = self.prompts.ids(request)
+        stop_ids, stop_strings = self.prompts.ending(request)
         params = SamplingParams(max_tokens=request.max_tokens, temperature=request.temperature,
                                 top_p=request.top_p, seed=request.seed, ignore_eos=request.ignore_eos,
-                                detokenize=False)
+                                stop_token_ids=sorted(stop_ids), detokenize=False)
         lora = self._lora(request.model, request.adapter_folder) if request.adapter_folder else None
-        scanner = StopScanner(self.tokenizer, request.stop)
+        scanner = StopScanner(self.tokenizer, stop_strings)
         started, first, tokens, finish, done = time.perf_counter(), None, [], "length", False
         request_id = uuid.uuid4().hex
         outputs = self.engine.generate(TokensPrompt(prompt_token_ids=ids), params, request_id=request_id,
@@ -129,6 +131,10 @@ class VLLMEngine:
         yield StreamChunk("", GenerationResult(
             text=scanner.text, prompt_tokens=len(ids), completion_tokens=len(tokens), finish_reason=finish,
             time_to_first_token_s=(first or ended) - started, latency_s=ended - started))
+
+    async def generate_batch(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        """All at once: vLLM's continuous batching schedules them together."""
+        return list(await asyncio.gather(*(self.generate(request) for request in requests)))
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         result = None

@@ -1,0 +1,1 @@
+"""Generation with the serving engines: answers for eval and for `raytune-it generate`."""
