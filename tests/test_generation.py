@@ -190,7 +190,7 @@ def test_the_three_effects_come_out_of_a_users_file_with_a_family_field(tmp_path
     assert outcome["seen_families"] == ["math", "med_bmi", "med_dose"] and outcome["held_out_families"] == ["caps"]
     effects = {e["name"]: e for e in outcome["effects"]}
     assert list(effects) == ["performance", "task generalization", "domain specialization"]
-    assert effects["domain specialization"]["families"] == ["med_bmi", "med_dose"]
+    assert effects["domain specialization"]["families"] == ["med_dose", "med_bmi"]  # as given
     assert (effects["domain specialization"]["model"], effects["domain specialization"]["baseline"]) == (
         "medicine", "general")
     assert all(len(outcome["eval_set"][f]) == 3 for f in ["math", "med_bmi", "med_dose", "caps"])
