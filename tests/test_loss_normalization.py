@@ -48,6 +48,8 @@ def _gradients_worker(loop_config):
             f"train.micro_batch_size={micro}", f"train.gradient_accumulation_steps={len(batches)}"])
         torch.manual_seed(0)
         strategy = make_strategy(config, 10, device)
+        if method == "lora":
+            _same_lora_start(strategy.peft_model)
         strategy.backward(batches, global_trained_tokens(batches, device))
         if method == "lora":
             found["lora"] = {name: p.grad.detach().clone() for name, p in strategy.peft_model.named_parameters()
@@ -57,6 +59,17 @@ def _gradients_worker(loop_config):
                              for name, p in strategy.engine.module.named_parameters()}
     if rank == 0:
         torch.save(found, loop_config["out"])
+
+
+def _same_lora_start(peft_model):
+    """Give LoRA's A matrices the same values in every run from a generator of their own: the global seed
+    alone does not fix them, since loading the model may draw from the global generator (CI once saw every
+    lora_B gradient differ between two runs). B stays at zero, as peft starts it."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in sorted(peft_model.named_parameters()):
+            if "lora_A" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
 
 
 def _gradients(tmp_path, name, micro, rows_of_rank):
