@@ -75,12 +75,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16, help="eval.batch_size for the engine paths")
     args = parser.parse_args()
 
+    import sys
     import tempfile
     from pathlib import Path
 
     from raytune_it.data.synthetic import generate
-
-    import sys
     sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
     from helpers import train_tiny_adapter  # noqa: E402 - a real adapter, as eval scores one
 

@@ -41,7 +41,6 @@ import time
 from itertools import islice
 from pathlib import Path
 
-
 #: Short names for --variants, in the order the rounds run them.
 VARIANTS = {"bare": "bare PyTorch + peft loop", "trainer": "transformers Trainer",
             "ray-task": "bare loop in a Ray task", "ray-train": "bare loop in Ray Train",

@@ -139,19 +139,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from dataclasses import replace
     from pathlib import Path
 
     from rich.console import Console
 
     from raytune_it.plan.inputs import resolve_workload
-    from dataclasses import replace
-
     from raytune_it.plan.planner import (
-        ENGINE_BANDWIDTH_EFFICIENCY, calibrate, measured_engine_efficiency, measured_throughput, plan,
+        ENGINE_BANDWIDTH_EFFICIENCY,
+        calibrate,
+        measured_engine_efficiency,
+        measured_throughput,
+        plan,
     )
     from raytune_it.plan.render import (
-        QUANTIZATION_COLUMNS, print_plan, print_quantization_table, print_survey_table, quantization_rows,
-        survey_markdown, survey_table,
+        QUANTIZATION_COLUMNS,
+        print_plan,
+        print_quantization_table,
+        print_survey_table,
+        quantization_rows,
+        survey_markdown,
+        survey_table,
     )
 
     # Piped output gets room for the wide table instead of rich's 80-column default.
@@ -185,7 +193,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.json:
         data = result.to_dict()
         if workload.method == "lora":
-            data["quantization_comparison"] = [dict(zip(QUANTIZATION_COLUMNS, row)) for row in quantization_rows(workload)]
+            data["quantization_comparison"] = [dict(zip(QUANTIZATION_COLUMNS, row))
+                                               for row in quantization_rows(workload)]
         print(json.dumps(data, indent=2))
     else:
         print_plan(result, console)
@@ -364,7 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--global-batch", type=int, help="sequences per optimizer step across all GPUs (default 32, "
                       "or the config's micro batch x accumulation x workers)")
     plan.add_argument("--calibrate", metavar="RUN_DIR", help="replace the assumed throughput with the one a finished "
-                      "run measured (its summary.json; a local folder or storage URI); use a run on the same server type")
+                      "run measured (its summary.json; a local folder or storage URI); use a run on the same "
+                      "server type")
     plan.add_argument("--calibrate-inference", metavar="RUN_DIR", help="replace each engine's assumed share of the "
                       "batch-1 bandwidth bound with the one a finished 'raytune-it run' measured (its serve.json, "
                       "served on a known scaling.server_type)")

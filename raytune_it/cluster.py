@@ -15,7 +15,6 @@ from typing import Any, Iterator
 from raytune_it.errors import UserError
 from raytune_it.hardware import SERVER_TYPES
 
-
 LOOPBACK = "127.0.0.1"
 
 
@@ -42,11 +41,35 @@ def ray_session(min_cpus: int = 0) -> Iterator[None]:
     # drivers and the progress queue need a little left over; on a small machine they would otherwise wait.
     with _single_machine():
         ray.init(num_cpus=max(os.cpu_count() or 1, min_cpus + 2), log_to_driver=True,
-                 _node_ip_address=LOOPBACK, dashboard_host=LOOPBACK)
+                 _node_ip_address=LOOPBACK, dashboard_host=LOOPBACK,
+                 runtime_env={"worker_process_setup_hook": f"{__name__}.{loopback_grpc_servers.__name__}"})
         try:
             yield
         finally:
             ray.shutdown()
+
+
+def loopback_grpc_servers() -> None:
+    """Set up each worker of the local Ray so that the gRPC servers Ray opens in it on every interface
+    (``[::]:0``: each Serve replica's inter-deployment server) bind 127.0.0.1 instead, the node's address
+    and so the one its peers dial. Ray's helper is replaced before Serve's replica module imports it."""
+    import sys
+
+    from ray._common import tls_utils
+
+    add_port = tls_utils.add_port_to_grpc_server
+    if getattr(add_port, "loopback_only", False):
+        return
+
+    def add_loopback_port(server: Any, address: str) -> int:
+        host, _, port = address.rpartition(":")
+        return add_port(server, f"{LOOPBACK}:{port}" if host in ("[::]", "0.0.0.0", "") else address)
+
+    add_loopback_port.loopback_only = True  # type: ignore[attr-defined]
+    tls_utils.add_port_to_grpc_server = add_loopback_port
+    replica = sys.modules.get("ray.serve._private.replica")
+    if replica is not None:
+        replica.add_port_to_grpc_server = add_loopback_port  # type: ignore[attr-defined]
 
 
 @contextlib.contextmanager

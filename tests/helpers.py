@@ -38,6 +38,60 @@ def stop_process_group(process, first_signal=None, timeout: float = 30) -> None:
         os.killpg(process.pid, signal.SIGKILL)
 
 
+LOOPBACK_ADDRESSES = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
+
+
+def listeners(root_pid: int | None = None) -> list[tuple[str, str, int]]:
+    """(process name, address, port) of every TCP socket listening in a process below ``root_pid`` (this
+    test's by default): Ray's servers, its workers, Serve's proxies and replicas, training workers."""
+    import os
+
+    import psutil
+
+    try:
+        below = {p.pid: p for p in psutil.Process(root_pid or os.getpid()).children(recursive=True)}
+    except psutil.NoSuchProcess:
+        return []
+    found = []
+    for connection in psutil.net_connections(kind="tcp"):
+        if connection.status == psutil.CONN_LISTEN and connection.pid in below:
+            try:
+                name = below[connection.pid].name()
+            except psutil.NoSuchProcess:
+                continue
+            found.append((name, connection.laddr.ip, connection.laddr.port))
+    return found
+
+
+def beyond_loopback(found: list[tuple[str, str, int]]) -> list[tuple[str, str, int]]:
+    return [entry for entry in found if entry[1] not in LOOPBACK_ADDRESSES]
+
+
+class ListenerWatch:
+    """Lists the listening sockets below a process twice a second while it runs (servers come and go
+    through a run's stages), keeping every one seen; stopped on leaving the block."""
+
+    def __init__(self, root_pid: int) -> None:
+        import threading
+
+        self.root_pid, self.seen, self.samples = root_pid, set(), 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.5):
+            self.seen.update(listeners(self.root_pid))
+            self.samples += 1
+
+    def __enter__(self) -> "ListenerWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -137,10 +191,11 @@ def wandb_offline_records(run_folder: Path) -> dict[str, list]:
             record.ParseFromString(chunks)
             chunks = b""
             which = record.WhichOneof("record_type")
-            items = {"run": lambda: record.run.config.update, "config": lambda: record.config.update,
-                     "summary": lambda: record.summary.update, "history": lambda: record.history.item}
+            items = {"run": lambda r: r.run.config.update, "config": lambda r: r.config.update,
+                     "summary": lambda r: r.summary.update, "history": lambda r: r.history.item}
             if which in items:
-                values = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items[which]()}
+                values = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                          for item in items[which](record)}
                 out["config" if which == "run" else which].append(values)
             elif which == "exit":
                 out["exit"].append(record.exit.exit_code)

@@ -9,8 +9,8 @@ import pytest
 
 from raytune_it.config import load_config
 from raytune_it.data.chat import CHAT_TEMPLATES
-from raytune_it.data.prompt_format import PromptFormat
 from raytune_it.data.pipeline import iter_examples
+from raytune_it.data.prompt_format import PromptFormat
 from raytune_it.data.records import ReadReport, iter_records
 from raytune_it.data.tokenize import IGNORE_INDEX, tokenize_records
 from raytune_it.errors import DataError

@@ -68,7 +68,8 @@ def test_survey_preset_names_the_values_the_user_must_supply():
         ("lora.rank=0", "lora.rank: got 0; input should be greater than or equal to 1"),
         ("train.max_seq_len=-1", "train.max_seq_len: got -1"),
         ("method=ful", "method: got 'ful'; input should be 'full' or 'lora'"),
-        ("scaling.server_type=h100", "scaling.server_type: got 'h100'; input should be 'a800-80g', 'rtx3090-24g' or 'any'"),
+        ("scaling.server_type=h100",
+         "scaling.server_type: got 'h100'; input should be 'a800-80g', 'rtx3090-24g' or 'any'"),
         ("deepspeed.zero_stage=4", "deepspeed.zero_stage: got 4"),
         ("data.eval_fraction=0.9", "data.eval_fraction: got 0.9; input should be less than or equal to 0.5"),
         ("run.name=../../etc", "run.name: got '../../etc'"),
@@ -161,3 +162,15 @@ def test_secrets_never_reach_saved_or_printed_configs(tmp_path):
     assert load_run_config(saved).serve.api_key is None, "serving a saved config sets no key nobody chose"
     with pytest.raises(ConfigError, match="placeholder"):
         load_config("tiny-lora", ["serve.api_key=<redacted>"])
+
+
+@pytest.mark.parametrize("host", ["not a host!", "", "-bad.example", "a..b", "x" * 64, "http://127.0.0.1",
+                                  "1.2.3.4:80"])
+def test_serve_host_must_be_an_address_or_a_hostname(host):
+    with pytest.raises(ConfigError, match="serve.host"):
+        load_config("tiny-lora", [f"serve.host={host}"])
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0", "fd00::1", "::1", "localhost", "serve-1.internal.example"])
+def test_serve_host_takes_addresses_and_hostnames(host):
+    assert load_config("tiny-lora", [f"serve.host={host}"]).serve.host == host

@@ -8,7 +8,8 @@ ROOT = Path(__file__).parents[1]
 def test_readme_config_reference_matches_the_schema():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert config_reference_markdown() in readme, (
-        "README's configuration table is stale: regenerate it with python -m raytune_it.config.reference --update README.md")
+        "README's configuration table is stale: regenerate it with "
+        "python -m raytune_it.config.reference --update README.md")
 
 
 def test_ci_runs_the_readme_commands():

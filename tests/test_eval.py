@@ -85,11 +85,9 @@ def test_a_model_tuned_on_one_family_scores_it_above_the_base(tmp_path):
 def test_eval_driver_reports_the_three_effects_from_given_models(tmp_path):
     import json
 
-    from raytune_it.config import load_config
-    from raytune_it.evaluation.driver import evaluate
-
-    from raytune_it.config import save_config
+    from raytune_it.config import load_config, save_config
     from raytune_it.data.synthetic import write_jsonl
+    from raytune_it.evaluation.driver import evaluate
     from raytune_it.evaluation.sets import model_training_keys
 
     general = train_tiny_adapter(tmp_path / "general", ["arithmetic", "dosage", "deadline"], steps=12)

@@ -2,11 +2,11 @@
 
 import os
 import secrets
-import signal
 import shutil
+import signal
 import subprocess
-import tempfile
 import sys
+import tempfile
 import time
 from pathlib import Path
 

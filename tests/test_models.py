@@ -3,8 +3,8 @@ import json
 import torch
 
 from raytune_it.config import load_config
-from raytune_it.models.loading import load_causal_lm, load_tokenizer, resolve_model_path
 from raytune_it.models import tiny
+from raytune_it.models.loading import load_causal_lm, load_tokenizer, resolve_model_path
 
 
 def test_tiny_model_is_a_standard_hf_directory(tiny_model_dir):

@@ -142,7 +142,8 @@ def test_expected_batch1_rates_per_engine_sit_below_the_bound_and_calibrate_from
     result = plan(Workload(shape=LLAMA_SHAPES["7B"], method="full", server_type="a800-80g"))
     bf16 = result.inference["bf16"]
     for engine, share in ENGINE_BANDWIDTH_EFFICIENCY.items():
-        assert bf16["expected_tokens_per_second"][engine] == pytest.approx(bf16["max_tokens_per_second"] * share, rel=0.01)
+        expected = bf16["max_tokens_per_second"] * share
+        assert bf16["expected_tokens_per_second"][engine] == pytest.approx(expected, rel=0.01)
     assert bf16["expected_tokens_per_second"]["transformers"] < bf16["expected_tokens_per_second"]["vllm"]
     # A run that served its base on an A800 with transformers at 40% of that base's bound (adapters ignored).
     config = load_config("tiny-run", [f"run.storage={tmp_path}", "scaling.server_type=a800-80g"])
@@ -181,7 +182,8 @@ def test_nf4_halves_the_base_and_costs_time_and_plan_shows_it_against_int8_on_bo
     data = json.loads(_cli("65B", "--method", "lora", "--json").stdout)
     rows = {(row["server"], row["base"]): row for row in data["quantization_comparison"]}
     assert set(rows) == {(s, q) for s in ("a800-80g", "rtx3090-24g") for q in ("int8", "nf4")}
-    assert float(rows[("a800-80g", "nf4")]["memory / GPU (GiB)"]) < float(rows[("a800-80g", "int8")]["memory / GPU (GiB)"])
+    memory = "memory / GPU (GiB)"
+    assert float(rows[("a800-80g", "nf4")][memory]) < float(rows[("a800-80g", "int8")][memory])
 
 
 @pytest.mark.parametrize("preset", ["llama3-8b-full-a800", "llama3-8b-full-rtx3090", "llama3-8b-lora-a800",

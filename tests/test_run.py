@@ -14,6 +14,7 @@ import sys
 import pandas as pd
 import pytest
 
+from helpers import ListenerWatch, beyond_loopback
 from raytune_it.storage import open_location
 from raytune_it.train.summary import method_label
 
@@ -31,15 +32,26 @@ def finished_run(tmp_path_factory, s3_endpoint):
 
     storage = s3_uri(s3_endpoint, "e2e")
     cwd = tmp_path_factory.mktemp("cwd")
-    result = subprocess.run([sys.executable, "-m", "raytune_it", "run", "tiny-run", f"run.storage={storage}",
-                             *MINIMAL], capture_output=True, text=True, timeout=1200, cwd=cwd)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    process = subprocess.Popen([sys.executable, "-m", "raytune_it", "run", "tiny-run", f"run.storage={storage}",
+                                *MINIMAL], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
+    with ListenerWatch(process.pid) as watch:  # every server of every stage: Ray, Tune, Train, Serve
+        stdout, stderr = process.communicate(timeout=1200)
+    assert process.returncode == 0, stdout[-3000:] + stderr[-3000:]
     assert not list(cwd.iterdir()), "a run in s3:// storage wrote nothing to the local disk"
-    return open_location(storage) / "tiny-run", result.stdout
+    return open_location(storage) / "tiny-run", stdout, watch
+
+
+def test_every_server_of_every_stage_listens_on_loopback_only(finished_run):
+    """Ray's processes, Tune's trials, Ray Train's workers and their rendezvous store, Serve's proxy and
+    replicas: each listening socket `raytune-it run` opened on its local Ray was on 127.0.0.1."""
+    _, _, watch = finished_run
+    names = {name for name, _, _ in watch.seen}
+    assert watch.samples > 20 and any("RayTrainWorker" in n for n in names) and any("ServeReplica" in n for n in names)
+    assert not beyond_loopback(sorted(watch.seen)), f"listening beyond loopback: {beyond_loopback(sorted(watch.seen))}"
 
 
 def test_run_completes_and_every_stage_leaves_its_files(finished_run):
-    run_dir, stdout = finished_run
+    run_dir, stdout, _ = finished_run
     for name in ("stats.json", "plan.json", "sweep/results.csv", "sweep/best/adapter_model.safetensors",
                  "sweep/best/_PUBLISHED.json", "full/export/model.safetensors", "full/export/_PUBLISHED.json",
                  "full/checkpoints/checkpoint_manager_snapshot.json", "serve.json", "eval/eval.json",
@@ -54,7 +66,7 @@ def test_run_completes_and_every_stage_leaves_its_files(finished_run):
 
 
 def test_report_numbers_come_from_the_runs_own_files(finished_run):
-    run_dir, _ = finished_run
+    run_dir, _, _ = finished_run
     report = (run_dir / "report.md").read_text()
     for title in ("Table 8, reproduced for this run", "The planner for this run",
                   "Planner: LLaMA 7B-65B beside the survey", "Sweep (Ray Tune)", "Evaluation per task family",
@@ -85,7 +97,7 @@ def test_report_numbers_come_from_the_runs_own_files(finished_run):
 
 
 def test_report_command_regenerates_an_identical_report_from_the_bucket(finished_run, tmp_path):
-    run_dir, _ = finished_run
+    run_dir, _, _ = finished_run
     before = {name: (run_dir / name).read_bytes() for name in ("report.md", "report.html")}
     (run_dir / "report.md").delete()
     result = subprocess.run([sys.executable, "-m", "raytune_it", "report", run_dir.uri], capture_output=True,

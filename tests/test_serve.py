@@ -8,7 +8,7 @@ import secrets
 import httpx
 import pytest
 
-from helpers import concurrent_completions, free_port, train_tiny_adapter
+from helpers import beyond_loopback, concurrent_completions, free_port, listeners, train_tiny_adapter
 from raytune_it.config import load_config
 
 pytestmark = pytest.mark.integration
@@ -29,9 +29,9 @@ def adapters(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=ENGINES)
 def endpoint(request, adapters):
-    import ray
     from ray import serve
 
+    from raytune_it.cluster import ray_session
     from raytune_it.serving.run import start
 
     port = free_port()
@@ -40,13 +40,12 @@ def endpoint(request, adapters):
         f"serve.api_key={API_KEY}", "serve.model_name=tiny-llama", "serve.max_model_len=2048",
         "serve.max_tokens_limit=1500", "serve.max_body_bytes=20000", f"serve.engine={request.param}",
         *ENGINE_OPTIONS[request.param]])
-    ray.init(num_cpus=4)
-    url = start(config)
-    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120) as client:
-        client.engine = request.param
-        yield client
-    serve.shutdown()
-    ray.shutdown()
+    with ray_session(min_cpus=2):  # the local Ray `raytune-it serve` starts, as it starts it
+        url = start(config)
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120) as client:
+            client.engine = request.param
+            yield client
+        serve.shutdown()
 
 
 def complete(client, **body):
@@ -58,6 +57,15 @@ def test_models_lists_base_and_adapters(endpoint):
     response = endpoint.get("/v1/models")
     assert response.status_code == 200
     assert [m["id"] for m in response.json()["data"]] == ["tiny-llama", "medicine", "law"]
+
+
+def test_every_listener_of_the_serving_ray_is_on_loopback(endpoint):
+    """Every socket listening in this session's processes (Ray's servers, Serve's proxy, each replica of
+    both deployments and the engine inside) is bound to 127.0.0.1, on either engine."""
+    assert complete(endpoint, model="medicine", max_tokens=2).status_code == 200  # the adapter's replica too
+    found = listeners()
+    assert any("ServeReplica" in name for name, _, _ in found), found
+    assert not beyond_loopback(found), f"listening beyond loopback: {beyond_loopback(found)}"
 
 
 def test_completion_usage_and_adapter_routing(endpoint):
@@ -144,6 +152,9 @@ def test_openai_client_unchanged(endpoint):
         ({"content": b"{not json"}, 400, "invalid_json"),
         ({"json": {"model": "tiny-llama"}}, 400, "invalid_request"),  # no prompt
         ({"json": {"model": "tiny-llama", "prompt": "hi", "max_tokens": "many"}}, 400, "invalid_request"),
+        ({"json": {"model": "tiny-llama", "prompt": "hi", "max_tokens": "5"}}, 400, "invalid_request"),  # strict
+        ({"json": {"model": "tiny-llama", "prompt": "hi", "max_tokens": True}}, 400, "invalid_request"),
+        ({"json": {"model": "tiny-llama", "prompt": "hi", "n": True}}, 400, "unsupported_parameter"),
         ({"json": {"model": "no-such-adapter", "prompt": "hi"}}, 404, "model_not_found"),
         ({"json": {"model": "../../etc/passwd", "prompt": "hi"}}, 404, "model_not_found"),
         ({"json": {"model": "tiny-llama", "prompt": "word " * 2100}}, 400, "context_length_exceeded"),
@@ -285,7 +296,8 @@ def test_the_engine_answers_as_the_transformers_engine_does_at_temperature_zero(
             assert body["choices"][0]["text"] == expected.text, (model, prompt)
             assert body["choices"][0]["finish_reason"] == expected.finish_reason
             assert body["usage"]["completion_tokens"] == expected.completion_tokens
-            assert body["usage"]["prompt_tokens"] == expected.prompt_tokens == len(reference.tokenizer(prompt)["input_ids"])
+            prompt_tokens = len(reference.tokenizer(prompt)["input_ids"])
+            assert body["usage"]["prompt_tokens"] == expected.prompt_tokens == prompt_tokens
 
 
 def test_the_judge_asks_the_served_model_in_both_orders_and_counts_what_it_cannot_parse(endpoint, monkeypatch):

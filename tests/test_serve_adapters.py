@@ -7,8 +7,8 @@ import uuid
 
 import httpx
 import pytest
-from conftest import s3_uri
 
+from conftest import s3_uri
 from helpers import free_port, train_tiny_adapter
 from raytune_it.config import load_config
 

@@ -78,3 +78,10 @@ def test_sixteen_clients_on_two_replicas_and_metrics_add_up(endpoint):
     from raytune_it.serving.metrics import FAMILIES  # what dashboards query: exported under these names
 
     assert all(f"# TYPE {family} {kind}" in text for family, kind in FAMILIES.items())
+    # The page says how far it may lag behind (Ray's metrics report interval), in a header and its first line.
+    from ray._raylet import Config
+
+    page = endpoint.get("/metrics")
+    interval = Config.metrics_report_interval_ms() / 1000
+    assert float(page.headers["X-Metrics-Report-Interval-Seconds"]) == interval
+    assert f"up to {interval:g} s after" in page.text.splitlines()[0]

@@ -18,7 +18,6 @@ from raytune_it.errors import ConfigError
 from raytune_it.tune.space import expand_trials
 from raytune_it.tune.sweep import mark_infeasible, sweep
 
-
 # --- search space validation: no Ray needed, every error before any trial ------------------------
 
 @pytest.mark.parametrize(

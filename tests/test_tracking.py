@@ -19,7 +19,6 @@ from raytune_it.config import load_config
 from raytune_it.config.loading import flatten
 from raytune_it.errors import ConfigError, UserError
 
-
 NO_TRACKERS = "the trackers extra is not installed (pip install -c constraints.txt -e '.[test,trackers]')"
 
 
@@ -90,7 +89,8 @@ def test_a_tracker_that_is_not_installed_is_named_with_the_extra_to_install(back
 
     monkeypatch.setitem(sys.modules, backend, None)  # as if not installed: importing it raises ImportError
     config = load_config("tiny-lora", [f"tracking.backend={backend}"])
-    with pytest.raises(UserError, match=rf"tracking.backend={backend} needs the {backend} package.*raytune-it\[trackers\]"):
+    needs = rf"tracking.backend={backend} needs the {backend} package.*raytune-it\[trackers\]"
+    with pytest.raises(UserError, match=needs):
         start_run(config, as_location(tmp_path), console=Console(file=io.StringIO()), kind="train")
     assert not any(tmp_path.iterdir())
 

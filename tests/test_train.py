@@ -284,8 +284,9 @@ def test_tokens_count_every_real_token_when_the_pad_token_is_eos(local_ray, tmp_
     tokenizer_config = json.loads((model / "tokenizer_config.json").read_text())
     tokenizer_config.pop("pad_token", None)
     (model / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
-    config = load_config("tiny-lora", [f"run.storage={tmp_path}", f"model.name_or_path={model}", "lora.quantization=none",
-                                       "scaling.num_workers=2", "train.micro_batch_size=4", "train.max_steps=3",
+    config = load_config("tiny-lora", [f"run.storage={tmp_path}", f"model.name_or_path={model}",
+                                       "lora.quantization=none", "scaling.num_workers=2", "train.micro_batch_size=4",
+                                       "train.max_steps=3",
                                        "train.eval_every_steps=3"])
     summary = train(config)
     run_dir = tmp_path / "tiny-lora"

@@ -18,7 +18,8 @@ def test_each_epoch_mixes_the_whole_split_in_its_own_order():
     for world_size in (1, 2):
         for epoch in (0, 1):
             for rank in range(world_size):
-                first = epoch_rows(rows, seed=7, epoch=epoch, rank=rank, world_size=world_size)[:rows // 10 // world_size]
+                first = epoch_rows(rows, seed=7, epoch=epoch, rank=rank,
+                                   world_size=world_size)[:rows // 10 // world_size]
                 from_first_half = int((first < rows // 2).sum())
                 assert 0.4 < from_first_half / len(first) < 0.6, (world_size, epoch, rank, from_first_half)
     zero, one = epoch_rows(rows, 7, 0, 0, 1), epoch_rows(rows, 7, 1, 0, 1)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from raytune_it.config.schema import JobConfig
 from raytune_it.errors import ConfigError
-from raytune_it.storage import is_uri, storage_cause
 from raytune_it.models.tiny import TINY_FAMILIES
+from raytune_it.storage import is_uri, storage_cause
 
 BUILTIN_MODELS = tuple(TINY_FAMILIES)
 BUILTIN_DATA = ("builtin:tasks",)

@@ -26,6 +26,23 @@ NOT_IN_EXPERIMENT = "/\\#?%:"
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
+#: One label of a hostname (RFC 1123): letters, digits and inner hyphens, at most 63 characters.
+HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+
+def is_host(value: str) -> bool:
+    """An IPv4 or IPv6 address, or a hostname of at most 253 characters."""
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(value)
+        return True
+    except ValueError:
+        pass
+    name = value[:-1] if value.endswith(".") else value
+    return 0 < len(name) <= 253 and all(HOST_LABEL.match(label) for label in name.split("."))
+
+
 def _checked_uri(value: str) -> str:
     """Storage URIs are checked here without the network; reachability is checked before launch."""
     from raytune_it.storage import uri_problem
@@ -112,13 +129,14 @@ class DataSection(Section):
     skip_bad_records: Bool = Field(
         False, description="Skip and count malformed records instead of stopping at the first one."
     )
-    max_records: PositiveInt | None = Field(None, description="Read at most this many records (after skipping bad ones).")
+    max_records: PositiveInt | None = Field(
+        None, description="Read at most this many records (after skipping bad ones).")
     builtin_records: PositiveInt = Field(
         2000, description="How many records 'builtin:tasks' generates."
     )
     builtin_families: list[str] | None = Field(
-        None, description="Task families 'builtin:tasks' draws from (default: all 13, listed in an error for a wrong name); "
-        "a domain's families tune a domain model, leaving families out measures task generalization."
+        None, description="Task families 'builtin:tasks' draws from (default: all 13, listed in an error for a wrong "
+        "name); a domain's families tune a domain model, leaving families out measures task generalization."
     )
 
     @field_validator("path")
@@ -222,7 +240,8 @@ class RunSection(Section):
         "?endpoint_override=host:port&scheme=http or AWS_ENDPOINT_URL), gs://bucket/prefix, file:///path. "
         "Credentials come from each node's environment, never the URI."
     )
-    keep_checkpoints: PositiveInt = Field(2, description="Checkpoints kept: the best N by eval loss (CheckpointConfig).")
+    keep_checkpoints: PositiveInt = Field(
+        2, description="Checkpoints kept: the best N by eval loss (CheckpointConfig).")
     max_failures: Int = Field(
         2, ge=-1, description="Restarts of the worker group after a worker dies, from the last checkpoint "
         "(FailureConfig); -1: no limit.",
@@ -293,7 +312,8 @@ class ServeSection(Section):
         None, gt=0, description="vLLM: KV cache size per replica; default: vLLM's share of GPU memory, 1 GiB on CPU.")
     enforce_eager: Bool = Field(
         False, description="vLLM: no torch.compile or CUDA graphs (starts in seconds instead of a minute; slower).")
-    host: str = Field("127.0.0.1", description="HTTP bind address; 0.0.0.0 exposes it to the network.")
+    host: str = Field("127.0.0.1", description="HTTP bind address: an IP address or a hostname; 0.0.0.0 exposes "
+                      "it to the network.")
     port: Annotated[int, Strict(), Field(ge=1, le=65535)] = Field(8000, description="HTTP port.")
     api_key: str | None = Field(None, description="If set, requests need 'Authorization: Bearer <key>' "
                                 "(also read from RAYTUNE_IT_API_KEY). Never saved with a run's config.")
@@ -332,6 +352,14 @@ class ServeSection(Section):
     @classmethod
     def _base_uri(cls, value: str) -> str:
         return _checked_uri(value)
+
+    @field_validator("host")
+    @classmethod
+    def _bind_address(cls, value: str) -> str:
+        if not is_host(value):
+            raise ValueError(f"{value!r} is neither an IP address nor a hostname; use 127.0.0.1 (this machine "
+                             "only), 0.0.0.0 (every interface) or a name such as localhost")
+        return value
 
     @field_validator("api_key")
     @classmethod

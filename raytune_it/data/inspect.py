@@ -6,8 +6,8 @@ import json
 from itertools import islice
 
 from raytune_it.config.schema import JobConfig
-from raytune_it.data.prompt_format import PromptFormat
 from raytune_it.data.pipeline import dataset_stats, iter_split_records
+from raytune_it.data.prompt_format import PromptFormat
 from raytune_it.data.records import ReadReport
 from raytune_it.data.tokenize import IGNORE_INDEX, tokenize_records
 

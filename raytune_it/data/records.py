@@ -115,7 +115,8 @@ def _json_array(path: Path) -> Iterator[tuple[str, Any]]:
             handle.seek(0)
         first = _first_character(handle)
         if first != b"[":
-            what = {b"{": "an object", b"": "empty"}.get(first, f"text starting with {first.decode('utf-8', 'replace')!r}")
+            start = first.decode("utf-8", "replace")
+            what = {b"{": "an object", b"": "empty"}.get(first, f"text starting with {start!r}")
             raise DataError(f"{path}: a .json file must be one array of records ([{{...}}, {{...}}]), but it is "
                             f"{what}. Put the records in an array, or write one record per line as .jsonl.")
         try:

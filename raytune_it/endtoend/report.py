@@ -60,12 +60,14 @@ def collect(run_dir: Location) -> dict[str, Any]:
 def table8_rows(data: dict[str, Any]) -> list[list[str]]:
     rows = []
     serve = data["serve"]
-    def label(summary: dict) -> str:
+
+    def method_of(summary: dict) -> str:
         return method_label(summary["method"], summary.get("strategy", {}))
 
-    for label, summary, served in (("base model, not tuned", None, serve.get("base")),
-                                   (f"{label(data['lora'])}, best sweep trial", data["lora"], serve.get("lora-best")),
-                                   (label(data["full"]), data["full"], serve.get("full"))):
+    lines = (("base model, not tuned", None, serve.get("base")),
+             (f"{method_of(data['lora'])}, best sweep trial", data["lora"], serve.get("lora-best")),
+             (method_of(data["full"]), data["full"], serve.get("full")))
+    for label, summary, served in lines:
         rate = f"{served['tokens_per_second']:.1f}" if served else "-"
         if summary is None:
             rows.append([label, "-", served.get("device", "-") if served else "-", "-", "-", "-", "-", "-", "-",

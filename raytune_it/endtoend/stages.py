@@ -67,8 +67,8 @@ def serve_and_time(config: JobConfig, deployments: list[tuple[str, str, dict[str
     """Serve each (base model, its served name, {adapter name: adapter dir}) in turn; time every model it
     serves through POST /v1/latency."""
     import httpx
-
     from ray import serve
+
     from raytune_it.serving.run import start
 
     results: dict[str, Any] = {}
@@ -111,11 +111,10 @@ def run_all(config: JobConfig, console: Any = None) -> Location:
     from raytune_it.cluster import ray_session
     from raytune_it.endtoend.report import write_report
     from raytune_it.evaluation.driver import evaluate
+    from raytune_it.storage import check_writable
     from raytune_it.train.driver import run_dir_of, train
     from raytune_it.train.preflight import preflight
     from raytune_it.tune.sweep import sweep
-
-    from raytune_it.storage import check_writable
 
     console = console or Console()
     run_dir = run_dir_of(config)

@@ -26,8 +26,13 @@ from raytune_it.config.schema import BUILTIN_DATA, JobConfig
 from raytune_it.data.synthetic import FAMILIES
 from raytune_it.errors import UserError
 from raytune_it.evaluation.harness import Effect, effect, score_models
-from raytune_it.evaluation.sets import (families_of_domain, held_out_examples, model_training_keys, training_keys,
-                                        user_sets)
+from raytune_it.evaluation.sets import (
+    families_of_domain,
+    held_out_examples,
+    model_training_keys,
+    training_keys,
+    user_sets,
+)
 from raytune_it.storage import Location
 
 

@@ -47,9 +47,8 @@ def model_training_keys(model: str) -> set[tuple[str, str]] | None:
     from elsewhere, such as the base."""
     from raytune_it.config.loading import load_run_config
     from raytune_it.data.pipeline import resolve_data_path
-    from raytune_it.storage import as_location
-
     from raytune_it.errors import UserError
+    from raytune_it.storage import as_location
 
     try:
         location = as_location(model, "eval.models")

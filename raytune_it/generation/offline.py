@@ -145,10 +145,10 @@ def write_block(target: Location, rows: list[dict]) -> None:
 
 def generate(config: JobConfig, console: Any = None) -> GenerateSummary:
     """Run every model of ``generate.models`` over ``data.path``; see the module docstring."""
+    import ray
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    import ray
     from raytune_it.cluster import ray_session
     from raytune_it.train.driver import run_dir_of
 

@@ -55,7 +55,8 @@ def build_tokenizer(style: str = "byte-level", vocab_size: int = VOCAB_SIZE):
 
     ``byte-level`` is a GPT-2-style byte-level BPE, as LLaMA 3 has (and ``tiny-llama``); ``sentencepiece``
     is a SentencePiece-style BPE with a ``▁`` word prefix (``Metaspace``, prepended to the first word
-    only), newlines as pieces of their own, and byte fallback, as LLaMA 1 and 2 have. Both prepend BOS when encoding with special tokens.
+    only), newlines as pieces of their own, and byte fallback, as LLaMA 1 and 2 have. Both prepend BOS when
+    encoding with special tokens.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast

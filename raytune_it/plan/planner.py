@@ -145,7 +145,8 @@ def _estimate(workload: Workload, gpus: int, batch: int) -> Any:
     return estimate_memory(
         workload.shape, method=workload.method, num_gpus=gpus, micro_batch=batch, seq_len=workload.seq_len,
         checkpointing=workload.checkpointing, zero_stage=workload.zero_stage,
-        offload_optimizer=workload.offload_optimizer, lora_rank=workload.lora_rank, lora_quantization=workload.lora_quantization,
+        offload_optimizer=workload.offload_optimizer, lora_rank=workload.lora_rank,
+        lora_quantization=workload.lora_quantization,
         lora_targets=workload.lora_targets,
     )
 
@@ -211,7 +212,8 @@ def plan(workload: Workload) -> Plan:
         "seq_len": workload.seq_len, "gradient_checkpointing": workload.checkpointing,
         "global_batch_sequences": global_batch(workload), "saturation_tokens": workload.saturation_tokens,
         "gpu_memory_gib": server.gpu_memory_gib, "peak_bf16_tflops": server.peak_bf16_flops / 1e12,
-        "sustained_mfu": LORA_MFU if workload.method == "lora" else server.sustained_mfu, "collective_gb_per_s": server.collective_bandwidth / 1e9,
+        "sustained_mfu": LORA_MFU if workload.method == "lora" else server.sustained_mfu,
+        "collective_gb_per_s": server.collective_bandwidth / 1e9,
         "network_gb_per_s_per_node": server.interconnect_bandwidth / 1e9,
         "lora_quantization": workload.lora_quantization if workload.method == "lora" else None,
         "quantized_matmul_efficiency": QUANTIZED_MATMUL_EFFICIENCY[workload.lora_quantization]
@@ -376,7 +378,7 @@ def config_fit_problem(config: Any, shape: ModelShape | None = None, budget_byte
         return None
     advice = ("lower train.micro_batch_size, raise scaling.num_workers (ZeRO-3 shards over them) or enable "
               "deepspeed.gradient_checkpointing" if config.method == "full" else
-              "lower train.micro_batch_size, or set lora.quantization=nf4 (or int8) or lora.gradient_checkpointing=true "
-              "(LoRA is data "
-              "parallel: more workers do not shrink the base model)")
-    return f"needs about {estimate.describe()} per GPU, more than {where}; {advice}. Size it with: raytune-it plan CONFIG"
+              "lower train.micro_batch_size, or set lora.quantization=nf4 (or int8) or "
+              "lora.gradient_checkpointing=true (LoRA is data parallel: more workers do not shrink the base model)")
+    return (f"needs about {estimate.describe()} per GPU, more than {where}; {advice}. "
+            "Size it with: raytune-it plan CONFIG")

@@ -84,7 +84,8 @@ def survey_markdown(plans: list[Plan]) -> str:
     first = plans[0].assumptions
     note = (f"Alpaca-sized data: {first['records']:,} records x {first['mean_tokens_per_record']} tokens x "
             f"{first['epochs']:g} epochs, sequence length {first['seq_len']}, gradient checkpointing, global batch "
-            f"{first['global_batch_sequences']} sequences. Survey column: Table 8, full and LoRA tuning on A800-80G.\n\n")
+            f"{first['global_batch_sequences']} sequences. Survey column: Table 8, full and LoRA tuning on "
+            "A800-80G.\n\n")
     return note + markdown_table(SURVEY_COLUMNS, survey_rows(plans))
 
 

@@ -19,8 +19,16 @@ from pathlib import Path
 from typing import Any
 
 from raytune_it.serving.engines.base import EngineError
-from raytune_it.storage import (Location, fetch_dir, is_published, is_uri, local, open_location, redact_uri,
-                                storage_cause)
+from raytune_it.storage import (
+    Location,
+    fetch_dir,
+    is_published,
+    is_uri,
+    local,
+    open_location,
+    redact_uri,
+    storage_cause,
+)
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -97,7 +105,8 @@ def check_adapter(name: str, folder: Path, base_config: dict, max_rank: int | No
     except (OSError, ValueError) as exc:
         raise _bad(name, f"has an unreadable {CONFIG}: {exc}") from None
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
-        raise _bad(name, f"is not a LoRA adapter (peft_type {config.get('peft_type') if isinstance(config, dict) else None!r})")
+        kind = config.get("peft_type") if isinstance(config, dict) else None
+        raise _bad(name, f"is not a LoRA adapter (peft_type {kind!r})")
     rank = lora_rank(config)
     if max_rank is not None and rank > max_rank:
         raise _bad(name, f"has rank {rank}, above this deployment's maximum LoRA rank {max_rank}; "

@@ -25,17 +25,17 @@ import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raytune_it.config.schema import JobConfig
 from raytune_it.hardware import SERVER_TYPES
 from raytune_it.serving.engines.base import EngineError, GenerationRequest, GenerationResult
-from raytune_it.serving.metrics import CLIENT_CLOSED, cluster_metrics
+from raytune_it.serving.metrics import CLIENT_CLOSED, INTERVAL_HEADER, cluster_metrics, report_interval_s
 from raytune_it.serving.schemas import ChatRequest, CompletionRequest, LatencyRequest, UnsupportedParameter
 
 API_KEY_ENV = "RAYTUNE_IT_API_KEY"
@@ -254,8 +254,10 @@ class OpenAIServer:
     @api.get("/metrics")
     async def prometheus(self) -> Response:
         """The app's metrics summed over every replica on every node (Prometheus should scrape Ray's own
-        metrics endpoints; this is the same numbers at a glance)."""
-        return Response(await cluster_metrics(), media_type="text/plain; version=0.0.4")
+        metrics endpoints; this is the same numbers at a glance). They lag by up to Ray's metrics report
+        interval, which the page's first line and a header give."""
+        return Response(await cluster_metrics(), media_type="text/plain; version=0.0.4",
+                        headers={INTERVAL_HEADER: f"{report_interval_s():g}"})
 
     @api.get("/v1/models")
     async def list_models(self, request: Request) -> Response:

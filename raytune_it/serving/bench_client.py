@@ -39,7 +39,8 @@ def one_request(client: Any, url: str, model: str, prompt: str, max_tokens: int)
     ended = time.perf_counter()
     tokens = usage.get("completion_tokens", 0)
     return {"latency_s": ended - started, "ttft_s": (first or ended) - started,
-            "client_tokens_per_second": (tokens - 1) / (ended - first) if first and tokens > 1 and ended > first else 0.0,
+            "client_tokens_per_second": ((tokens - 1) / (ended - first)
+                                         if first and tokens > 1 and ended > first else 0.0),
             "server_tokens_per_second": usage.get("tokens_per_second", 0.0), "completion_tokens": tokens}
 
 

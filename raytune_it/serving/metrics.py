@@ -10,6 +10,11 @@ sums the app's series over replicas and nodes (``cluster_metrics``). Ray prefixe
 Every request is counted once, by route, model and status, at the ingress: 4xx answers and streams the
 client abandoned (status 499, as nginx logs them) included. Time to first token is measured from the
 request's arrival at the ingress, so queueing and routing count, as a client sees them.
+
+The numbers lag: each process hands its samples to Ray's metrics agent once per Ray's metrics report
+interval (``RAY_metrics_report_interval_ms``, 10 s by default), so a request shows in ``GET /metrics``
+up to that long after its answer. The page says so in its first line and in the
+``X-Metrics-Report-Interval-Seconds`` header.
 """
 
 from __future__ import annotations
@@ -68,6 +73,16 @@ class ServeMetrics:
             self.tpot.observe(result.time_per_output_token_s, tags=tags)
 
 
+INTERVAL_HEADER = "X-Metrics-Report-Interval-Seconds"
+
+
+def report_interval_s() -> float:
+    """How often Ray exports a process's metrics: the most a request may take to show in ``GET /metrics``."""
+    from ray._raylet import Config
+
+    return Config.metrics_report_interval_ms() / 1000
+
+
 async def cluster_metrics(timeout: float = 5.0) -> str:
     """The app's series from every node's Ray metrics export, summed over replicas and nodes."""
     import httpx
@@ -91,7 +106,8 @@ async def cluster_metrics(timeout: float = 5.0) -> str:
                 labels = tuple(sorted((k, v) for k, v in sample.labels.items()
                                       if k not in PER_PROCESS_LABELS and not k.startswith("otel_scope")))
                 sums[(sample.name, labels)] += sample.value
-    lines = []
+    lines = [f"# raytune-it: summed over every replica; a request shows here up to {report_interval_s():g} s after "
+             "its answer (Ray exports metrics every RAY_metrics_report_interval_ms)"]
     for name, (kind, documentation) in sorted(kinds.items()):
         lines += [f"# HELP {name} {documentation}", f"# TYPE {name} {kind}"]
         for (sample, labels), value in sorted(sums.items(), key=_series_order):

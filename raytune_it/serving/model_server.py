@@ -23,7 +23,6 @@ from raytune_it.serving.adapters import AdapterCatalog, check_adapter, read_base
 from raytune_it.serving.engines.base import EngineError, GenerationRequest, GenerationResult, StreamChunk
 from raytune_it.storage import folder_name
 
-
 logger = logging.getLogger("ray.serve")
 
 # Streamed text crosses two Serve hops per chunk; one chunk per token would cost more than a small model's

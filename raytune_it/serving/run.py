@@ -24,7 +24,6 @@ def serve_forever(config: JobConfig, console: Any = None) -> None:
     from rich.console import Console
 
     from raytune_it.cluster import ray_session
-
     from raytune_it.serving.app import check_paths
 
     console = console or Console()

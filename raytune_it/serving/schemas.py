@@ -3,7 +3,8 @@
 Strict at the edge: every number has the range an engine can take, and a parameter this server does not
 implement is refused with a 400 naming it, never silently ignored. Parameters clients send with their
 neutral default (``n=1``, ``logprobs=null``, ``presence_penalty=0`` ...) are accepted, since SDKs and
-frameworks send them; any other value is refused. Unknown fields are refused too.
+frameworks send them; any other value is refused. Unknown fields are refused too. Types are strict, as
+OpenAI's are: ``"5"`` or ``true`` where a number goes is a 400 naming the field, never read as 5 or 1.
 """
 
 from __future__ import annotations
@@ -26,6 +27,15 @@ NEUTRAL = {"n": (1,), "best_of": (1,), "logprobs": (False, 0), "top_logprobs": (
 METADATA = ("user", "stream_options", "metadata", "store", "service_tier")
 
 
+#: Every request body: unknown fields refused, no type coercion (JSON's types are the client's intent).
+STRICT = ConfigDict(extra="forbid", strict=True)
+
+
+def is_neutral(value: Any, neutral: tuple) -> bool:
+    """``value`` is one of the neutral values; a boolean never stands for a number, nor a number for one."""
+    return any(value == v and isinstance(value, bool) == isinstance(v, bool) for v in neutral)
+
+
 class UnsupportedParameter(ValueError):
     def __init__(self, param: str, message: str) -> None:
         super().__init__(message)
@@ -33,7 +43,7 @@ class UnsupportedParameter(ValueError):
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     model: str = Field(min_length=1, max_length=256)
     max_tokens: int = Field(16, ge=1)
@@ -54,7 +64,7 @@ class _Request(BaseModel):
                 data.pop(name)
             elif name in NEUTRAL:
                 value = data.pop(name)
-                if value is not None and value not in NEUTRAL[name]:
+                if value is not None and not is_neutral(value, NEUTRAL[name]):
                     raise UnsupportedParameter(name, f"{name}: {value!r} is not supported by this server; leave "
                                                      f"it out or send {' or '.join(repr(v) for v in NEUTRAL[name])}")
         return data
@@ -83,14 +93,14 @@ class CompletionRequest(_Request):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # name, tool_call_id ...: not used by a text model
+    model_config = ConfigDict(extra="ignore", strict=True)  # name, tool_call_id ...: not used by a text model
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
@@ -117,7 +127,7 @@ class ChatRequest(_Request):
 
 
 class LatencyRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     model: str = Field(min_length=1, max_length=256)
     prompt: str | None = Field(None, min_length=1)

@@ -85,22 +85,25 @@ class TrackedRun:
     def log_outcome(self, values: dict[str, Any], *, prefix: str = "summary.", tags: dict[str, str] | None = None,
                     files: dict[str, str] | None = None) -> None:
         """The numbers a run ends with (its summary, a sweep's best trial), with its files (summary.json)."""
-        if self.backend is None:
+        backend = self.backend
+        if backend is None:
             return
         self._send_pending()
-        self._guard(lambda: self.backend.log_outcome(outcome_metrics(values, prefix), tags or {}, files or {},
-                                                     self.last_step))
+        self._guard(lambda: backend.log_outcome(outcome_metrics(values, prefix), tags or {}, files or {},
+                                                self.last_step))
 
     def end(self, status: Literal["finished", "failed", "killed"]) -> None:
-        if self.backend is None:
+        backend = self.backend
+        if backend is None:
             return
-        if self._guard(lambda: self.backend.end(status)) and status == "finished":
-            self.console.print(f"tracking: logged to {self.backend.label} {self.backend.address}", markup=False,
+        if self._guard(lambda: backend.end(status)) and status == "finished":
+            self.console.print(f"tracking: logged to {backend.label} {backend.address}", markup=False,
                                highlight=False)
 
     def _send_pending(self) -> None:
         """The steps not yet taken (all of them, after a failed try), in one go."""
-        if self._pending and self._guard(lambda: self.backend.log_steps(self._pending)):
+        backend = self.backend
+        if backend is not None and self._pending and self._guard(lambda: backend.log_steps(self._pending)):
             self._pending = []
 
     def _guard(self, call: Callable[[], None]) -> bool:
@@ -110,7 +113,8 @@ class TrackedRun:
         except Exception as exc:  # a tracking server that went away must never stop training
             if not self._warned:
                 self._warned = True
-                self.console.print(f"warning: {self.backend.label} did not take the run's metrics ({_cause(exc)}); "
+                label = self.backend.label if self.backend is not None else "the tracker"
+                self.console.print(f"warning: {label} did not take the run's metrics ({_cause(exc)}); "
                                    "training goes on, and they are sent again at the next try (metrics.jsonl in "
                                    "the run folder has them all)", style="yellow", markup=False, highlight=False)
             return False
@@ -140,8 +144,8 @@ def _open_backend(config: JobConfig, run_dir: Location, kind: Kind, parent: Pare
     tags = {"raytune_it.kind": kind, "raytune_it.run_dir": run_dir.uri}
     if kind != "sweep":
         tags["raytune_it.export"] = (run_dir / "export").uri
-    common = dict(uri=settings.uri, experiment=settings.experiment, run_name=name, run_id=run_id,
-                  params=run_params(config), tags=tags)
+    common: dict[str, Any] = dict(uri=settings.uri, experiment=settings.experiment, run_name=name, run_id=run_id,
+                                  params=run_params(config), tags=tags)
     if settings.backend == "mlflow":
         from raytune_it.tracking.mlflow_backend import MlflowBackend
 

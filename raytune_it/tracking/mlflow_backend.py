@@ -49,8 +49,9 @@ class MlflowBackend:
         if parent_id:
             tags = dict(tags, **{"mlflow.parentRunId": parent_id})
         earlier = self._active_run(run_id) if run_id else None
-        if earlier is not None:  # a resumed run continues its tracked run; parameters are kept as first logged
-            self.run_id = run_id
+        self.run_id: str
+        if run_id is not None and earlier is not None:  # a resumed run continues its tracked run; parameters
+            self.run_id = run_id                          # are kept as first logged
             self.client.update_run(run_id, status="RUNNING")
             params = {k: v for k, v in params.items() if k not in earlier.data.params}
         else:

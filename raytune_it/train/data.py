@@ -96,7 +96,6 @@ class SplitBlocks:
 
     def table(self) -> Any:
         import pyarrow as pa
-
         import ray
 
         tables = ray.get(list(self.blocks))
@@ -106,7 +105,6 @@ class SplitBlocks:
 def put_split(split: Location) -> SplitBlocks:
     import pyarrow as pa
     import pyarrow.parquet as pq
-
     import ray
 
     blocks, rows = [], 0

@@ -204,9 +204,10 @@ def _fit(config: JobConfig, run_dir: Location, prepared: Any, plan: StepPlan, co
 
     with ray_session(min_cpus=config.scaling.num_workers * config.scaling.cpus_per_worker):
         import ray.train
-        from ray.train.torch import TorchConfig, TorchTrainer
+        from ray.train.torch import TorchTrainer
 
         from raytune_it.train.loop import train_loop
+        from raytune_it.train.process_group import BoundTorchConfig
         from raytune_it.train.progress import ProgressMonitor
 
         warn_if_storage_is_not_shared(run_dir, console)
@@ -219,7 +220,7 @@ def _fit(config: JobConfig, run_dir: Location, prepared: Any, plan: StepPlan, co
                 "export": run_dir / "export", "splits": split_blocks(prepared, run_dir / "data"),
             },
             scaling_config=scaling_config(config),
-            torch_config=TorchConfig(backend="nccl" if config.scaling.use_gpu else "gloo"),
+            torch_config=BoundTorchConfig(backend="nccl" if config.scaling.use_gpu else "gloo"),
             run_config=ray.train.RunConfig(
                 name="checkpoints",
                 storage_path=run_dir.path,

@@ -140,9 +140,8 @@ def quiet_worker_logs() -> None:
 
 def worker_nodes() -> list[str]:
     """The Ray node id of every rank, in rank order: where the job actually landed."""
-    import torch.distributed as dist
-
     import ray
+    import torch.distributed as dist
 
     node = ray.get_runtime_context().get_node_id()
     if not dist.is_initialized() or dist.get_world_size() == 1:
@@ -163,10 +162,10 @@ class Recipe:
     of it. State that outlives a restart lives in ``TrainState`` and is checkpointed with the model."""
 
     def __init__(self, loop_config: dict) -> None:
-        import torch
-
         import ray.train
         import ray.train.torch
+        import torch
+
         from raytune_it.config.schema import JobConfig
         from raytune_it.data.prompt_format import PromptFormat
         from raytune_it.models.loading import load_tokenizer

@@ -114,7 +114,8 @@ def summary_rows(summary: RunSummary) -> list[tuple[str, str]]:
         return "-" if value is None else f"{value:.4f}"
 
     return [
-        ("method", method_label(summary.method, summary.strategy)), ("server type", summary.server_type), ("device", summary.device),
+        ("method", method_label(summary.method, summary.strategy)), ("server type", summary.server_type),
+        ("device", summary.device),
         ("workers / GPUs", str(summary.num_workers)), ("per-device batch size", str(summary.per_device_batch_size)),
         ("gradient accumulation", str(summary.gradient_accumulation_steps)),
         ("steps (epochs)", f"{summary.steps} ({summary.epochs_completed:g})"),

@@ -43,8 +43,7 @@ def memory_budget_bytes(config: JobConfig) -> float | None:
 def mark_infeasible(trials: list[Trial], budget: float | None) -> None:
     """Skip trials the planner says exceed the per-device budget, with its reason."""
     from raytune_it.plan.memory import shape_of_config
-    from raytune_it.plan.planner import estimate_for_config
-    from raytune_it.plan.planner import config_fit_problem
+    from raytune_it.plan.planner import config_fit_problem, estimate_for_config
 
     shape = shape_of_config(trials[0].config)
     for trial in trials:

@@ -19,7 +19,6 @@ from typing import Any, AsyncIterator, Protocol
 
 from raytune_it.data.prompt_format import PromptFormat
 
-
 # Below this temperature sampling is greedy (vLLM's rule too): dividing logits by it would overflow.
 SAMPLING_EPS = 1e-5
 

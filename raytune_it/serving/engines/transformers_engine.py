@@ -24,8 +24,15 @@ import threading
 import time
 from typing import Any, AsyncIterator, Callable
 
-from raytune_it.serving.engines.base import (SAMPLING_EPS, EngineError, GenerationRequest, GenerationResult,
-                                             PromptBuilder, StopScanner, StreamChunk)
+from raytune_it.serving.engines.base import (
+    SAMPLING_EPS,
+    EngineError,
+    GenerationRequest,
+    GenerationResult,
+    PromptBuilder,
+    StopScanner,
+    StreamChunk,
+)
 
 
 class TransformersEngine:

@@ -18,8 +18,14 @@ import time
 import uuid
 from typing import AsyncIterator
 
-from raytune_it.serving.engines.base import (EngineError, GenerationRequest, GenerationResult, PromptBuilder,
-                                             StopScanner, StreamChunk)
+from raytune_it.serving.engines.base import (
+    EngineError,
+    GenerationRequest,
+    GenerationResult,
+    PromptBuilder,
+    StopScanner,
+    StreamChunk,
+)
 
 # vLLM accepts only these maximum LoRA ranks; the deployment's is the smallest one that holds its adapters.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)

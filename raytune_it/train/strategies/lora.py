@@ -15,17 +15,23 @@ from typing import Any, Sequence
 
 from raytune_it.config.schema import JobConfig
 from raytune_it.train.strategies.base import (
-    adamw, checkpointing_on, enable_checkpointing, optimizer_name, to_device, token_loss_sum, trained_tokens,
+    adamw,
+    checkpointing_on,
+    enable_checkpointing,
+    optimizer_name,
+    to_device,
+    token_loss_sum,
+    trained_tokens,
     world_size,
 )
 
 
 class LoraStrategy:
     def __init__(self, config: JobConfig, total_steps: int, device: Any) -> None:
+        import ray.train.torch
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
         from transformers import get_scheduler
 
-        import ray.train.torch
         from raytune_it.models.loading import load_causal_lm
 
         self.config = config

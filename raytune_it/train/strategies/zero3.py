@@ -16,7 +16,13 @@ from typing import Any, Sequence
 
 from raytune_it.config.schema import JobConfig
 from raytune_it.train.strategies.base import (
-    checkpointing_on, enable_checkpointing, optimizer_name, to_device, token_loss_sum, trained_tokens, world_size,
+    checkpointing_on,
+    enable_checkpointing,
+    optimizer_name,
+    to_device,
+    token_loss_sum,
+    trained_tokens,
+    world_size,
 )
 
 CHECKPOINT_TAG = "zero"
