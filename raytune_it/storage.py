@@ -360,7 +360,7 @@ def fetch_dir(folder: Location, key: str, *, weights: bool = True) -> Path:
                     shutil.rmtree(staging, ignore_errors=True)
                     raise UserError(f"{key}: {name} in {redact_uri(folder.uri)} is {size} bytes, its manifest says "
                                     f"{expected[name]}; the folder changed while it was read: try again")
-            (staging / MANIFEST).write_text(manifest)
+            (staging / MANIFEST).write_text(manifest or "")
         else:
             (staging / ".fetched").write_text(folder.uri)
         os.replace(staging, target)

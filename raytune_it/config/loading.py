@@ -133,7 +133,7 @@ def _allowed_keys(loc: Sequence[Any]) -> list[str]:
     return list(model.model_fields)
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _describe(error: Any) -> str:
     loc = [str(p) for p in error["loc"]]
     key = ".".join(loc)
     if error["type"] == "extra_forbidden":

@@ -38,6 +38,13 @@ def config_reference_markdown() -> str:
 START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
 
 
+def table_in(text: str) -> str | None:
+    """The table between the reference markers of a Markdown text, or None without both markers."""
+    if START not in text or END not in text.partition(START)[2]:
+        return None
+    return text.partition(START)[2].partition(END)[0].removeprefix("\n")
+
+
 def update_file(path: str) -> None:
     """Replace the table between the reference markers in a Markdown file."""
     from pathlib import Path

@@ -601,7 +601,7 @@ class JobConfig(Section):
 
 
 SECTIONS: dict[str, type[Section]] = {
-    name: info.annotation  # type: ignore[misc]
+    name: info.annotation
     for name, info in JobConfig.model_fields.items()
     if isinstance(info.annotation, type) and issubclass(info.annotation, Section)
 }

@@ -96,7 +96,8 @@ def user_sets(records: Iterable[dict], family_field: str, per_family: int, exclu
     examples: dict[str, list[dict]] = {}
     pool: dict[str, list[dict]] = {}
     for family in sorted(by_family):
-        picked, taken = [], set()
+        picked: list[dict] = []
+        taken: set = set()
         for _, record in sorted(by_family[family], key=lambda pair: pair[0]):
             key = record_key(record)
             if len(picked) < per_family and key not in exclude and key not in taken:

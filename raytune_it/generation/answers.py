@@ -95,7 +95,8 @@ class Answerer:
         for start in range(0, len(items), self.batch_size):
             batch = items[start:start + self.batch_size]
             texts = [prompt_format.prompt_text(item) for item in batch]
-            requests, answers = [], [None] * len(batch)
+            requests: list[tuple[int, GenerationRequest]] = []
+            answers: list[Answer | None] = [None] * len(batch)
             for index, text in enumerate(texts):
                 ids = prompt_format.text_ids(text)
                 if len(ids) + sampling.max_new_tokens > limit:
@@ -114,7 +115,7 @@ class Answerer:
             except EngineError as exc:  # a request the engine refuses fails its batch's rows, not the job
                 results = [GenerationResult("", len(request.prompt or []), 0, "error", 0.0, 0.0)
                            for _, request in requests]
-                failed = str(exc)
+                failed: str | None = str(exc)
             else:
                 failed = None
             for (index, _), result in zip(requests, results):

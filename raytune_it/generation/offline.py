@@ -157,7 +157,8 @@ def generate(config: JobConfig, console: Any = None) -> GenerateSummary:
     output = run_dir_of(config) / "generations"
     section = config.generate
     done = {name: written_blocks(output, name, section.output_format) for name in models}
-    work, input_rows, blocks = [], 0, 0
+    work: list[dict[str, Any]] = []
+    input_rows, blocks = 0, 0
     for block, records in input_blocks(config):  # read and checked before Ray starts
         blocks += 1
         input_rows += len(records)
@@ -175,8 +176,8 @@ def generate(config: JobConfig, console: Any = None) -> GenerateSummary:
             context = ray.data.DataContext.get_current()
             context.enable_progress_bars = False  # the bar below counts rows, not Ray Data's operators
             context.print_on_execution_start = False
-            dataset = ray.data.from_items([{k: v for k, v in item.items() if k != "rows"} for item in work])
-            dataset = dataset.repartition(len(work)).map_batches(
+            items = ray.data.from_items([{k: v for k, v in item.items() if k != "rows"} for item in work])
+            dataset = items.repartition(len(work)).map_batches(
                 GenerateActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=section.num_actors),
                 num_cpus=section.cpus_per_actor,
                 num_gpus=1 if section.use_gpu else 0,

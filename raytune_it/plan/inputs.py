@@ -81,7 +81,9 @@ def resolve_workload(
         if data_section is None and records is None:
             data_section = config.data
     else:
-        workload = Workload(shape=shape, method=method or "full", server_type=server_type or "a800-80g")
+        assert shape is not None  # no config: target named a shape
+        workload = Workload(shape=shape, method=method or "full",  # type: ignore[arg-type]  # checked by argparse
+                            server_type=server_type or "a800-80g")
         if Path(target).is_dir():
             tokenizer = tokenizer or target
     for key, value in (("method", method), ("server_type", server_type), ("seq_len", seq_len), ("epochs", epochs),

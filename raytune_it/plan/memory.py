@@ -190,7 +190,7 @@ def estimate_memory(
     other = params - linear
     base = linear * BYTES_PER_LINEAR_WEIGHT[lora_quantization] + other * 2
     trainable = lora_trainable_params(shape, lora_rank, lora_targets or ["q_proj", "k_proj", "v_proj", "o_proj"])
-    return MemoryEstimate(weights=base + 4 * trainable, gradients=4 * trainable, optimizer=8 * trainable,
+    return MemoryEstimate(weights=int(base + 4 * trainable), gradients=4 * trainable, optimizer=8 * trainable,
                           activations=activations, overhead=FRAMEWORK_OVERHEAD_BYTES)
 
 

@@ -184,7 +184,7 @@ def inference_plan(shape: ModelShape, server: ServerType, seq_len: int,
     efficiency = efficiency or ENGINE_BANDWIDTH_EFFICIENCY
     linear = shape.layers * shape.linear_params_per_layer
     kv_cache = 2 * shape.layers * shape.kv_heads * (shape.hidden // shape.heads) * seq_len * 2
-    out: dict[str, dict[str, float | int | None]] = {}
+    out: dict[str, dict[str, Any]] = {}
     for precision, weight_bytes in (("bf16", 2 * shape.parameters),
                                     ("int8", linear + 2 * (shape.parameters - linear))):
         gpus = next((n for n in candidate_gpu_counts(server.gpus_per_node)

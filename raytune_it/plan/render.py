@@ -129,8 +129,8 @@ def print_plan(item: Plan, console: Any) -> None:
                                              "(they overlap: the larger one counts)"),
                  ("est. tuning time", f"{item.est_hours:.2f} h")]
     for precision, numbers in item.inference.items():
-        expected = ", ".join(f"{engine} {_num(rate, '{:.0f}')}"
-                             for engine, rate in numbers.get("expected_tokens_per_second", {}).items())
+        rates: dict[str, Any] = numbers.get("expected_tokens_per_second") or {}  # type: ignore[assignment]
+        expected = ", ".join(f"{engine} {_num(rate, '{:.0f}')}" for engine, rate in rates.items())
         rows.append((f"inference batch 1, {precision}",
                      f"{_num(numbers['num_gpus'])} GPU(s) for {numbers['weights_gib']} GiB of weights, at most "
                      f"{_num(numbers['max_tokens_per_second'], '{:.0f}')} tokens/s (memory bandwidth bound)"

@@ -108,7 +108,7 @@ class OpenAIServer:
         scheme, _, token = header.partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
 
-    async def _body(self, request: Request, schema: type) -> Any:
+    async def _body(self, request: Request, schema: Any) -> Any:
         """Parse and validate a JSON body, or return the JSONResponse that says what is wrong."""
         if not self._authorized(request):
             return unauthorized()
@@ -183,7 +183,7 @@ class OpenAIServer:
                 return self._refuse(route, arrived, body.model, handle)
             chunks = handle.options(stream=True).stream.remote(generation)
             try:
-                first = await chunks.__anext__()  # a refused request is a 4xx, not a stream that carries an error
+                first = await chunks.__anext__()  # type: ignore[union-attr]  # a refused request is a 4xx, not a stream that carries an error
             except BackPressureError:
                 first = overloaded()
             if isinstance(first, EngineError):
@@ -309,7 +309,9 @@ class OpenAIServer:
                          "tokens_per_second": result.tokens_per_second, "prompt_tokens": result.prompt_tokens,
                          "completion_tokens": result.completion_tokens})
         median = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
-        info = await self._route(body.model).info.remote()
+        handle = self._route(body.model)  # known: the generations above were routed
+        assert not isinstance(handle, EngineError)
+        info = await handle.info.remote()
         return self._answer(route, arrived, body.model, JSONResponse({
             "model": body.model, "batch_size": 1, "repeats": body.repeats, **info, "median": median, "runs": runs}))
 
@@ -382,8 +384,9 @@ def build_app(config: JobConfig) -> Any:
     # The key is resolved here, where the user gave it (config or this process's environment), and handed to
     # the ingress: replicas on an attached cluster do not see the driver's environment.
     serve_config["api_key"] = config.serve.api_key or os.environ.get(API_KEY_ENV) or None
-    models = ModelServer.options(**deployment_options(config)).bind(serve_config)
-    return OpenAIServer.options(**ingress_options(config)).bind(serve_config, models)
+    # (serve.deployment made both classes Deployments, which mypy cannot see)
+    models = ModelServer.options(**deployment_options(config)).bind(serve_config)  # type: ignore[attr-defined]
+    return OpenAIServer.options(**ingress_options(config)).bind(serve_config, models)  # type: ignore[attr-defined]
 
 
 def app_builder(args: dict) -> Any:

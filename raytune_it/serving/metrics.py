@@ -43,9 +43,10 @@ class ServeMetrics:
         # Labels only ever take names that served a request: a client cannot grow the label set.
         self.known = set(model_names)
         self.requests = metrics.Counter(f"{PREFIX}requests", description="HTTP requests by route, model and status",
-                                        tag_keys=("route", "model", "status"))
+                                        tag_keys=("route", "model", "status"))  # type: ignore[arg-type]
         self.latency = metrics.Histogram(f"{PREFIX}request_latency_seconds", description="Arrival to last byte",
-                                         boundaries=LATENCY_BUCKETS, tag_keys=("route", "model"))
+                                         boundaries=LATENCY_BUCKETS,
+                                         tag_keys=("route", "model"))  # type: ignore[arg-type]
         self.ttft = metrics.Histogram(f"{PREFIX}time_to_first_token_seconds",
                                       description="Arrival to the first generated token, queueing included",
                                       boundaries=LATENCY_BUCKETS, tag_keys=("model",))
@@ -78,7 +79,7 @@ INTERVAL_HEADER = "X-Metrics-Report-Interval-Seconds"
 
 def report_interval_s() -> float:
     """How often Ray exports a process's metrics: the most a request may take to show in ``GET /metrics``."""
-    from ray._raylet import Config
+    from ray._raylet import Config  # type: ignore[attr-defined]  # (a Cython module)
 
     return Config.metrics_report_interval_ms() / 1000
 
@@ -110,10 +111,10 @@ async def cluster_metrics(timeout: float = 5.0) -> str:
              "its answer (Ray exports metrics every RAY_metrics_report_interval_ms)"]
     for name, (kind, documentation) in sorted(kinds.items()):
         lines += [f"# HELP {name} {documentation}", f"# TYPE {name} {kind}"]
-        for (sample, labels), value in sorted(sums.items(), key=_series_order):
-            if sample == name or sample.startswith(name + "_"):
+        for (series, labels), value in sorted(sums.items(), key=_series_order):
+            if series == name or series.startswith(name + "_"):
                 rendered = ",".join(f'{k}="{v}"' for k, v in labels)
-                lines.append(f"{sample}{{{rendered}}} {value:g}")
+                lines.append(f"{series}{{{rendered}}} {value:g}")
     return "\n".join(lines) + "\n"
 
 

@@ -129,15 +129,15 @@ class ModelServer:
         try:
             request = await self._prepare(request)
             await asyncio.to_thread(self.engine.prompt_ids, request)  # refuse before the stream starts
-            finished, stream = False, self.engine.stream(request)
+            finished, stream = False, self.engine.stream(request)  # async generators: they have aclose()
             chunks = coalesce(stream, STREAM_BATCH_S)
             try:
                 async for chunk in chunks:
                     finished = chunk.result is not None
                     yield chunk
             finally:  # closed early (the client left): closing the engine's stream stops its generation now
-                await chunks.aclose()
-                await stream.aclose()
+                await chunks.aclose()  # type: ignore[attr-defined]  # async generators, both
+                await stream.aclose()  # type: ignore[attr-defined]
                 self.abandoned_streams += not finished
         except EngineError as exc:
             yield exc

@@ -19,7 +19,8 @@ from raytune_it.serving.engines.base import SAMPLING_EPS
 MAX_SEED = 2**63 - 1
 
 # Not implemented: accepted only with the value that means "not used".
-NEUTRAL = {"n": (1,), "best_of": (1,), "logprobs": (False, 0), "top_logprobs": (0,), "echo": (False,),
+NEUTRAL: dict[str, tuple[Any, ...]] = {
+           "n": (1,), "best_of": (1,), "logprobs": (False, 0), "top_logprobs": (0,), "echo": (False,),
            "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},), "suffix": ("",),
            "tools": ([],), "tool_choice": ("none", "auto"), "functions": ([],), "function_call": ("none", "auto"),
            "parallel_tool_calls": (True, False), "response_format": ({"type": "text"},)}

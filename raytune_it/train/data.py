@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from itertools import islice
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 from raytune_it.config.schema import JobConfig
 from raytune_it.data.pipeline import iter_examples
@@ -42,7 +42,7 @@ class PreparedData:
         return cls(**data)
 
 
-def _write_split(config: JobConfig, tokenizer: Any, split: str,
+def _write_split(config: JobConfig, tokenizer: Any, split: Literal["train", "eval"],
                  target: Location) -> tuple[int, TokenizeStats, ReadReport]:
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import Any, Literal
 
 from raytune_it.config.loading import flatten, load_run_config, save_config
 from raytune_it.config.schema import JobConfig
@@ -177,7 +177,7 @@ def train(config: JobConfig, *, console: Any = None, callbacks: list | None = No
     save_config(config, run_dir)
     tokenizer = load_tokenizer(config.model.name_or_path, revision=config.model.revision,
                                trust_remote_code=config.model.trust_remote_code)
-    kind = "trial" if tracking_parent else "train"
+    kind: Literal["trial", "train"] = "trial" if tracking_parent else "train"
     with tracked_run(config, run_dir, console=console, kind=kind, parent=tracking_parent) as tracking:
         with console.status("tokenizing the dataset"):
             prepared = prepare_data(config, tokenizer, run_dir / "data")

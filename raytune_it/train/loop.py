@@ -53,8 +53,8 @@ def global_trained_tokens(micro_batches: list[dict], device: Any) -> Any:
 
     from raytune_it.train.strategies.base import trained_tokens
 
-    count = sum(trained_tokens(batch["labels"]) for batch in micro_batches)
-    count = torch.tensor(float(count), dtype=torch.float32, device=device)
+    local = sum(trained_tokens(batch["labels"]) for batch in micro_batches)
+    count = torch.tensor(float(local), dtype=torch.float32, device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(count)
     return count
@@ -97,7 +97,7 @@ def run_steps(queue_step: Callable[[], Any], read: Callable[[Any], None], steps:
 
 
 def evaluate(strategy: Any, batches: list[dict], device: Any) -> float | None:
-    loss_sum, tokens = 0.0, 0
+    loss_sum, tokens = 0.0, 0.0
     for batch in batches:
         batch_loss, batch_tokens = strategy.eval_batch(batch)
         loss_sum, tokens = loss_sum + batch_loss, tokens + batch_tokens
@@ -240,7 +240,7 @@ class Recipe:
         # A CPU has finished a step when ``step`` returns; a GPU has only queued it.
         run_steps(partial(self.queue_step, step_rows), self.finish_step, steps,
                   read_late=self.device.type == "cuda",
-                  read_at_once=lambda index, first=state.step + 1: self.is_eval_step(first + index))
+                  read_at_once=partial(self.is_eval_step_at, state.step + 1))
 
     def queue_step(self, step_rows: Iterator[list]) -> tuple[Any, float]:
         """One optimizer step over ``accumulation`` micro-batches, queued on the device."""
@@ -284,6 +284,10 @@ class Recipe:
     def is_eval_step(self, step: int) -> bool:
         """Whether ``step`` (counted from 1) evaluates and checkpoints."""
         return step % self.config.train.eval_every_steps == 0 or step == self.plan.total_steps
+
+    def is_eval_step_at(self, first: int, index: int) -> bool:
+        """Whether the ``index``-th step of a session that starts at step ``first`` evaluates."""
+        return self.is_eval_step(first + index)
 
     def evaluate(self) -> dict:
         from raytune_it.train.data import eval_rows, micro_batch_rows, micro_batches

@@ -46,11 +46,11 @@ def bind_store_to_master_address() -> None:
                         multi_tenant=True, master_listen_fd=listener.detach(), use_libuv=use_libuv)
 
     create_store.bound_to_master = True  # type: ignore[attr-defined]
-    rendezvous._create_c10d_store = create_store
+    rendezvous._create_c10d_store = create_store  # type: ignore[attr-defined]
 
 
 class _BoundTorchBackend(_TorchBackend):
-    def on_start(self, worker_group: Any, backend_config: TorchConfig) -> None:
+    def on_start(self, worker_group: Any, backend_config: Any) -> None:
         worker_group.execute(bind_store_to_master_address)
         super().on_start(worker_group, backend_config)
 

@@ -103,7 +103,7 @@ def method_label(method: str, strategy: dict[str, Any]) -> str:
     Display text only: ``summary.json`` keeps the config's value."""
     if method == "full":
         return f"full (ZeRO-{strategy['zero_stage']})" if "zero_stage" in strategy else "full"
-    base = {"int8": "INT8", "nf4": "NF4", "none": ""}.get(strategy.get("quantization"), "") \
+    base = {"int8": "INT8", "nf4": "NF4", "none": ""}.get(strategy.get("quantization") or "", "") \
         or strategy.get("base_weight_dtype", "").replace("float", "fp")
     rank = strategy.get("lora_rank")
     return f"lora ({base} base, r={rank})" if base and rank else "lora"

@@ -31,7 +31,7 @@ NOT_SWEEPABLE = ("tune.", "run.", "serve.")
 class Trial:
     index: int
     params: dict[str, Any]
-    config: JobConfig | None = None
+    config: JobConfig
     skipped_reason: str | None = None
     memory_bytes: int | None = None
     overrides: list[str] = field(default_factory=list)
@@ -56,7 +56,7 @@ def _check_path(path: str) -> None:
         if not last:
             if not is_section:
                 raise ConfigError(f"tune.search_space: {path!r}: {'.'.join(parts[:i + 1])} is not a section")
-            model = annotation
+            model = annotation  # type: ignore[assignment]  # a BaseModel subclass: checked above
 
 
 def _values(path: str, spec: Any) -> list[Any] | tuple[str, list[Any]]:
@@ -110,9 +110,10 @@ def expand_trials(base: JobConfig) -> list[Trial]:
         _check_path(path)
         specs[path] = _values(path, spec)
     if tune.search == "grid":
-        lists = [spec if isinstance(spec, list) else spec[1] if spec[0] == "choice" else None
-                 for spec in specs.values()]
-        if any(values is None for values in lists):
+        maybe_lists = [spec if isinstance(spec, list) else spec[1] if spec[0] == "choice" else None
+                       for spec in specs.values()]
+        lists = [values for values in maybe_lists if values is not None]
+        if len(lists) < len(maybe_lists):
             raise ConfigError("tune.search=grid needs lists of values; continuous distributions need "
                               "tune.search=random")
         combos = [dict(zip(specs, values)) for values in itertools.product(*lists)]

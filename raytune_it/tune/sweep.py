@@ -186,15 +186,15 @@ def fit_short_trials(config: JobConfig, runnable: list[Trial], console: Any) -> 
     trial is a mistake, refused here, before Ray starts."""
     from raytune_it.errors import ConfigError
 
-    capped = [t for t in runnable if t.config.train.max_steps]
-    shortest = min((t.config.train.max_steps for t in capped), default=None)
+    capped = [(t, t.config.train.max_steps) for t in runnable if t.config.train.max_steps]
+    shortest = min((steps for _, steps in capped), default=None)
     grace = config.tune.grace_period_steps
     if config.tune.scheduler == "asha" and grace and shortest and grace > shortest:
         raise ConfigError(f"tune.grace_period_steps: got {grace}, but the shortest trial runs {shortest} steps "
                           f"(train.max_steps); set it to at most {shortest}, or leave it unset")
     fitted = set()
-    for trial in capped:
-        steps, train = trial.config.train.max_steps, trial.config.train
+    for trial, steps in capped:
+        train = trial.config.train
         if train.eval_every_steps > steps:
             train.eval_every_steps = max(1, -(-steps // SHORT_TRIAL_EVALS))
             fitted.add((steps, train.eval_every_steps))
@@ -222,6 +222,7 @@ def _run_tuner(config: JobConfig, runnable: list[Trial], folder: Location, conso
     )
     # Past every trial's last step: at max_t ASHA stops a trial, which would cut off its export.
     max_steps = max(_total_steps_cap(t.config) for t in runnable) + 1
+    scheduler: FIFOScheduler
     if config.tune.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="step", max_t=max_steps,
                                   grace_period=grace_period(config, runnable),

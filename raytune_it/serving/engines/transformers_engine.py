@@ -47,7 +47,7 @@ class TransformersEngine:
         self.base_name = base_name
         self.tokenizer = load_tokenizer(base_path)
         self.prompts = PromptBuilder(self.tokenizer, int(serve_config["max_model_len"]))
-        self.model: Any = load_causal_lm(base_path, precision=self.dtype).to(self.device).eval()
+        self.model: Any = load_causal_lm(base_path, precision=self.dtype).to(self.device).eval()  # type: ignore[arg-type]
         # peft adapter names are internal ("adapter3"): a served name like "lora" or "a.b" would clash with
         # peft's module prefixes. The last adapter cannot be deleted from a PeftModel, so an evicted one is
         # retired and deleted when the next is loaded.

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from raytune_it.config.schema import JobConfig
+
+if TYPE_CHECKING:
+    from raytune_it.models.loading import Precision
 from raytune_it.train.strategies.base import (
     adamw,
     checkpointing_on,
@@ -38,7 +41,7 @@ class LoraStrategy:
         self.device = device
         # GPUs compute in bf16; most CPUs lack fast bf16 matmuls, so the CPU keeps fp32 activations.
         quantized = config.lora.quantization != "none"
-        precision = "bfloat16" if device.type == "cuda" or not quantized else "float32"
+        precision: "Precision" = "bfloat16" if device.type == "cuda" or not quantized else "float32"
         base = load_causal_lm(
             config.model.name_or_path, precision=precision, quantization=config.lora.quantization,
             revision=config.model.revision, trust_remote_code=config.model.trust_remote_code,
@@ -56,11 +59,11 @@ class LoraStrategy:
             enable_checkpointing(base)
             base.enable_input_require_grads()
         peft_config = LoraConfig(
-            r=config.lora.rank, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
+            r=config.lora.rank, lora_alpha=config.lora.alpha,  # type: ignore[arg-type]  # peft takes a float lora_dropout=config.lora.dropout,
             target_modules=config.lora.peft_target_modules, task_type="CAUSAL_LM",
         )
         self.peft_model = get_peft_model(base, peft_config)
-        self.model = ray.train.torch.prepare_model(self.peft_model, parallel_strategy="ddp")
+        self.model: Any = ray.train.torch.prepare_model(self.peft_model, parallel_strategy="ddp")
         params = [p for p in self.peft_model.parameters() if p.requires_grad]
         self.optimizer = adamw(params, config.train.learning_rate, config.train.weight_decay)
         self.scheduler = get_scheduler(config.train.lr_schedule, self.optimizer,
@@ -108,7 +111,7 @@ class LoraStrategy:
         return float(self.scheduler.get_last_lr()[0])
 
     def describe(self) -> dict[str, Any]:
-        base_dtypes = sorted({str(module.base_layer.weight.dtype).removeprefix("torch.")
+        base_dtypes = sorted({str(module.base_layer.weight.dtype).removeprefix("torch.")  # type: ignore[union-attr]
                               for module in self.peft_model.modules() if hasattr(module, "base_layer")})
         return {
             "base_weight_dtype": ",".join(base_dtypes),
@@ -126,7 +129,7 @@ class LoraStrategy:
 
         if dist.is_initialized() and dist.get_rank() != 0:
             return  # the replicas are identical: rank 0 writes for all
-        self.peft_model.save_pretrained(folder / "adapter", safe_serialization=True)
+        self.peft_model.save_pretrained(str(folder / "adapter"), safe_serialization=True)
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
                    folder / "optimizer.pt")
 
@@ -148,8 +151,8 @@ class LoraStrategy:
         if dist.is_initialized() and dist.get_rank() != 0:
             return
         folder.mkdir(parents=True, exist_ok=True)
-        self.peft_model.save_pretrained(folder, safe_serialization=True)
-        tokenizer.save_pretrained(folder)
+        self.peft_model.save_pretrained(str(folder), safe_serialization=True)
+        tokenizer.save_pretrained(str(folder))
         if self.config.lora.merge:
             merge_adapter(self.config, folder, folder / "merged")
 
