@@ -89,21 +89,33 @@ def test_enabling_checkpointing_on_transformers_before_the_rename():
     assert model.kwargs == {"use_reentrant": False}
 
 
-def test_all_linear_targets_every_linear_layer_but_the_head_in_training_and_in_the_planner(tiny_model_dir):
-    """lora.target_modules=[all-linear] is peft's shorthand: the strategy passes it through, preflight lets
-    peft find the layers, and the planner counts every projection."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from raytune_it.plan.memory import LLAMA_SHAPES, lora_trainable_params
-    from raytune_it.train.preflight import preflight
-
-    config = load_config("tiny-lora", ["lora.target_modules=[all-linear]"])
-    preflight(config)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(
-        r=4, target_modules=config.lora.peft_target_modules, task_type="CAUSAL_LM"))
+def _adapted(peft_model) -> set[str]:
     # names end in <module>.lora_A.default.weight
-    adapted = {name.split(".")[-4] for name, _ in model.named_parameters() if ".lora_A." in name}
-    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}, adapted
+    return {name.split(".")[-4] for name, _ in peft_model.named_parameters() if ".lora_A." in name}
+
+
+@pytest.mark.parametrize("targets,adapted", [
+    ("[all-linear]", {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
+    ("[q_proj, down_proj]", {"q_proj", "down_proj"}),
+])
+def test_the_lora_strategy_builds_the_adapter_the_config_names(tiny_model_dir, targets, adapted):
+    """The peft model the LoRA strategy trains (``lora_model``, what ``LoraStrategy`` wraps) has the config's
+    target modules, rank, alpha and dropout; lora.target_modules=[all-linear] is peft's shorthand for every
+    linear layer but the head, which preflight accepts."""
+    from raytune_it.train.preflight import preflight
+    from raytune_it.train.strategies.lora import lora_model
+
+    config = load_config("tiny-lora", [f"lora.target_modules={targets}", "lora.quantization=none", "lora.rank=4",
+                                       "lora.alpha=12", "lora.dropout=0.25"])
+    preflight(config)
+    model = lora_model(config, torch.device("cpu"))
+    assert _adapted(model) == adapted
+    peft_config = model.peft_config["default"]
+    assert (peft_config.r, peft_config.lora_alpha, peft_config.lora_dropout) == (4, 12, 0.25)
+
+
+def test_the_planner_counts_every_projection_for_all_linear():
+    from raytune_it.plan.memory import LLAMA_SHAPES, lora_trainable_params
+
     shape = LLAMA_SHAPES["7B"]
     assert lora_trainable_params(shape, 16, ["all-linear"]) > lora_trainable_params(shape, 16, ["q_proj", "v_proj"])

@@ -14,9 +14,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from raytune_it.config.schema import JobConfig
-
-if TYPE_CHECKING:
-    from raytune_it.models.loading import Precision
 from raytune_it.train.strategies.base import (
     adamw,
     checkpointing_on,
@@ -28,41 +25,51 @@ from raytune_it.train.strategies.base import (
     world_size,
 )
 
+if TYPE_CHECKING:
+    from raytune_it.models.loading import Precision
+
+
+def lora_model(config: JobConfig, device: Any) -> Any:
+    """The base model (quantized as ``lora.quantization`` says) with the config's LoRA adapter on the
+    config's target modules: the peft model a LoRA run trains, before Ray Train wraps it."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from raytune_it.models.loading import load_causal_lm
+
+    # GPUs compute in bf16; most CPUs lack fast bf16 matmuls, so the CPU keeps fp32 activations.
+    quantized = config.lora.quantization != "none"
+    precision: Precision = "bfloat16" if device.type == "cuda" or not quantized else "float32"
+    base = load_causal_lm(
+        config.model.name_or_path, precision=precision, quantization=config.lora.quantization,
+        revision=config.model.revision, trust_remote_code=config.model.trust_remote_code,
+        device_map={"": device} if quantized else None,
+    )
+    base.config.use_cache = False
+    if config.lora.quantization == "nf4" and device.type == "cpu":
+        keep_nf4_layout_for_training(base)
+    checkpointing = config.lora.gradient_checkpointing
+    if quantized:
+        base = prepare_model_for_kbit_training(
+            base, use_gradient_checkpointing=checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif checkpointing:
+        enable_checkpointing(base)
+        base.enable_input_require_grads()
+    peft_config = LoraConfig(
+        r=config.lora.rank, lora_alpha=config.lora.alpha,  # type: ignore[arg-type]  # (peft takes a float)
+        lora_dropout=config.lora.dropout, target_modules=config.lora.peft_target_modules, task_type="CAUSAL_LM",
+    )
+    return get_peft_model(base, peft_config)
+
 
 class LoraStrategy:
     def __init__(self, config: JobConfig, total_steps: int, device: Any) -> None:
         import ray.train.torch
-        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
         from transformers import get_scheduler
-
-        from raytune_it.models.loading import load_causal_lm
 
         self.config = config
         self.device = device
-        # GPUs compute in bf16; most CPUs lack fast bf16 matmuls, so the CPU keeps fp32 activations.
-        quantized = config.lora.quantization != "none"
-        precision: "Precision" = "bfloat16" if device.type == "cuda" or not quantized else "float32"
-        base = load_causal_lm(
-            config.model.name_or_path, precision=precision, quantization=config.lora.quantization,
-            revision=config.model.revision, trust_remote_code=config.model.trust_remote_code,
-            device_map={"": device} if quantized else None,
-        )
-        base.config.use_cache = False
-        if config.lora.quantization == "nf4" and device.type == "cpu":
-            keep_nf4_layout_for_training(base)
-        checkpointing = config.lora.gradient_checkpointing
-        if quantized:
-            base = prepare_model_for_kbit_training(
-                base, use_gradient_checkpointing=checkpointing,
-                gradient_checkpointing_kwargs={"use_reentrant": False})
-        elif checkpointing:
-            enable_checkpointing(base)
-            base.enable_input_require_grads()
-        peft_config = LoraConfig(
-            r=config.lora.rank, lora_alpha=config.lora.alpha,  # type: ignore[arg-type]  # peft takes a float lora_dropout=config.lora.dropout,
-            target_modules=config.lora.peft_target_modules, task_type="CAUSAL_LM",
-        )
-        self.peft_model = get_peft_model(base, peft_config)
+        self.peft_model = lora_model(config, device)
         self.model: Any = ray.train.torch.prepare_model(self.peft_model, parallel_strategy="ddp")
         params = [p for p in self.peft_model.parameters() if p.requires_grad]
         self.optimizer = adamw(params, config.train.learning_rate, config.train.weight_decay)
@@ -111,7 +118,7 @@ class LoraStrategy:
         return float(self.scheduler.get_last_lr()[0])
 
     def describe(self) -> dict[str, Any]:
-        base_dtypes = sorted({str(module.base_layer.weight.dtype).removeprefix("torch.")  # type: ignore[union-attr]
+        base_dtypes = sorted({str(module.base_layer.weight.dtype).removeprefix("torch.")
                               for module in self.peft_model.modules() if hasattr(module, "base_layer")})
         return {
             "base_weight_dtype": ",".join(base_dtypes),
