@@ -92,13 +92,21 @@ def test_chat_and_stop_and_seed(endpoint):
     assert response.status_code == 200, response.text
     message = response.json()["choices"][0]["message"]
     assert message["role"] == "assistant" and isinstance(message["content"], str)
-    sampled = [complete(endpoint, temperature=0.9, top_p=0.9, seed=7).json()["choices"][0]["text"] for _ in range(2)]
-    assert sampled[0] == sampled[1], "the same seed gives the same sample"
-    full = complete(endpoint, model="medicine", max_tokens=20).json()["choices"][0]["text"]
-    if len(full) > 3:
-        stop = full[2:4]
-        stopped = complete(endpoint, model="medicine", max_tokens=20, stop=[stop]).json()["choices"][0]
-        assert stopped["text"] == full[:full.find(stop)] and stopped["finish_reason"] == "stop"
+    greedy = complete(endpoint, max_tokens=12).json()["choices"][0]["text"]
+    sampled = {seed: [complete(endpoint, max_tokens=12, temperature=1.0, seed=seed).json()["choices"][0]["text"]
+                      for _ in range(2)] for seed in (7, 8, 9)}
+    assert all(a == b for a, b in sampled.values()), f"the same seed gives the same sample: {sampled}"
+    samples = {texts[0] for texts in sampled.values()}
+    assert samples != {greedy}, "temperature 1 samples: it is not greedy decoding"
+    assert len(samples) > 1, f"different seeds give different samples: {sampled}"
+    # A stop string inside the answer cuts it there: on an answer long enough to hold one.
+    answers = {prompt: complete(endpoint, model="medicine", prompt=prompt, max_tokens=20).json()["choices"][0]["text"]
+               for prompt in AGREEMENT_PROMPTS}
+    prompt, full = next(((p, text) for p, text in answers.items() if len(text) >= 6), (None, ""))
+    assert prompt is not None, f"no answer of 6 characters or more to cut with a stop string: {answers}"
+    stop = full[2:4]
+    stopped = complete(endpoint, model="medicine", prompt=prompt, max_tokens=20, stop=[stop]).json()["choices"][0]
+    assert stopped["text"] == full[:full.find(stop)] and stopped["finish_reason"] == "stop"
 
 
 def _stream(client, path, body):
@@ -275,29 +283,43 @@ AGREEMENT_PROMPTS = [PROMPT, "### Instruction:\nConvert 4 hours to minutes.\n\n#
                      "Below is an instruction. Classify: The tenant shall pay rent monthly.", "Hello"]
 
 
-def test_the_engine_answers_as_the_transformers_engine_does_at_temperature_zero(endpoint, adapters):
-    """Greedy decoding of the tiny model in float32: the served engine (vLLM in its environment) gives the
-    same tokens as the transformers engine run in-process, and counts them the same way (EOS included)."""
-    import asyncio
+def _hf_greedy(model_dir, adapter, prompt: str, max_new_tokens: int) -> tuple[str, str, int, int]:
+    """Greedy decoding with transformers' and peft's own ``generate``, outside every raytune-it engine:
+    (text, finish reason, completion tokens with EOS, prompt tokens)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(adapter))
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    new = out[0, ids.shape[1]:].tolist()
+    stopped = bool(new) and new[-1] == tokenizer.eos_token_id
+    return (tokenizer.decode(new, skip_special_tokens=True), "stop" if stopped else "length", len(new),
+            ids.shape[1])
+
+
+def test_the_engine_answers_as_transformers_own_generate_does_at_temperature_zero(endpoint, adapters):
+    """Greedy decoding of the tiny model in float32: the served engine (transformers here, vLLM in its
+    environment) gives the tokens of transformers' own ``generate`` on the base and on the peft adapter,
+    and counts them the same way (EOS included)."""
     from raytune_it.models.loading import resolve_model_path
-    from raytune_it.serving.engines.base import GenerationRequest
-    from raytune_it.serving.engines.transformers_engine import TransformersEngine
 
-    config = load_config("tiny-lora", ["serve.model_name=tiny-llama", "serve.max_model_len=256"])
-    reference = TransformersEngine(config.serve.model_dump(), resolve_model_path("tiny-llama"), "tiny-llama")
-    reference.load_adapter("medicine", str(adapters["medicine"]))
-    for model in ("tiny-llama", "medicine"):
+    for model, adapter in (("tiny-llama", None), ("medicine", adapters["medicine"])):
         for prompt in AGREEMENT_PROMPTS:
-            expected = asyncio.run(reference.generate(GenerationRequest(
-                model=model, prompt=prompt, max_tokens=24, temperature=0,
-                adapter_folder=str(adapters["medicine"]) if model == "medicine" else None)))
+            text, finish_reason, completion_tokens, prompt_tokens = _hf_greedy(
+                resolve_model_path("tiny-llama"), adapter, prompt, 24)
             body = complete(endpoint, model=model, prompt=prompt, max_tokens=24).json()
-            assert body["choices"][0]["text"] == expected.text, (model, prompt)
-            assert body["choices"][0]["finish_reason"] == expected.finish_reason
-            assert body["usage"]["completion_tokens"] == expected.completion_tokens
-            prompt_tokens = len(reference.tokenizer(prompt)["input_ids"])
-            assert body["usage"]["prompt_tokens"] == expected.prompt_tokens == prompt_tokens
+            assert body["choices"][0]["text"] == text, (model, prompt)
+            assert body["choices"][0]["finish_reason"] == finish_reason
+            assert body["usage"]["completion_tokens"] == completion_tokens
+            assert body["usage"]["prompt_tokens"] == prompt_tokens
 
 
 def test_the_judge_asks_the_served_model_in_both_orders_and_counts_what_it_cannot_parse(endpoint, monkeypatch):
