@@ -47,6 +47,17 @@ def tiny_model_dir():
     return ensure_tiny_model()
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray for a module's tests (a start costs seconds): 4 logical CPUs, as Ray Train's two
+    workers, its controller and the progress queue need on a 2-core machine. Stopped after the module."""
+    import ray
+
+    ray.init(num_cpus=4)
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def tokenizer(tiny_model_dir):
     from raytune_it.models.loading import load_tokenizer

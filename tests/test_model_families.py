@@ -15,15 +15,6 @@ pytestmark = pytest.mark.integration
 FAMILIES = [name for name in TINY_FAMILIES if name != "tiny-llama"]
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(num_cpus=4)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_family_trains_with_both_strategies_serves_its_adapter_and_plans(local_ray, tmp_path, family):
     from ray import serve

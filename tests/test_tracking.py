@@ -179,15 +179,6 @@ def mlflow_server(tmp_path_factory):
         stop_process_group(server)
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(num_cpus=4)
-    yield
-    ray.shutdown()
-
-
 def _short_run(tmp_path, *extra):
     return load_config("tiny-lora", [f"run.storage={tmp_path}", "scaling.num_workers=1", "train.max_steps=4",
                                      "train.eval_every_steps=2", "train.lr_schedule=constant", *extra])

@@ -18,15 +18,6 @@ from raytune_it.train.driver import run_dir_of, train
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(num_cpus=4)
-    yield
-    ray.shutdown()
-
-
 def test_bad_inputs_fail_before_any_worker(tmp_path):
     import ray
 
