@@ -54,7 +54,7 @@ def engine_path(records, models, max_new_tokens, engine, batch):
     options = ["serve.max_model_len=512"] + (["serve.enforce_eager=true", "serve.kv_cache_gib=0.5"]
                                              if engine == "vllm" else [])
     config = load_config("tiny-lora", [f"serve.engine={engine}", *options])
-    answerer = Answerer(config.serve.model_dump(), config.data, batch)
+    answerer = Answerer(config.serve, config.data, batch)
     answers = {}
     try:
         entries = resolve_models("tiny-llama", models, "bench")

@@ -50,7 +50,7 @@ def main() -> None:
 
     overrides = ["serve.engine=vllm", "serve.max_model_len=2048", f"serve.max_tokens_limit={args.max_tokens}"]
     overrides += ["serve.enforce_eager=true", "serve.dtype=float32"] if args.cpu else ["serve.use_gpu=true"]
-    config = load_config("tiny-lora", overrides).serve.model_dump()
+    config = load_config("tiny-lora", overrides).serve
 
     async def run() -> list[float]:
         engine = create_engine(config, str(args.model_dir), "bench", 8)

@@ -45,7 +45,7 @@ def test_eval_generate_and_serve_build_the_ids_training_built(tmp_path, base, te
     trained_prompt = example["input_ids"][:first_trained]
     adapter = _untrained_adapter(tmp_path / "export", base, config)
 
-    answerer = Answerer(config.serve.model_dump(), config.data, batch_size=2)
+    answerer = Answerer(config.serve, config.data, batch_size=2)
     try:
         for entry in resolve_models(base, {"base": base, "tuned": adapter}, "eval.models"):
             prompt_format = answerer.prompt_format(entry)
@@ -93,7 +93,7 @@ def test_batched_greedy_answers_equal_batch_one_token_for_token(tmp_path):
 
     adapter = str(train_tiny_adapter(tmp_path / "a", ["dosage", "bmi"], steps=8))
     config = load_config("tiny-lora", ["serve.max_model_len=512"])
-    engine = TransformersEngine(config.serve.model_dump(), resolve_model_path("tiny-llama"), "tiny-llama")
+    engine = TransformersEngine(config.serve, resolve_model_path("tiny-llama"), "tiny-llama")
     engine.load_adapter("a", adapter)
     prompts = [render_prompt(r) for r in generate(6, seed=4)] + ["Hello"]
     assert len({len(engine.tokenizer(p)["input_ids"]) for p in prompts}) > 3, "prompts of different lengths"

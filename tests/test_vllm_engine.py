@@ -56,7 +56,7 @@ def test_both_engines_stop_at_eos_in_the_same_place_and_count_it(tmp_path, tiny_
     async def run():
         results = {}
         for engine_name in ("transformers", "vllm"):
-            config = load_config("tiny-lora", [*options, f"serve.engine={engine_name}"]).serve.model_dump()
+            config = load_config("tiny-lora", [*options, f"serve.engine={engine_name}"]).serve
             engine = create_engine(config, base, "stops", 8)
             try:
                 results[engine_name] = [
@@ -116,7 +116,7 @@ def test_today_s_families_generate_the_same_tokens_in_both_engines(family, tmp_p
     async def run():
         results = {}
         for engine_name in ("transformers", "vllm"):
-            config = load_config("tiny-lora", [*options, f"serve.engine={engine_name}"]).serve.model_dump()
+            config = load_config("tiny-lora", [*options, f"serve.engine={engine_name}"]).serve
             engine = create_engine(config, base, family, 8)
             try:
                 results[engine_name] = [

@@ -19,6 +19,8 @@ from raytune_it.hardware import ServerTypeChoice
 #: Run and adapter names become folder names: keep them to a safe alphabet.
 # (section, key) of every secret a config may hold: never saved, never printed.
 SECRETS = (("serve", "api_key"),)
+#: Where ``raytune-it serve`` (and a Serve replica) finds the API key when ``serve.api_key`` is unset.
+API_KEY_ENV = "RAYTUNE_IT_API_KEY"
 #: peft's shorthand for LoRA on every linear layer except the output head.
 ALL_LINEAR = "all-linear"
 #: Characters W&B refuses in a project name (and so in ``tracking.experiment``).
@@ -360,6 +362,13 @@ class ServeSection(Section):
             raise ValueError(f"{value!r} is neither an IP address nor a hostname; use 127.0.0.1 (this machine "
                              "only), 0.0.0.0 (every interface) or a name such as localhost")
         return value
+
+    def resolved_api_key(self) -> str | None:
+        """The key requests need: ``serve.api_key``, else RAYTUNE_IT_API_KEY in this process's environment,
+        else none (no key required). The one rule for the key, wherever it is read."""
+        import os
+
+        return self.api_key or os.environ.get(API_KEY_ENV) or None
 
     @field_validator("api_key")
     @classmethod

@@ -10,7 +10,6 @@ rebuild it without running anything.
 from __future__ import annotations
 
 import json
-import os
 import time
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -73,7 +72,7 @@ def serve_and_time(config: JobConfig, deployments: list[tuple[str, str, dict[str
 
     results: dict[str, Any] = {}
     # The deployment requires the key the user set (the config's, or RAYTUNE_IT_API_KEY): send it.
-    key = config.serve.api_key or os.environ.get("RAYTUNE_IT_API_KEY")
+    key = config.serve.resolved_api_key()
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
         for base, base_name, adapters in deployments:

@@ -142,7 +142,7 @@ def evaluate(config: JobConfig, console: Any = None, models: dict[str, str] | No
     models = {"base": config.model.name_or_path, **train_adapters(config, console, given, plan)}
     sets, domain = plan.sets, config.eval.domain
     total = sum(len(v) for v in sets.values()) * len(models)
-    answerer = Answerer(config.serve.model_dump(), config.data, config.eval.batch_size)
+    answerer = Answerer(config.serve, config.data, config.eval.batch_size)
     try:
         with Progress(console=console, transient=True) as progress:
             task = progress.add_task(f"eval: answering held-out examples ({config.eval.batch_size} at a time)",

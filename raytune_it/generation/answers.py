@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
+from raytune_it.config.schema import ServeSection
 from raytune_it.data.prompt_format import PromptFormat
 from raytune_it.serving.engines.base import EngineError, EngineThread, GenerationRequest, GenerationResult
 
@@ -65,7 +66,7 @@ class Answerer:
     """Answers items (``PromptFormat.prompt_text``'s: Alpaca records, conversations, plain prompts) with one
     model at a time, ``batch_size`` prompts per engine call."""
 
-    def __init__(self, serve_config: dict, data: Any, batch_size: int, max_lora_rank: int = 64) -> None:
+    def __init__(self, serve_config: ServeSection, data: Any, batch_size: int, max_lora_rank: int = 64) -> None:
         self.serve_config, self.data, self.batch_size = serve_config, data, batch_size
         self.max_lora_rank = max_lora_rank
         self.runner = EngineThread()
@@ -91,7 +92,7 @@ class Answerer:
         if entry.adapter is not None:
             engine.load_adapter(entry.name, entry.adapter)
         prompt_format = self.prompt_format(entry)
-        limit = int(self.serve_config["max_model_len"])
+        limit = int(self.serve_config.max_model_len)
         for start in range(0, len(items), self.batch_size):
             batch = items[start:start + self.batch_size]
             texts = [prompt_format.prompt_text(item) for item in batch]

@@ -98,7 +98,7 @@ class GenerateActor:
         quiet_worker_logs()
 
         self.config = job = JobConfig.model_validate(config)
-        serve = dict(job.serve.model_dump(), use_gpu=job.generate.use_gpu)
+        serve = job.serve.model_copy(update={"use_gpu": job.generate.use_gpu})
         self.answerer = Answerer(serve, job.data, job.generate.batch_size)
         self.entries = {e.name: e for e in resolve_models(job.model.name_or_path, generation_models(job),
                                                           "generate.models")}

@@ -18,7 +18,6 @@ import asyncio
 import hmac
 import json
 import logging
-import os
 import statistics
 import time
 import uuid
@@ -32,13 +31,12 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from raytune_it.config.schema import JobConfig
+from raytune_it.config.schema import JobConfig, ServeSection
 from raytune_it.hardware import SERVER_TYPES
 from raytune_it.serving.engines.base import EngineError, GenerationRequest, GenerationResult
 from raytune_it.serving.metrics import CLIENT_CLOSED, INTERVAL_HEADER, cluster_metrics, report_interval_s
 from raytune_it.serving.schemas import ChatRequest, CompletionRequest, LatencyRequest, UnsupportedParameter
 
-API_KEY_ENV = "RAYTUNE_IT_API_KEY"
 api = FastAPI(title="raytune-it", description="OpenAI-compatible serving of tuned models")
 
 
@@ -87,17 +85,17 @@ def _validation_error(exc: ValidationError) -> JSONResponse:
 @serve.deployment
 @serve.ingress(api)
 class OpenAIServer:
-    def __init__(self, serve_config: dict, models: DeploymentHandle) -> None:
+    def __init__(self, serve_config: ServeSection, models: DeploymentHandle) -> None:
         from raytune_it.serving.adapters import AdapterCatalog
         from raytune_it.serving.metrics import ServeMetrics
         from raytune_it.serving.model_server import base_model_name
 
         self.config = serve_config
-        self.api_key = serve_config.get("api_key") or os.environ.get(API_KEY_ENV) or None
+        self.api_key = serve_config.resolved_api_key()
         self.model_server = models
         self.base_name = base_model_name(serve_config)
-        self.catalog = AdapterCatalog(serve_config["adapters"], serve_config.get("adapter_root"))
-        self.metrics = ServeMetrics([self.base_name, *serve_config["adapters"]])
+        self.catalog = AdapterCatalog(serve_config.adapters, serve_config.adapter_root)
+        self.metrics = ServeMetrics([self.base_name, *serve_config.adapters])
 
     # --- request plumbing ----------------------------------------------------------------
 
@@ -112,7 +110,7 @@ class OpenAIServer:
         """Parse and validate a JSON body, or return the JSONResponse that says what is wrong."""
         if not self._authorized(request):
             return unauthorized()
-        limit = self.config["max_body_bytes"]
+        limit = self.config.max_body_bytes
         if int(request.headers.get("content-length") or 0) > limit:
             return error(413, f"request body over {limit} bytes", "request_too_large")
         raw = await request.body()
@@ -130,8 +128,8 @@ class OpenAIServer:
             return error(400, str(exc), "unsupported_parameter", exc.param)
         except ValidationError as exc:
             return _validation_error(exc)
-        if getattr(body, "max_tokens", 0) > self.config["max_tokens_limit"]:
-            return error(400, f"max_tokens: at most {self.config['max_tokens_limit']}", "invalid_request",
+        if getattr(body, "max_tokens", 0) > self.config.max_tokens_limit:
+            return error(400, f"max_tokens: at most {self.config.max_tokens_limit}", "invalid_request",
                          "max_tokens")
         return body
 
@@ -380,10 +378,9 @@ def build_app(config: JobConfig) -> Any:
     from raytune_it.serving.model_server import ModelServer
 
     check_paths(config)
-    serve_config = config.serve.model_dump()
     # The key is resolved here, where the user gave it (config or this process's environment), and handed to
     # the ingress: replicas on an attached cluster do not see the driver's environment.
-    serve_config["api_key"] = config.serve.api_key or os.environ.get(API_KEY_ENV) or None
+    serve_config = config.serve.model_copy(update={"api_key": config.serve.resolved_api_key()})
     # (serve.deployment made both classes Deployments, which mypy cannot see)
     models = ModelServer.options(**deployment_options(config)).bind(serve_config)  # type: ignore[attr-defined]
     return OpenAIServer.options(**ingress_options(config)).bind(serve_config, models)  # type: ignore[attr-defined]

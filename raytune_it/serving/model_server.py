@@ -19,6 +19,7 @@ from typing import Any, AsyncIterator
 
 from ray import serve
 
+from raytune_it.config.schema import ServeSection
 from raytune_it.serving.adapters import AdapterCatalog, check_adapter, read_base_config
 from raytune_it.serving.engines.base import EngineError, GenerationRequest, GenerationResult, StreamChunk
 from raytune_it.storage import folder_name
@@ -49,8 +50,8 @@ def internal_error(request: GenerationRequest) -> EngineError:
                        code="internal_error")
 
 
-def base_model_name(serve_config: dict) -> str:
-    return serve_config.get("model_name") or folder_name(serve_config["base_model"])
+def base_model_name(serve_config: ServeSection) -> str:
+    return serve_config.model_name or folder_name(serve_config.base_model)
 
 
 class LoadedAdapter:
@@ -69,15 +70,15 @@ class LoadedAdapter:
 
 @serve.deployment
 class ModelServer:
-    def __init__(self, serve_config: dict) -> None:
+    def __init__(self, serve_config: ServeSection) -> None:
         from raytune_it.models.loading import resolve_model_path
         from raytune_it.serving.engines import create_engine
 
-        base_path = resolve_model_path(serve_config["base_model"], "serve.base_model")
+        base_path = resolve_model_path(serve_config.base_model, "serve.base_model")
         self.base_name = base_model_name(serve_config)
-        self.catalog = AdapterCatalog(serve_config["adapters"], serve_config.get("adapter_root"))
+        self.catalog = AdapterCatalog(serve_config.adapters, serve_config.adapter_root)
         self.base_config = read_base_config(base_path)
-        max_rank = serve_config.get("max_lora_rank") or self.catalog.max_rank()
+        max_rank = serve_config.max_lora_rank or self.catalog.max_rank()
         self.engine = create_engine(serve_config, base_path, self.base_name, max_rank)
         self.max_rank = getattr(self.engine, "max_lora_rank", None)
         self.loaded: dict[str, LoadedAdapter] = {}
@@ -86,7 +87,7 @@ class ModelServer:
         async def load(name: str) -> LoadedAdapter:  # Serve multiplexes plain functions, not bound methods
             return await self._load_adapter(name)
 
-        self._adapter = serve.multiplexed(max_num_models_per_replica=serve_config["max_adapters_per_replica"])(load)
+        self._adapter = serve.multiplexed(max_num_models_per_replica=serve_config.max_adapters_per_replica)(load)
 
     async def _load_adapter(self, name: str) -> LoadedAdapter:
         folder = await asyncio.to_thread(self.catalog.local_folder, name)

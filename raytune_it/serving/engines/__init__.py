@@ -3,6 +3,7 @@ and each engine imports only ``base``, so either runs where the other's library 
 
 from __future__ import annotations
 
+from raytune_it.config.schema import ServeSection
 from raytune_it.serving.engines.base import Engine, EngineError, GenerationRequest, GenerationResult
 
 
@@ -20,9 +21,9 @@ def engine_choice(name: str, use_gpu: bool) -> str:
     return "transformers"
 
 
-def create_engine(serve_config: dict, base_path: str, base_name: str, max_lora_rank: int) -> Engine:
+def create_engine(serve_config: ServeSection, base_path: str, base_name: str, max_lora_rank: int) -> Engine:
     """The configured engine for the base model at ``base_path`` (a local folder), served as ``base_name``."""
-    choice = engine_choice(serve_config["engine"], serve_config["use_gpu"])
+    choice = engine_choice(serve_config.engine, serve_config.use_gpu)
     if choice == "vllm":
         from raytune_it.serving.engines.vllm_engine import VLLMEngine  # imported only where vLLM exists
 

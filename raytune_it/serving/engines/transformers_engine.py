@@ -24,6 +24,7 @@ import threading
 import time
 from typing import Any, AsyncIterator, Callable
 
+from raytune_it.config.schema import ServeSection
 from raytune_it.serving.engines.base import (
     SAMPLING_EPS,
     EngineError,
@@ -36,18 +37,18 @@ from raytune_it.serving.engines.base import (
 
 
 class TransformersEngine:
-    def __init__(self, serve_config: dict, base_path: str, base_name: str) -> None:
+    def __init__(self, serve_config: ServeSection, base_path: str, base_name: str) -> None:
         import torch
 
         from raytune_it.models.loading import load_causal_lm, load_tokenizer
 
-        self.device = torch.device("cuda" if serve_config["use_gpu"] and torch.cuda.is_available() else "cpu")
-        dtype = serve_config["dtype"]
+        self.device = torch.device("cuda" if serve_config.use_gpu and torch.cuda.is_available() else "cpu")
+        dtype = serve_config.dtype
         self.dtype = ("bfloat16" if self.device.type == "cuda" else "float32") if dtype == "auto" else dtype
         self.base_name = base_name
         self.tokenizer = load_tokenizer(base_path)
-        self.prompts = PromptBuilder(self.tokenizer, int(serve_config["max_model_len"]))
-        self.model: Any = load_causal_lm(base_path, precision=self.dtype).to(self.device).eval()  # type: ignore[arg-type]
+        self.prompts = PromptBuilder(self.tokenizer, int(serve_config.max_model_len))
+        self.model: Any = load_causal_lm(base_path, precision=self.dtype).to(self.device).eval()
         # peft adapter names are internal ("adapter3"): a served name like "lora" or "a.b" would clash with
         # peft's module prefixes. The last adapter cannot be deleted from a PeftModel, so an evicted one is
         # retired and deleted when the next is loaded.

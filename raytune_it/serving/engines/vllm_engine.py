@@ -18,6 +18,7 @@ import time
 import uuid
 from typing import AsyncIterator
 
+from raytune_it.config.schema import ServeSection
 from raytune_it.serving.engines.base import (
     EngineError,
     GenerationRequest,
@@ -40,24 +41,24 @@ def supported_rank(rank: int) -> int:
 
 
 class VLLMEngine:
-    def __init__(self, serve_config: dict, base_path: str, base_name: str, max_lora_rank: int) -> None:
+    def __init__(self, serve_config: ServeSection, base_path: str, base_name: str, max_lora_rank: int) -> None:
         import torch
         from vllm import AsyncEngineArgs, AsyncLLMEngine
 
         from raytune_it.models.loading import load_tokenizer
 
         self.base_name = base_name
-        self.on_gpu = bool(serve_config["use_gpu"]) and torch.cuda.is_available()
-        dtype = serve_config["dtype"]
+        self.on_gpu = bool(serve_config.use_gpu) and torch.cuda.is_available()
+        dtype = serve_config.dtype
         self.dtype = ("bfloat16" if self.on_gpu else "float32") if dtype == "auto" else dtype
         self.max_lora_rank = supported_rank(max_lora_rank)
         self.tokenizer = load_tokenizer(base_path)
-        self.prompts = PromptBuilder(self.tokenizer, int(serve_config["max_model_len"]))
-        kv_cache_gib = serve_config.get("kv_cache_gib") or (None if self.on_gpu else CPU_KV_CACHE_GIB)
+        self.prompts = PromptBuilder(self.tokenizer, int(serve_config.max_model_len))
+        kv_cache_gib = serve_config.kv_cache_gib or (None if self.on_gpu else CPU_KV_CACHE_GIB)
         self.engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(
-            model=base_path, tokenizer=base_path, dtype=self.dtype, max_model_len=serve_config["max_model_len"],
-            enable_lora=True, max_loras=serve_config["max_adapters_per_replica"],
-            max_lora_rank=self.max_lora_rank, enforce_eager=serve_config["enforce_eager"],
+            model=base_path, tokenizer=base_path, dtype=self.dtype, max_model_len=serve_config.max_model_len,
+            enable_lora=True, max_loras=serve_config.max_adapters_per_replica,
+            max_lora_rank=self.max_lora_rank, enforce_eager=serve_config.enforce_eager,
             kv_cache_memory_bytes=int(kv_cache_gib * 2**30) if kv_cache_gib else None,
             seed=0, disable_log_stats=True,
         ))
