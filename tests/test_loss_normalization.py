@@ -35,7 +35,7 @@ def _gradients_worker(loop_config):
     from raytune_it.config import load_config
     from raytune_it.data.tokenize import collate
     from raytune_it.train.loop import global_trained_tokens
-    from raytune_it.train.strategies.base import make_strategy
+    from raytune_it.train.strategies import make_strategy
 
     rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()

@@ -10,12 +10,12 @@ import os
 import re
 from pathlib import Path
 
+from raytune_it.builtins import TINY_MODEL_NAMES
 from raytune_it.config.schema import JobConfig
 from raytune_it.errors import ConfigError
-from raytune_it.models.tiny import TINY_FAMILIES
 from raytune_it.storage import is_uri, storage_cause
 
-BUILTIN_MODELS = tuple(TINY_FAMILIES)
+BUILTIN_MODELS = TINY_MODEL_NAMES
 BUILTIN_DATA = ("builtin:tasks",)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 

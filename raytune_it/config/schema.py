@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, field_validator, model_validator
 
+from raytune_it.builtins import BUILTIN_FAMILIES
 from raytune_it.hardware import ServerTypeChoice
 
 #: Run and adapter names become folder names: keep them to a safe alphabet.
@@ -151,9 +152,7 @@ class DataSection(Section):
     def _known_families(cls, value: list[str] | None) -> list[str] | None:
         if value is None:
             return value
-        from raytune_it.data.synthetic import FAMILIES
-
-        known = [family.name for family in FAMILIES]
+        known = list(BUILTIN_FAMILIES)
         unknown = [name for name in value if name not in known]
         if unknown or not value:
             raise ValueError(f"unknown task families {unknown or value}; allowed: {', '.join(known)}")
@@ -482,14 +481,12 @@ class EvalSection(Section):
                 raise ValueError("eval.domain_families: name the domain's families (values of eval.family_field "
                                  "in eval.data.path), e.g. eval.domain_families=[open_qa,closed_qa]")
             return self
-        from raytune_it.data.synthetic import FAMILIES
-
         DataSection._known_families(self.held_out_families or None)
         if self.domain_families is not None:
             DataSection._known_families(self.domain_families)
-        elif self.domain not in {f.domain for f in FAMILIES} - {"general"}:
+        elif self.domain not in set(BUILTIN_FAMILIES.values()) - {"general"}:
             raise ValueError(f"eval.domain {self.domain!r} has no generated families; allowed: "
-                             f"{', '.join(sorted({f.domain for f in FAMILIES} - {'general'}))}, or set "
+                             f"{', '.join(sorted(set(BUILTIN_FAMILIES.values()) - {'general'}))}, or set "
                              "eval.domain_families")
         return self
 

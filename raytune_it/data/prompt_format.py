@@ -73,8 +73,6 @@ class PromptFormat:
     def training_ids(self, records: Sequence[Mapping[str, Any]]) -> tuple[list[list[int]], list[list[bool]]]:
         """Each record's text ids (without BOS and EOS) and which of them are trained: the answer of an
         Alpaca record, every assistant turn of a conversation (``chat.trained_spans``)."""
-        from raytune_it.data.tokenize import conversation_ids, joined_ids
-
         if self.chat_template is None and all("messages" not in r for r in records):
             prompts = [render_prompt(r) for r in records]
             texts = [prompt + r["output"] for prompt, r in zip(prompts, records)]
@@ -189,3 +187,50 @@ def saved_format(folder: str) -> str | None:
         template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
         return template if isinstance(template, str) and template else None
     return None
+
+
+def conversation_ids(tokenizer: Any, chat_template: str,
+                     records: Sequence[Mapping[str, Any]]) -> tuple[list[list[int]], list[list[bool]]]:
+    """Each conversation's token ids (the rendered text, tokenized as one) and which of them are trained:
+    the tokens that start inside an assistant turn's span (``chat.trained_spans``)."""
+    rendered = [trained_spans(tokenizer, chat_template, r["messages"] if "messages" in r else alpaca_messages(r))
+                for r in records]
+    texts = [text for text, _ in rendered]
+    if getattr(tokenizer, "is_fast", False):
+        encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        masks = [[any(start <= begin < end for start, end in spans) for begin, _ in offsets]
+                 for (_, spans), offsets in zip(rendered, encoded["offset_mapping"])]
+        return encoded["input_ids"], masks
+    ids, masks = [], []  # a slow tokenizer has no offsets: each span is tokenized on its own
+    for text, spans in rendered:
+        cuts = sorted({0, len(text), *(edge for span in spans for edge in span)})
+        text_ids, mask = [], []
+        for begin, end in zip(cuts, cuts[1:]):
+            piece = tokenizer(text[begin:end], add_special_tokens=False)["input_ids"]
+            text_ids += piece
+            mask += [any(start <= begin < stop for start, stop in spans)] * len(piece)
+        ids.append(text_ids)
+        masks.append(mask)
+    return ids, masks
+
+
+def joined_ids(tokenizer: Any, prompts: Sequence[str], texts: Sequence[str]) -> tuple[list[list[int]], list[int]]:
+    """Each text's token ids, and how many of them belong to its prompt (a prefix of the text).
+
+    A fast tokenizer's character offsets say which tokens start inside the prompt (a token that spans
+    the boundary counts as prompt, so the trained span never starts mid-token); a slow one falls back to
+    the prompt's own token count, as the Alpaca recipe does."""
+    if getattr(tokenizer, "is_fast", False):
+        encoded = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
+        return encoded["input_ids"], [_prompt_tokens(offsets, len(prompt))
+                                      for prompt, offsets in zip(prompts, encoded["offset_mapping"])]
+    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    return ids, [len(p) for p in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+
+
+def _prompt_tokens(offsets: Sequence[tuple[int, int]], prompt_chars: int) -> int:
+    """Tokens before the first one that starts at or after the prompt's end."""
+    for index, (start, _end) in enumerate(offsets):
+        if start >= prompt_chars:
+            return index
+    return len(offsets)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from raytune_it.builtins import BUILTIN_FAMILIES
+
 Example = tuple[str, str, str]  # instruction, input, output
 
 WORDS = ("river stone light garden paper window silver market winter planet signal harbor forest "
@@ -122,21 +124,17 @@ class TaskFamily:
     make: Callable[[random.Random], Example]
 
 
-FAMILIES: tuple[TaskFamily, ...] = (
-    TaskFamily("arithmetic", "general", _arithmetic),
-    TaskFamily("unit_conversion", "general", _unit_conversion),
-    TaskFamily("reverse_words", "general", _reverse_words),
-    TaskFamily("uppercase", "general", _uppercase),
-    TaskFamily("sort_numbers", "general", _sort_numbers),
-    TaskFamily("dosage", "medicine", _dosage),
-    TaskFamily("symptom_system", "medicine", _symptom_system),
-    TaskFamily("bmi", "medicine", _bmi),
-    TaskFamily("clause_type", "law", _clause_type),
-    TaskFamily("deadline", "law", _deadline),
-    TaskFamily("simple_interest", "finance", _simple_interest),
-    TaskFamily("percent_change", "finance", _percent_change),
-    TaskFamily("expense_category", "finance", _expense_category),
-)
+#: The code that writes each family's examples; the families and their domains are ``BUILTIN_FAMILIES``.
+MAKERS: dict[str, Callable[[random.Random], Example]] = {
+    "arithmetic": _arithmetic, "unit_conversion": _unit_conversion, "reverse_words": _reverse_words,
+    "uppercase": _uppercase, "sort_numbers": _sort_numbers, "dosage": _dosage, "symptom_system": _symptom_system,
+    "bmi": _bmi, "clause_type": _clause_type, "deadline": _deadline, "simple_interest": _simple_interest,
+    "percent_change": _percent_change, "expense_category": _expense_category,
+}
+if set(MAKERS) != set(BUILTIN_FAMILIES):
+    raise RuntimeError(f"raytune_it.builtins and data.synthetic disagree: {set(MAKERS) ^ set(BUILTIN_FAMILIES)}")
+FAMILIES: tuple[TaskFamily, ...] = tuple(TaskFamily(name, domain, MAKERS[name])
+                                         for name, domain in BUILTIN_FAMILIES.items())
 DOMAINS = tuple(sorted({f.domain for f in FAMILIES}))
 
 

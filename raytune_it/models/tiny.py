@@ -15,6 +15,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from raytune_it.builtins import TINY_MODEL_NAMES
 from raytune_it.cache import cache_dir
 
 TINY_NAME = "tiny-llama"
@@ -117,6 +118,10 @@ TINY_FAMILIES = {
     # Mistral: grouped-query attention, sliding-window attention, a SentencePiece-style tokenizer.
     "tiny-mistral": TinyFamily("mistral", "sentencepiece", kv_heads=2, chat_template="llama-2"),
 }
+
+
+if tuple(TINY_FAMILIES) != TINY_MODEL_NAMES:
+    raise RuntimeError(f"raytune_it.builtins and models.tiny disagree: {tuple(TINY_FAMILIES)} {TINY_MODEL_NAMES}")
 
 
 def _config_class(architecture: str):

@@ -17,9 +17,12 @@ import tempfile
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from raytune_it.train.state import StepPlan, TrainState, load_rng_state, save_rng_state
+
+if TYPE_CHECKING:
+    from raytune_it.train.strategies.base import Strategy
 
 
 def peak_memory_bytes(device: Any) -> int:
@@ -96,7 +99,7 @@ def run_steps(queue_step: Callable[[], Any], read: Callable[[Any], None], steps:
         read(unread)
 
 
-def evaluate(strategy: Any, batches: list[dict], device: Any) -> float | None:
+def evaluate(strategy: Strategy, batches: list[dict], device: Any) -> float | None:
     loss_sum, tokens = 0.0, 0.0
     for batch in batches:
         batch_loss, batch_tokens = strategy.eval_batch(batch)
@@ -186,7 +189,7 @@ class Recipe:
         self.pad_id = self.tokenizer.pad_token_id
         self.micro, self.accumulation = config.train.micro_batch_size, config.train.gradient_accumulation_steps
         self.state = TrainState()
-        self.strategy: Any = None
+        self.strategy: Strategy  # built in run(), on this worker's device
         self.eval_batches: list[dict] | None = None
         self.tick = time.perf_counter()  # the end of the last booked step (or of eval and checkpoint after it)
         # Sent with the first step of each attempt: where the workers run and what was built.
@@ -196,7 +199,7 @@ class Recipe:
 
     def run(self) -> None:
         from raytune_it.train.data import row_lengths
-        from raytune_it.train.strategies.base import make_strategy
+        from raytune_it.train.strategies import make_strategy
 
         self.strategy = make_strategy(self.config, self.plan.total_steps, self.device)
         self.restore()

@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
-from raytune_it.config.schema import JobConfig
 from raytune_it.data.tokenize import IGNORE_INDEX
 
 
@@ -111,11 +110,26 @@ def optimizer_name(optimizer: Any) -> str:
     return f"{type(inner).__name__}{' (fused)' if inner.defaults.get('fused') else ''}"
 
 
-def make_strategy(config: JobConfig, total_steps: int, device: Any) -> Strategy:
-    if config.method == "full":
-        from raytune_it.train.strategies.zero3 import ZeRO3Strategy
+class StrategyBase:
+    """What both strategies share. ``forward_model`` is what a forward pass runs: the DeepSpeed engine
+    (ZeRO-3) or the DDP-wrapped peft model (LoRA); ``scheduler`` steps the learning rate."""
 
-        return ZeRO3Strategy(config, total_steps, device)
-    from raytune_it.train.strategies.lora import LoraStrategy
+    device: Any
+    forward_model: Any
+    scheduler: Any
 
-    return LoraStrategy(config, total_steps, device)
+    def _to_device(self, batch: dict) -> dict:
+        return to_device(batch, self.device)
+
+    def eval_batch(self, batch: dict) -> tuple[float, int]:
+        """The batch's summed loss over its trained tokens, and their count (the loop divides once)."""
+        import torch
+
+        self.forward_model.eval()
+        with torch.no_grad():
+            loss = self.forward_model(**self._to_device(batch), use_cache=False).loss
+        tokens = trained_tokens(batch["labels"])
+        return float(loss) * tokens, tokens
+
+    def learning_rate(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])

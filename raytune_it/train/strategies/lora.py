@@ -15,13 +15,12 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from raytune_it.config.schema import JobConfig
 from raytune_it.train.strategies.base import (
+    StrategyBase,
     adamw,
     checkpointing_on,
     enable_checkpointing,
     optimizer_name,
-    to_device,
     token_loss_sum,
-    trained_tokens,
     world_size,
 )
 
@@ -62,7 +61,7 @@ def lora_model(config: JobConfig, device: Any) -> Any:
     return get_peft_model(base, peft_config)
 
 
-class LoraStrategy:
+class LoraStrategy(StrategyBase):
     def __init__(self, config: JobConfig, total_steps: int, device: Any) -> None:
         import ray.train.torch
         from transformers import get_scheduler
@@ -71,14 +70,12 @@ class LoraStrategy:
         self.device = device
         self.peft_model = lora_model(config, device)
         self.model: Any = ray.train.torch.prepare_model(self.peft_model, parallel_strategy="ddp")
+        self.forward_model = self.model
         params = [p for p in self.peft_model.parameters() if p.requires_grad]
         self.optimizer = adamw(params, config.train.learning_rate, config.train.weight_decay)
         self.scheduler = get_scheduler(config.train.lr_schedule, self.optimizer,
                                        int(config.train.warmup_ratio * total_steps), total_steps)
         self.params = params
-
-    def _to_device(self, batch: dict) -> dict:
-        return to_device(batch, self.device)
 
     def backward(self, micro_batches: Sequence[dict], trained_tokens: Any) -> Any:
         import contextlib
@@ -104,18 +101,6 @@ class LoraStrategy:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-
-    def eval_batch(self, batch: dict) -> tuple[float, int]:
-        import torch
-
-        self.model.eval()
-        with torch.no_grad():
-            loss = self.model(**self._to_device(batch), use_cache=False).loss
-        tokens = trained_tokens(batch["labels"])
-        return float(loss) * tokens, tokens
-
-    def learning_rate(self) -> float:
-        return float(self.scheduler.get_last_lr()[0])
 
     def describe(self) -> dict[str, Any]:
         base_dtypes = sorted({str(module.base_layer.weight.dtype).removeprefix("torch.")

@@ -16,12 +16,11 @@ from typing import Any, Sequence
 
 from raytune_it.config.schema import JobConfig
 from raytune_it.train.strategies.base import (
+    StrategyBase,
     checkpointing_on,
     enable_checkpointing,
     optimizer_name,
-    to_device,
     token_loss_sum,
-    trained_tokens,
     world_size,
 )
 
@@ -71,7 +70,7 @@ def skip_inference_shm_op() -> None:
         deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
-class ZeRO3Strategy:
+class ZeRO3Strategy(StrategyBase):
     def __init__(self, config: JobConfig, total_steps: int, device: Any) -> None:
         import torch
 
@@ -112,10 +111,8 @@ class ZeRO3Strategy:
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
             config=self.ds_config, lr_scheduler=scheduler,
         )
+        self.forward_model = self.engine
         self.device = self.engine.device
-
-    def _to_device(self, batch: dict) -> dict:
-        return to_device(batch, self.device)
 
     def backward(self, micro_batches: Sequence[dict], trained_tokens: Any) -> Any:
         import torch
@@ -134,18 +131,6 @@ class ZeRO3Strategy:
 
     def optimizer_step(self) -> None:
         self.engine.step()  # the accumulation boundary: DeepSpeed clips and steps the optimizer and schedule
-
-    def eval_batch(self, batch: dict) -> tuple[float, int]:
-        import torch
-
-        self.engine.eval()
-        with torch.no_grad():
-            loss = self.engine(**self._to_device(batch), use_cache=False).loss
-        tokens = trained_tokens(batch["labels"])
-        return float(loss) * tokens, tokens
-
-    def learning_rate(self) -> float:
-        return float(self.scheduler.get_last_lr()[0])
 
     def describe(self) -> dict[str, Any]:
         params = list(self.engine.module.parameters())
