@@ -174,3 +174,17 @@ def test_serve_host_must_be_an_address_or_a_hostname(host):
 @pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0", "fd00::1", "::1", "localhost", "serve-1.internal.example"])
 def test_serve_host_takes_addresses_and_hostnames(host):
     assert load_config("tiny-lora", [f"serve.host={host}"]).serve.host == host
+
+
+def test_with_overrides_is_the_one_way_to_derive_a_config():
+    from raytune_it.config.loading import with_overrides
+
+    base = load_config("tiny-lora", ["serve.api_key=s3cret-key"])
+    derived = with_overrides(base, {"train.max_steps": 8, "lora.rank": 4, "tune": {}})
+    assert (derived.train.max_steps, derived.lora.rank) == (8, 4)
+    assert base.train.max_steps != 8 and base.lora.rank == 16, "the original is left as it was"
+    assert derived.serve.api_key == "s3cret-key", "a derived job serves with the key the user set"
+    assert with_overrides(base, ["train.max_steps=8", "lora.rank=4"]) == with_overrides(
+        base, {"train.max_steps": 8, "lora.rank": 4})
+    with pytest.raises(ConfigError, match=r"lora.rank: got 0"):
+        with_overrides(base, {"lora.rank": 0}, "a trial")

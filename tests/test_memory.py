@@ -54,3 +54,18 @@ def test_train_warns_before_launch_when_a_config_cannot_fit(tmp_path):
     assert warning and "more than a a800-80g GPU's 80 GiB" in warning and "optimizer" in warning
     two = load_config("llama-7b-full-a800", [f"model.name_or_path={model}", "data.path=builtin:tasks"])
     assert memory_warning(two) is None
+
+
+def test_one_shape_derivation_honours_head_dim_for_the_planner_and_the_adapter_checks():
+    """A model whose heads are not hidden/heads wide (head_dim set, as in Gemma or Qwen3): the planner's
+    parameter count and serving's adapter shapes come from the same module shapes."""
+    from raytune_it.models.shape import shape_from_hf_dict
+    from raytune_it.serving.adapters import expected_lora_shapes
+
+    config = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 100}
+    shape = shape_from_hf_dict(config, "wide-heads")
+    assert expected_lora_shapes(config) == shape.module_shapes()
+    assert shape.module_shapes()["q_proj"] == (64, 128) and shape.module_shapes()["k_proj"] == (64, 64)
+    per_layer = 64 * 128 + 2 * 64 * 64 + 128 * 64 + 3 * 64 * 128
+    assert shape.linear_params_per_layer == per_layer

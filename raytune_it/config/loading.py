@@ -12,7 +12,7 @@ import os
 import re
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -105,12 +105,16 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def with_overrides(config: JobConfig, overrides: Sequence[str], label: str = "config") -> JobConfig:
-    """A copy of ``config`` with ``a.b=value`` overrides applied, validated (secrets kept: a derived job
-    serves with the key the user set; saving drops it)."""
+def with_overrides(config: JobConfig, changes: Mapping[str, Any] | Sequence[str],
+                   label: str = "config") -> JobConfig:
+    """A new config derived from ``config``, validated as a loaded one is: the one way to derive a config
+    (a sweep's trials, eval's adapter runs, ``raytune-it run``'s stages). ``changes`` maps dotted keys to
+    values (``{"train.max_steps": 8}``; a section given as a dict replaces that section) or is a list of
+    ``a.b=value`` override strings. The original is never changed; secrets are kept (a derived job serves
+    with the key the user set; saving drops it)."""
     data = config.to_dict(include_secrets=True)
-    for text in overrides:
-        path, value = parse_override(text)
+    items = changes.items() if isinstance(changes, Mapping) else [parse_override(text) for text in changes]
+    for path, value in items:
         apply_override(data, path, value)
     return validate(data, label)
 

@@ -16,6 +16,7 @@ from raytune_it.errors import ConfigError
 from raytune_it.storage import is_uri, storage_cause
 
 BUILTIN_MODELS = TINY_MODEL_NAMES
+RECORDS_FILE = ".json, .jsonl or .parquet file of records (data.format: alpaca, messages, sharegpt or prompt)"
 BUILTIN_DATA = ("builtin:tasks",)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -81,18 +82,17 @@ def check_data_path(name: str, key: str = "data.path") -> None:
         except OSError as exc:
             raise ConfigError(f"{key}: cannot read {redact_uri(name)}: {storage_cause(exc)}") from None
         if not found:
-            raise ConfigError(f"{key}: {redact_uri(name)} does not exist in storage. Pass a .json, .jsonl or "
-                              f".parquet file of Alpaca records, or {BUILTIN_DATA[0]}")
+            raise ConfigError(f"{key}: {redact_uri(name)} does not exist in storage. Pass a {RECORDS_FILE}, "
+                              f"or {BUILTIN_DATA[0]}")
         return
     path = Path(os.path.expanduser(name))
     if path.is_dir():
         files = sorted(p.name for p in path.iterdir() if p.suffix.lower() in DATA_SUFFIXES)
         inside = f" (it holds {', '.join(files[:5])}{', ...' if len(files) > 5 else ''})" if files else ""
-        raise ConfigError(f"{key}: {name!r} is a directory{inside}; pass one .json, .jsonl or .parquet file of "
-                          "Alpaca records, such as data.path=" + str(path / (files[0] if files else "train.jsonl")))
+        raise ConfigError(f"{key}: {name!r} is a directory{inside}; pass one {RECORDS_FILE}, such as "
+                          f"data.path={path / (files[0] if files else 'train.jsonl')}")
     if not path.is_file():
-        raise ConfigError(f"{key}: {name!r} does not exist. Pass a .json, .jsonl or .parquet file of Alpaca records, "
-                          f"or {BUILTIN_DATA[0]}")
+        raise ConfigError(f"{key}: {name!r} does not exist. Pass a {RECORDS_FILE}, or {BUILTIN_DATA[0]}")
 
 
 def check_paths(config: JobConfig) -> None:

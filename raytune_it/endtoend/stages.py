@@ -18,8 +18,6 @@ from raytune_it.config.loading import save_config, with_overrides
 from raytune_it.config.schema import JobConfig
 from raytune_it.storage import Location
 
-STAGES = ("stats and plan", "sweep", "full tuning", "serve", "eval", "report")
-
 
 def derive(config: JobConfig, overrides: list[str]) -> JobConfig:
     return with_overrides(config, overrides, "a stage of raytune-it run")

@@ -22,6 +22,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from raytune_it.config.loading import with_overrides
 from raytune_it.config.schema import BUILTIN_DATA, JobConfig
 from raytune_it.data.synthetic import FAMILIES
 from raytune_it.errors import UserError
@@ -53,12 +54,10 @@ def seen_families(config: JobConfig) -> list[str]:
 
 
 def _adapter_config(config: JobConfig, name: str, data: dict[str, Any]) -> JobConfig:
-    values = config.to_dict()
-    values["method"] = "lora"
-    values["data"].update(data)
-    values["train"].update(max_steps=config.eval.train_steps, eval_every_steps=config.eval.train_steps)
-    values["run"]["name"] = f"{config.run.name}-eval-{name}"
-    return JobConfig.model_validate(values)
+    return with_overrides(config, {
+        "method": "lora", **{f"data.{key}": value for key, value in data.items()},
+        "train.max_steps": config.eval.train_steps, "train.eval_every_steps": config.eval.train_steps,
+        "run.name": f"{config.run.name}-eval-{name}"}, f"eval's {name} adapter")
 
 
 def builtin_plan(config: JobConfig, exclude: set) -> EvalPlan:

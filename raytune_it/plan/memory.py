@@ -23,12 +23,12 @@ then the activations are freed, so the step's peak is lower than the backward's.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from raytune_it.config.schema import JobConfig
+from raytune_it.models.shape import ModelShape, shape_from_hf_config
 
 GIB = 2**30
 #: CUDA context, cuBLAS workspaces, NCCL buffers, allocator fragmentation.
@@ -36,39 +36,6 @@ FRAMEWORK_OVERHEAD_BYTES = int(2.5 * GIB)
 #: DeepSpeed ZeRO-3 defaults the working buffers follow.
 ZERO3_MAX_LIVE_PARAMETERS = 1_000_000_000
 ZERO3_REDUCE_BUCKET_SIZE = 500_000_000
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    name: str
-    layers: int
-    hidden: int
-    intermediate: int
-    heads: int
-    kv_heads: int
-    vocab: int
-    tied_embeddings: bool = False
-
-    @property
-    def linear_params_per_layer(self) -> int:
-        head_dim = self.hidden // self.heads
-        attention = self.hidden * self.hidden * 2 + 2 * self.hidden * self.kv_heads * head_dim
-        return attention + 3 * self.hidden * self.intermediate
-
-    @property
-    def embedding_params(self) -> int:
-        return self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
-
-    @property
-    def parameters(self) -> int:
-        return self.layers * (self.linear_params_per_layer + 2 * self.hidden) + self.embedding_params + self.hidden
-
-    def module_shapes(self) -> dict[str, tuple[int, int]]:
-        """(in, out) features of each LLaMA linear module, by name."""
-        kv = self.kv_heads * (self.hidden // self.heads)
-        return {"q_proj": (self.hidden, self.hidden), "k_proj": (self.hidden, kv), "v_proj": (self.hidden, kv),
-                "o_proj": (self.hidden, self.hidden), "gate_proj": (self.hidden, self.intermediate),
-                "up_proj": (self.hidden, self.intermediate), "down_proj": (self.intermediate, self.hidden)}
 
 
 #: LLaMA-1 shapes (Touvron et al., 2023), the models of the survey's Table 8.
@@ -84,16 +51,6 @@ LLAMA_SHAPES = {
 NAMED_SHAPES = {
     "LLAMA3-8B": ModelShape("Llama-3-8B", 32, 4096, 14336, 32, 8, 128256),
 }
-
-
-def shape_from_hf_config(path: str | Path, name: str | None = None) -> ModelShape:
-    data = json.loads((Path(path) / "config.json").read_text())
-    heads = data["num_attention_heads"]
-    return ModelShape(
-        name=name or Path(path).name, layers=data["num_hidden_layers"], hidden=data["hidden_size"],
-        intermediate=data["intermediate_size"], heads=heads, kv_heads=data.get("num_key_value_heads") or heads,
-        vocab=data["vocab_size"], tied_embeddings=bool(data.get("tie_word_embeddings", False)),
-    )
 
 
 def shape_of_config(config: JobConfig) -> ModelShape:

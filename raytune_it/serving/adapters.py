@@ -14,10 +14,11 @@ the shapes named, not left to fail inside the engine).
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
+from raytune_it.config.schema import SAFE_NAME
+from raytune_it.models.shape import shape_from_hf_dict
 from raytune_it.serving.engines.base import EngineError
 from raytune_it.storage import (
     Location,
@@ -30,7 +31,7 @@ from raytune_it.storage import (
     storage_cause,
 )
 
-ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+ADAPTER_NAME = SAFE_NAME  # the names a config may give adapters: one rule for config and HTTP
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
 
@@ -79,14 +80,7 @@ def _bad(name: str, problem: str) -> EngineError:
 
 def expected_lora_shapes(base_config: dict) -> dict[str, tuple[int, int]]:
     """(in_features, out_features) of the LLaMA-family projections LoRA targets, from the base's config."""
-    hidden = base_config["hidden_size"]
-    heads = base_config["num_attention_heads"]
-    head_dim = base_config.get("head_dim") or hidden // heads
-    kv = base_config.get("num_key_value_heads") or heads
-    inner = base_config.get("intermediate_size", 0)
-    return {"q_proj": (hidden, heads * head_dim), "k_proj": (hidden, kv * head_dim),
-            "v_proj": (hidden, kv * head_dim), "o_proj": (heads * head_dim, hidden),
-            "gate_proj": (hidden, inner), "up_proj": (hidden, inner), "down_proj": (inner, hidden)}
+    return shape_from_hf_dict(base_config, "base").module_shapes()
 
 
 def lora_rank(config: dict) -> int:

@@ -2,8 +2,10 @@
 
 Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both
 with ``stream``), POST /v1/latency (batch-1 timing runs), GET /metrics
-(Prometheus), GET /health. Every error is an OpenAI-style JSON body with a 4xx
-status; nothing a client sends takes a replica down.
+(Prometheus), GET /health. Every error is an OpenAI-style JSON body: a 4xx for
+what the client sent, a 503 when the deployment's queue is full, a 500 only for a
+fault of the server (logged in the replica); nothing a client sends takes a replica
+down.
 
 The ingress parses, authenticates and shapes answers; it reaches the model only
 through the ``ModelServer`` deployment's handle, with the requested adapter as

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from raytune_it.train.state import StepPlan, TrainState, load_rng_state, save_rng_state
+from raytune_it.train.step_metrics import NO_EVAL, StepMetrics
 
 if TYPE_CHECKING:
     from raytune_it.train.strategies.base import Strategy
@@ -240,7 +241,7 @@ class Recipe:
                     self.plan.steps_per_epoch - state.batches_in_epoch // self.accumulation)
         step_rows = iter([rows[i * self.accumulation:(i + 1) * self.accumulation] for i in range(steps)])
         self.tick = time.perf_counter()
-        # A CPU has finished a step when ``step`` returns; a GPU has only queued it.
+        # A CPU has finished a step when ``queue_step`` returns; a GPU has only queued it.
         run_steps(partial(self.queue_step, step_rows), self.finish_step, steps,
                   read_late=self.device.type == "cuda",
                   read_at_once=partial(self.is_eval_step_at, state.step + 1))
@@ -269,7 +270,7 @@ class Recipe:
         state.batches_in_epoch += self.accumulation
         state.tokens += int(tokens)
         state.train_seconds += seconds
-        metrics = {
+        metrics: StepMetrics = {
             "step": state.step, "epoch": state.epoch, "total_steps": self.plan.total_steps,
             "loss": loss, "learning_rate": learning_rate,
             "tokens": state.tokens, "tokens_per_second": tokens / seconds if seconds else 0.0,
@@ -280,7 +281,7 @@ class Recipe:
             started = time.perf_counter()
             metrics.update(self.evaluate())
             state.eval_seconds += time.perf_counter() - started
-        metrics.update(eval_seconds=state.eval_seconds, checkpoint_seconds=state.checkpoint_seconds)
+        metrics["eval_seconds"], metrics["checkpoint_seconds"] = state.eval_seconds, state.checkpoint_seconds
         self.report(metrics, with_checkpoint=at_eval)
         self.tick = time.perf_counter()
 
@@ -292,7 +293,7 @@ class Recipe:
         """Whether the ``index``-th step of a session that starts at step ``first`` evaluates."""
         return self.is_eval_step(first + index)
 
-    def evaluate(self) -> dict:
+    def evaluate(self) -> StepMetrics:
         from raytune_it.train.data import eval_rows, micro_batch_rows, micro_batches
 
         if self.eval_batches is None:  # the eval split is small: collated once and kept
@@ -303,9 +304,9 @@ class Recipe:
                                         drop_last=False, group_by_length=False), self.pad_id))
         eval_loss = evaluate(self.strategy, self.eval_batches, self.device)
         [peak] = _all_reduce([float(peak_memory_bytes(self.device))], self.device, op="max")
-        return {"eval_loss": eval_loss if eval_loss is not None else float("nan"), "peak_memory_bytes": int(peak)}
+        return {"eval_loss": eval_loss if eval_loss is not None else NO_EVAL, "peak_memory_bytes": int(peak)}
 
-    def report(self, metrics: dict, with_checkpoint: bool) -> None:
+    def report(self, metrics: StepMetrics, with_checkpoint: bool) -> None:
         """Every step's metrics go to the driver's queue; Ray Train gets eval steps with a checkpoint.
 
         ``ray.train.report`` is a barrier that waits for the controller's next poll
@@ -325,7 +326,7 @@ class Recipe:
         if with_checkpoint:
             self.checkpoint(metrics)
 
-    def checkpoint(self, metrics: dict) -> None:
+    def checkpoint(self, metrics: StepMetrics) -> None:
         """Write a checkpoint and report it to Ray Train, which uploads it to the run's storage and records
         it once every worker has reported it: a restart uses the newest checkpoint so recorded."""
         import ray.train

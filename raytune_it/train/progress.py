@@ -12,10 +12,11 @@ the new steps to the experiment tracker, if any.
 from __future__ import annotations
 
 import json
-import math
 import threading
 import time
 from typing import Any, Callable
+
+from raytune_it.train.step_metrics import step_eval_loss
 
 FLUSH_EVERY_S = 5.0
 
@@ -80,7 +81,8 @@ class ProgressMonitor:
         done = m["step"] / max(1, m["total_steps"])
         side = m.get("eval_seconds", 0.0) + m.get("checkpoint_seconds", 0.0)
         eta = (m["train_seconds"] + side) / max(1, m["step"]) * (m["total_steps"] - m["step"])
-        eval_text = f" eval_loss {m['eval_loss']:.4f}" if "eval_loss" in m and not math.isnan(m["eval_loss"]) else ""
+        eval_loss = step_eval_loss(m)
+        eval_text = f" eval_loss {eval_loss:.4f}" if eval_loss is not None else ""
         # tokens/s is the training rate: evaluation and checkpoint time is shown apart, never folded into it.
         return (f"step {m['step']}/{m['total_steps']} ({done:.0%}) epoch {m['epoch']} loss {m['loss']:.4f}"
                 f"{eval_text} lr {m['learning_rate']:.2e} tokens/s {m['tokens_per_second']:,.0f} "

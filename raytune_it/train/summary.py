@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from raytune_it.config.schema import JobConfig
+from raytune_it.train.step_metrics import step_eval_loss
 
 SUMMARY_FILE = "summary.json"
 
@@ -63,13 +64,35 @@ def _finite(value: Any) -> float | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
 
 
-def build_summary(config: JobConfig, history: list[dict], steps_per_epoch: int, wall_seconds: float,
-                  export_dir: str) -> RunSummary:
+def measured(history: list[dict]) -> dict[str, Any]:
+    """What a run's steps measured, from its metrics history (``StepMetrics``, in step order): the one
+    computation behind a finished run's summary and a stopped sweep trial's row."""
     last = history[-1]
-    evals = [m for m in history if _finite(m.get("eval_loss")) is not None]
+    evals = [loss for m in history if (loss := step_eval_loss(m)) is not None]
     peaks = [m["peak_memory_bytes"] for m in history if "peak_memory_bytes" in m]
     train_seconds = last["train_seconds"]
     eval_seconds, checkpoint_seconds = last.get("eval_seconds", 0.0), last.get("checkpoint_seconds", 0.0)
+    return dict(
+        steps=last["step"],
+        tuning_seconds=round(train_seconds + eval_seconds + checkpoint_seconds, 3),
+        train_seconds=round(train_seconds, 3),
+        eval_seconds=round(eval_seconds, 3),
+        checkpoint_seconds=round(checkpoint_seconds, 3),
+        train_tokens=int(last["tokens"]),
+        tokens_per_second=round(last["tokens"] / train_seconds, 1) if train_seconds else 0.0,
+        peak_memory_bytes=int(max(peaks)) if peaks else 0,
+        final_train_loss=_finite(last["loss"]),
+        final_eval_loss=evals[-1] if evals else None,
+        initial_train_loss=_finite(history[0]["loss"]) if history[0]["step"] == 1 else None,
+        restarts=int(last.get("restarts", 0)),
+        worker_nodes=next((m["worker_nodes"] for m in reversed(history) if "worker_nodes" in m), []),
+        strategy=next((m["strategy"] for m in reversed(history) if "strategy" in m), {}),
+    )
+
+
+def build_summary(config: JobConfig, history: list[dict], steps_per_epoch: int, wall_seconds: float,
+                  export_dir: str) -> RunSummary:
+    numbers = measured(history)
     return RunSummary(
         run_name=config.run.name,
         method=config.method,
@@ -78,23 +101,10 @@ def build_summary(config: JobConfig, history: list[dict], steps_per_epoch: int, 
         num_workers=config.scaling.num_workers,
         per_device_batch_size=config.train.micro_batch_size,
         gradient_accumulation_steps=config.train.gradient_accumulation_steps,
-        steps=last["step"],
-        epochs_completed=round(last["step"] / steps_per_epoch, 3),
-        tuning_seconds=round(train_seconds + eval_seconds + checkpoint_seconds, 3),
-        train_seconds=round(train_seconds, 3),
-        eval_seconds=round(eval_seconds, 3),
-        checkpoint_seconds=round(checkpoint_seconds, 3),
+        epochs_completed=round(numbers["steps"] / steps_per_epoch, 3),
         wall_seconds=round(wall_seconds, 3),
-        train_tokens=int(last["tokens"]),
-        tokens_per_second=round(last["tokens"] / last["train_seconds"], 1) if last["train_seconds"] else 0.0,
-        peak_memory_bytes=int(max(peaks)) if peaks else 0,
-        final_train_loss=_finite(last["loss"]),
-        final_eval_loss=_finite(evals[-1]["eval_loss"]) if evals else None,
-        initial_train_loss=_finite(history[0]["loss"]) if history[0]["step"] == 1 else None,
-        restarts=int(last.get("restarts", 0)),
         export_dir=export_dir,
-        worker_nodes=next((m["worker_nodes"] for m in reversed(history) if "worker_nodes" in m), []),
-        strategy=next((m["strategy"] for m in reversed(history) if "strategy" in m), {}),
+        **numbers,
     )
 
 

@@ -14,29 +14,29 @@ from typing import Any
 from raytune_it.config.schema import JobConfig
 from raytune_it.storage import Location, publish_dir
 from raytune_it.train.driver import read_history
+from raytune_it.train.step_metrics import step_eval_loss
+from raytune_it.train.summary import measured
 from raytune_it.tune.layout import trial_dir, trial_name
 from raytune_it.tune.space import Trial
 
 STATUS_FINISHED, STATUS_STOPPED, STATUS_SKIPPED, STATUS_FAILED = "finished", "stopped early", "skipped", "failed"
 
 
+#: The numbers a trial's row shows: a finished trial's summary, or what a stopped one's steps measured
+#: (both ``train.summary.measured``, so the two agree).
+ROW_NUMBERS = ("final_eval_loss", "tokens_per_second", "peak_memory_bytes", "tuning_seconds", "steps")
+
+
 def _trial_metrics(folder: Location) -> dict[str, Any]:
     summary_path = folder / "summary.json"
     if summary_path.is_file():
-        summary = json.loads(summary_path.read_text())
-        return {"final_eval_loss": summary["final_eval_loss"], "tokens_per_second": summary["tokens_per_second"],
-                "peak_memory_bytes": summary["peak_memory_bytes"], "wall_seconds": summary["wall_seconds"],
-                "steps": summary["steps"]}
-    history = read_history(folder / "metrics.jsonl")
-    if not history:
-        return {}
-    last = history[-1]
-    evals = [m["eval_loss"] for m in history if "eval_loss" in m and not math.isnan(m["eval_loss"])]
-    peaks = [m["peak_memory_bytes"] for m in history if "peak_memory_bytes" in m]
-    return {"final_eval_loss": evals[-1] if evals else None,
-            "tokens_per_second": last["tokens"] / last["train_seconds"] if last["train_seconds"] else None,
-            "peak_memory_bytes": max(peaks) if peaks else None, "wall_seconds": last["train_seconds"],
-            "steps": last["step"]}
+        numbers = json.loads(summary_path.read_text())
+    else:
+        history = read_history(folder / "metrics.jsonl")
+        if not history:
+            return {}
+        numbers = measured(history)
+    return {key: numbers[key] for key in ROW_NUMBERS}
 
 
 def collect_rows(config: JobConfig, trials: list[Trial], grid: Any, trials_dir: Location) -> list[dict]:
@@ -47,8 +47,7 @@ def collect_rows(config: JobConfig, trials: list[Trial], grid: Any, trials_dir: 
     rows = []
     for trial in trials:
         row: dict[str, Any] = {"trial": trial.index, **trial.params, "status": "", "reason": "",
-                               "final_eval_loss": None, "tokens_per_second": None, "peak_memory_bytes": None,
-                               "wall_seconds": None, "steps": 0,
+                               **dict.fromkeys(ROW_NUMBERS), "steps": 0,
                                "estimated_memory_gib": round(trial.memory_bytes / 2**30, 2)
                                if trial.memory_bytes else None}
         if trial.skipped_reason:
@@ -67,7 +66,7 @@ def collect_rows(config: JobConfig, trials: list[Trial], grid: Any, trials_dir: 
             last = (result.metrics or {}) if result is not None else {}
             if last.get("step"):
                 row["steps"] = last["step"]
-            if last.get("eval_loss") is not None and math.isfinite(last["eval_loss"]):
+            if step_eval_loss(last) is not None and math.isfinite(last["eval_loss"]):
                 row["final_eval_loss"] = last["eval_loss"]
             row.update(status=STATUS_STOPPED, reason=f"ASHA stopped it after step {row['steps']}")
         rows.append(row)

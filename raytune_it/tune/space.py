@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from raytune_it.config.loading import apply_override, config_value, validate
+from raytune_it.config.loading import config_value, with_overrides
 from raytune_it.config.schema import JobConfig
 from raytune_it.errors import ConfigError
 
@@ -120,15 +120,10 @@ def expand_trials(base: JobConfig) -> list[Trial]:
     else:
         rng = random.Random(tune.seed)
         combos = [{path: _draw(rng, spec) for path, spec in specs.items()} for _ in range(tune.num_samples)]
-    base_dict = base.to_dict()
     trials = []
     for index, params in enumerate(combos):
-        data = json.loads(json.dumps(base_dict))
-        data["tune"] = {}
-        for path, value in params.items():
-            apply_override(data, path, value)
         try:
-            config = validate(data, f"trial {index}")
+            config = with_overrides(base, {"tune": {}, **params}, f"trial {index}")
         except ConfigError as exc:
             raise ConfigError(f"tune.search_space: trial {index} ({_label(params)}) is not a valid config: "
                               f"{exc}") from None

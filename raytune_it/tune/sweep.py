@@ -21,11 +21,12 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from raytune_it.config.loading import save_config
+from raytune_it.config.loading import save_config, with_overrides
 from raytune_it.config.schema import JobConfig
 from raytune_it.hardware import SERVER_TYPES
 from raytune_it.storage import Location, check_writable
 from raytune_it.tracking import tracked_run
+from raytune_it.train.step_metrics import step_eval_loss
 from raytune_it.tune.layout import trial_dir, trial_name, trials_dir
 from raytune_it.tune.space import Trial, expand_trials
 
@@ -64,8 +65,8 @@ class _SweepReportCallback:
                 self.last_eval = math.inf
 
             def after_report(self, run_context: Any, metrics: list, checkpoint: Any) -> None:
-                value = metrics[0].get("eval_loss")
-                if value is not None and not math.isnan(value):
+                value = step_eval_loss(metrics[0])
+                if value is not None:
                     self.last_eval = value
                 super().after_report(run_context, [dict(metrics[0], eval_loss=self.last_eval)] + metrics[1:],
                                      checkpoint)
@@ -194,10 +195,10 @@ def fit_short_trials(config: JobConfig, runnable: list[Trial], console: Any) -> 
                           f"(train.max_steps); set it to at most {shortest}, or leave it unset")
     fitted = set()
     for trial, steps in capped:
-        train = trial.config.train
-        if train.eval_every_steps > steps:
-            train.eval_every_steps = max(1, -(-steps // SHORT_TRIAL_EVALS))
-            fitted.add((steps, train.eval_every_steps))
+        if trial.config.train.eval_every_steps > steps:
+            every = max(1, -(-steps // SHORT_TRIAL_EVALS))
+            trial.config = with_overrides(trial.config, {"train.eval_every_steps": every}, f"trial {trial.index}")
+            fitted.add((steps, every))
     for steps, every in sorted(fitted):
         console.print(f"trials of {steps} steps evaluate every {every} steps (train.eval_every_steps is longer "
                       "than the trial)", markup=False, highlight=False)
