@@ -68,8 +68,9 @@ def beyond_loopback(found: list[tuple[str, str, int]]) -> list[tuple[str, str, i
 
 
 class ListenerWatch:
-    """Lists the listening sockets below a process twice a second while it runs (servers come and go
-    through a run's stages), keeping every one seen; stopped on leaving the block."""
+    """Lists the listening sockets below a process once a second while it runs (servers come and go
+    through a run's stages, each living for seconds), keeping every one seen; stopped on leaving the block.
+    Each sample scans every socket on the machine, so a shorter interval steals CPU from the run it watches."""
 
     def __init__(self, root_pid: int) -> None:
         import threading
@@ -79,7 +80,7 @@ class ListenerWatch:
         self._thread = threading.Thread(target=self._watch, daemon=True)
 
     def _watch(self) -> None:
-        while not self._stop.wait(0.5):
+        while not self._stop.wait(1.0):
             self.seen.update(listeners(self.root_pid))
             self.samples += 1
 

@@ -73,7 +73,7 @@ def test_combinations_that_cannot_fit_are_skipped_with_the_reason():
 # --- real sweeps ---------------------------------------------------------------------------
 
 @pytest.mark.integration
-def test_two_by_two_sweep_writes_results_plots_and_best(tmp_path, tiny_model_dir):
+def test_two_by_two_sweep_writes_results_plots_and_best(local_ray, tmp_path, tiny_model_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -119,7 +119,7 @@ def test_a_short_sweep_fits_eval_and_asha_to_its_steps_and_refuses_a_longer_grac
 
 
 @pytest.mark.integration
-def test_asha_stops_weak_trials_early(tmp_path):
+def test_asha_stops_weak_trials_early(local_ray, tmp_path):
     # a good learning rate first, then two that barely move: ASHA stops those at its first rung
     config = load_config("tiny-sweep", [
         f"run.storage={tmp_path}", 'tune.search_space={"train.learning_rate": [3e-3, 1e-7, 1e-7]}',
