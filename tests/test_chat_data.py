@@ -48,7 +48,10 @@ def test_messages_and_sharegpt_files_read_as_the_same_conversation(tmp_path):
     ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "  "}], "turn 2: the assistant turn is empty"),
     ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}, {"role": "user", "content": "z"}],
      "the conversation ends on a user turn"),
-    ([{"role": "user", "content": ["x"]}, {"role": "assistant", "content": "y"}], "turn 1: content must be a string"),
+    ([{"role": "user", "content": ["x"]}, {"role": "assistant", "content": "y"}],
+     "turn 1: content part 1 ('str') is not a text part"),
+    ([{"role": "user", "content": 5}, {"role": "assistant", "content": "y"}],
+     "turn 1: content must be a string or a list of text parts"),
 ])
 def test_bad_conversations_name_file_and_line_or_are_skipped_and_counted(tmp_path, bad, reason):
     path = _jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}, {"messages": bad}])
@@ -128,3 +131,89 @@ def test_the_pipeline_reads_and_trains_sharegpt_data_with_the_models_template(tm
     assert len(examples) == 4 and len(_runs(examples[0]["labels"])) == 2
     # tiny-llama has no chat template of its own: conversations get the Alpaca chat template
     assert "### Instruction:\nAnd 3 hours?" in tokenizer.decode(examples[0]["input_ids"])
+
+
+# --- OpenAI's chat fine-tuning format, in full --------------------------------------------------------------
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+TOOL_CONVERSATION = {
+    "tools": [WEATHER_TOOL],
+    "messages": [
+        {"role": "developer", "content": [{"type": "text", "text": "You are terse."},
+                                          {"type": "text", "text": "Use tools."}]},
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": "I think it rains.", "weight": 0},
+        {"role": "user", "content": "Check, please."},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "{\"sky\": \"clear\"}"},
+        {"role": "assistant", "content": [{"type": "text", "text": "Clear skies in Oslo."}], "weight": 1},
+    ]}
+
+
+def test_openai_fine_tuning_records_are_read_in_full(tmp_path):
+    """Text parts, the developer role, tool calls with null content, tool turns, a tools list and weights:
+    what OpenAI's chat fine-tuning files hold, read as a conversation a chat template renders."""
+    [record] = iter_records(_jsonl(tmp_path / "openai.jsonl", [TOOL_CONVERSATION]), record_format="messages")
+    turns = record["messages"]
+    assert turns[0] == {"role": "system", "content": "You are terse.\nUse tools."}
+    assert turns[4]["content"] == "" and turns[4]["tool_calls"][0]["function"] == {
+        "name": "get_weather", "arguments": {"city": "Oslo"}}
+    assert turns[5]["role"] == "tool" and turns[5]["tool_call_id"] == "call_1"
+    assert turns[6]["content"] == "Clear skies in Oslo." and record["tools"] == [WEATHER_TOOL]
+
+
+def test_tool_calls_are_trained_weight_zero_turns_and_tool_results_masked(tokenizer):
+    """Under the chatml template (Qwen2.5's tool format): the tool list is in the prompt, the call and the
+    final answer are trained, the weight-0 answer, the tool's result and the user turns are not."""
+    from raytune_it.data.chat import messages_record
+
+    record = messages_record(TOOL_CONVERSATION)
+    [example] = tokenize_records([record], tokenizer, 2048, chat_template=CHAT_TEMPLATES["chatml"])
+    ids, labels = example["input_ids"], example["labels"]
+    text = tokenizer.decode(ids)
+    assert "<tools>" in text and '"name": "get_weather"' in text and "<tool_response>" in text
+    runs = [tokenizer.decode([ids[i] for i in run]) for run in _runs(labels)]
+    assert len(runs) == 2, runs
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>' in runs[0]
+    assert "Clear skies in Oslo." in runs[1]
+    for masked in ("I think it rains.", "clear\"}", "Check, please.", "get_weather\", \"description"):
+        assert not any(masked in run for run in runs), masked
+    # Generation renders the same prompt, tools included, up to the answer it is asked for.
+    prompt_format = PromptFormat(tokenizer, CHAT_TEMPLATES["chatml"])
+    prompt = prompt_format.prompt_ids({"messages": record["messages"][:-1], "tools": record["tools"]})
+    assert ids[:len(prompt)] == prompt and labels[len(prompt)] != IGNORE_INDEX
+
+
+@pytest.mark.parametrize("change,reason", [
+    (lambda r: r["messages"][2].update(weight=2), "turn 3: weight must be 0 or 1, on an assistant turn"),
+    (lambda r: r["messages"][1].update(weight=0), "turn 2: weight must be 0 or 1, on an assistant turn"),
+    (lambda r: [m.update(weight=0) for m in r["messages"] if m["role"] == "assistant"],
+     "every assistant turn has weight 0: there is nothing to train on"),
+    (lambda r: r["messages"][4]["tool_calls"][0]["function"].update(arguments="{city"),
+     "turn 5: tool call 1: arguments is not valid JSON"),
+    (lambda r: r["messages"][1].update(content=[{"type": "image_url", "image_url": {"url": "x"}}]),
+     "turn 2: content part 1 ('image_url') is not a text part"),
+    (lambda r: r.update(tools="get_weather"), "tools must be a list of"),
+])
+def test_bad_openai_records_name_their_line(tmp_path, change, reason):
+    bad = json.loads(json.dumps(TOOL_CONVERSATION))
+    change(bad)
+    path = _jsonl(tmp_path / "openai.jsonl", [TOOL_CONVERSATION, bad])
+    with pytest.raises(DataError, match=f"{path}:2: ") as err:
+        list(iter_records(path, record_format="messages"))
+    assert reason in str(err.value)
+
+
+def test_tools_on_a_template_without_tool_support_are_refused_naming_the_fix(tmp_path, tokenizer):
+    """The Alpaca and Llama templates do not render tool calls: training on them would drop the calls and learn
+    an empty answer, so the run is refused before it starts, naming data.template=chatml."""
+    path = _jsonl(tmp_path / "tools.jsonl", [TOOL_CONVERSATION])
+    config = load_config("tiny-lora", [f"data.path={path}", "data.format=messages", "data.eval_fraction=0"])
+    with pytest.raises(DataError, match=f"{path}: the conversation uses tools .*data.template=chatml"):
+        list(iter_examples(config.data, tokenizer, 512, "train", 0))
+    chatml = load_config("tiny-lora", [f"data.path={path}", "data.format=messages", "data.eval_fraction=0",
+                                       "data.template=chatml"])
+    assert len(list(iter_examples(chatml.data, tokenizer, 2048, "train", 0))) == 1

@@ -16,6 +16,7 @@ from raytune_it.config.schema import DataSection
 from raytune_it.data.records import ReadReport, iter_records
 from raytune_it.data.synthetic import generate, write_jsonl
 from raytune_it.data.tokenize import TokenizeStats, pack_examples, tokenize_records
+from raytune_it.errors import DataError
 from raytune_it.storage import fetch_file, is_uri, open_location
 
 Split = Literal["train", "eval"]
@@ -100,7 +101,11 @@ def iter_examples(
 
     def tokenized() -> Iterator[dict[str, list[int]]]:
         while batch := list(islice(records, BATCH)):
-            yield from tokenize_records(batch, tokenizer, max_seq_len, stats, chat_template=template)
+            try:
+                examples = tokenize_records(batch, tokenizer, max_seq_len, stats, chat_template=template)
+            except ValueError as exc:  # the run's template cannot render the file's conversations
+                raise DataError(f"{resolve_data_path(data)}: {exc}") from None
+            yield from examples
 
     yield from pack_examples(tokenized(), max_seq_len) if data.packing else tokenized()
 

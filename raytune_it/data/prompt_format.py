@@ -24,7 +24,14 @@ import functools
 import json
 from typing import Any, Mapping, Sequence
 
-from raytune_it.data.chat import CHAT_TEMPLATES, alpaca_messages, template_source, trained_spans
+from raytune_it.data.chat import (
+    CHAT_TEMPLATES,
+    alpaca_messages,
+    check_tool_support,
+    render,
+    template_source,
+    trained_spans,
+)
 from raytune_it.data.templates import render_prompt
 
 #: A stand-in answer, rendered through the template to find the text that ends an assistant turn.
@@ -96,8 +103,9 @@ class PromptFormat:
         if self.chat_template is None:
             return render_prompt(item) if "messages" not in item else _alpaca_chat(item["messages"])
         messages = item["messages"] if "messages" in item else alpaca_messages(dict(item, output=""))[:1]
-        return self.tokenizer.apply_chat_template(list(messages), chat_template=self.chat_template,
-                                                  tokenize=False, add_generation_prompt=True)
+        tools = item.get("tools") or None
+        check_tool_support(self.chat_template, messages, tools)
+        return render(self.tokenizer, self.chat_template, list(messages), generation_prompt=True, tools=tools)
 
     def text_ids(self, text: str) -> list[int]:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -193,8 +201,8 @@ def conversation_ids(tokenizer: Any, chat_template: str,
                      records: Sequence[Mapping[str, Any]]) -> tuple[list[list[int]], list[list[bool]]]:
     """Each conversation's token ids (the rendered text, tokenized as one) and which of them are trained:
     the tokens that start inside an assistant turn's span (``chat.trained_spans``)."""
-    rendered = [trained_spans(tokenizer, chat_template, r["messages"] if "messages" in r else alpaca_messages(r))
-                for r in records]
+    rendered = [trained_spans(tokenizer, chat_template, r["messages"], r.get("tools")) if "messages" in r
+                else trained_spans(tokenizer, chat_template, alpaca_messages(r)) for r in records]
     texts = [text for text, _ in rendered]
     if getattr(tokenizer, "is_fast", False):
         encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)

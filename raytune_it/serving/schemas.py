@@ -119,8 +119,10 @@ class ChatMessage(BaseModel):
 
     def as_dict(self) -> dict[str, str]:
         """The message for a chat template: text parts joined with newlines; 'developer' is 'system'."""
-        text = self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+        from raytune_it.data.chat import ROLE_ALIASES, content_text
+
+        content = self.content if isinstance(self.content, str) else [p.model_dump() for p in self.content]
+        return {"role": ROLE_ALIASES.get(self.role, self.role), "content": content_text(content, self.role)}
 
 
 class ChatRequest(_Request):
