@@ -108,9 +108,10 @@ class DataSection(Section):
     )
 
     format: Literal["alpaca", "messages", "sharegpt", "prompt"] = Field(
-        "alpaca", description="Record format: 'alpaca' (instruction / input / output), 'messages' (OpenAI-style "
-        "{messages: [{role, content}]}, system, user, assistant and tool turns) or 'sharegpt' ({conversations: "
-        "[{from, value}]}). Conversations train every assistant turn. 'prompt' ({prompt: text}, sent as it is) "
+        "alpaca", description="Record format: 'alpaca' (instruction / input / output), 'messages' (OpenAI's chat "
+        "fine-tuning format: {messages: [{role, content}], tools}, with text parts, developer, tool calls, tool turns "
+        "and per-message weight) or 'sharegpt' ({conversations: [{from, value}]}). Conversations train every "
+        "assistant turn whose weight is not 0. 'prompt' ({prompt: text}, sent as it is) "
         "is for raytune-it generate only: it has no answers to train on.")
     template: Literal["auto", "alpaca", "chatml", "llama-2", "llama-3"] = Field(
         "auto", description="Prompt format: 'auto' is the tokenizer's chat template, or the Alpaca prompt when it "
