@@ -197,6 +197,8 @@ def test_tool_calls_are_trained_weight_zero_turns_and_tool_results_masked(tokeni
     (lambda r: r["messages"][1].update(content=[{"type": "image_url", "image_url": {"url": "x"}}]),
      "turn 2: content part 1 ('image_url') is not a text part"),
     (lambda r: r.update(tools="get_weather"), "tools must be a list of"),
+    (lambda r: r["messages"][1].update(tool_calls=r["messages"][4]["tool_calls"]),
+     "turn 2: only an assistant turn may have tool_calls"),
 ])
 def test_bad_openai_records_name_their_line(tmp_path, change, reason):
     bad = json.loads(json.dumps(TOOL_CONVERSATION))

@@ -94,8 +94,9 @@ CHAT_TEMPLATES = {
 }
 
 
-#: Templates that render tool calls: for a conversation that uses tools on a model whose template does not.
-TOOL_TEMPLATES = ("chatml",)
+def renders_tools(source: str) -> bool:
+    """Whether a chat template renders tools: it reads the ``tools`` list and each turn's ``tool_calls``."""
+    return "tool_calls" in source and "tools" in source
 
 
 def content_text(content: Any, what: str) -> str:
@@ -145,6 +146,8 @@ def _openai_turn(turn: Any, number: int) -> dict[str, Any]:
         raise ValueError(f"{what}: expected an object with 'role' and 'content'")
     role = ROLE_ALIASES.get(turn["role"], turn["role"])
     checked = {**turn, "role": role}
+    if turn.get("tool_calls") is not None and role != "assistant":
+        raise ValueError(f"{what}: only an assistant turn may have tool_calls (this is a {turn['role']} turn)")
     if role == "assistant" and turn.get("tool_calls") is not None:
         checked["tool_calls"] = _tool_calls(turn["tool_calls"], what)
         checked["content"] = "" if turn.get("content") is None else content_text(turn["content"], what)
@@ -255,10 +258,11 @@ def render(tokenizer: Any, source: str, messages: list[dict[str, Any]], *, gener
 def check_tool_support(source: str, messages: Sequence[Mapping[str, Any]], tools: Any) -> None:
     """A conversation with tools needs a template that renders them; one that does not would silently drop
     the calls (and train an empty answer). ValueError says which templates do."""
-    if uses_tools(messages, tools) and not ("tool_calls" in source and "tools" in source):
+    if uses_tools(messages, tools) and not renders_tools(source):
+        named = [name for name, template in CHAT_TEMPLATES.items() if renders_tools(template)]
         raise ValueError("the conversation uses tools (tool_calls, tool turns or a tools list) but the chat template "
                          "does not render them; use a model whose template has tool support or set data.template="
-                         f"{' or '.join(TOOL_TEMPLATES)}")
+                         f"{' or '.join(named)}")
 
 
 def trained_spans(tokenizer: Any, source: str, messages: list[dict[str, Any]],

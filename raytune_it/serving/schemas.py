@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from raytune_it.data.chat import ROLE_ALIASES, content_text
 from raytune_it.serving.engines.base import SAMPLING_EPS
 
 # OpenAI accepts int64 seeds; so do torch's and vLLM's generators.
@@ -119,8 +120,6 @@ class ChatMessage(BaseModel):
 
     def as_dict(self) -> dict[str, str]:
         """The message for a chat template: text parts joined with newlines; 'developer' is 'system'."""
-        from raytune_it.data.chat import ROLE_ALIASES, content_text
-
         content = self.content if isinstance(self.content, str) else [p.model_dump() for p in self.content]
         return {"role": ROLE_ALIASES.get(self.role, self.role), "content": content_text(content, self.role)}
 
