@@ -34,9 +34,17 @@ def preset_names() -> list[str]:
 
 
 def _read_source(source: str) -> tuple[dict[str, Any], str]:
-    """Read a YAML file path or a bundled preset name; return (mapping, label)."""
+    """Read a YAML file (a path or storage URI) or a bundled preset name; return (mapping, label)."""
+    from raytune_it.storage import is_uri, open_location, redact_uri, storage_cause
+
     path = Path(os.path.expanduser(source))
-    if path.suffix in {".yaml", ".yml"} or path.exists():
+    if is_uri(source):  # a config in storage: a fine-tuning job's, written by the service
+        label = redact_uri(source)
+        try:
+            text = open_location(source, "config").read_text()
+        except OSError as exc:
+            raise ConfigError(f"config file {label}: cannot read it: {storage_cause(exc)}") from None
+    elif path.suffix in {".yaml", ".yml"} or path.exists():
         if not path.is_file():
             raise ConfigError(f"config file {source!r} does not exist. Pass a YAML file or one of the presets: "
                               f"{', '.join(preset_names())}")

@@ -98,6 +98,8 @@ def check_data_path(name: str, key: str = "data.path") -> None:
 def check_paths(config: JobConfig) -> None:
     check_model_path(config.model.name_or_path)
     check_data_path(config.data.path)
+    if config.data.eval_path is not None:
+        check_data_path(config.data.eval_path, "data.eval_path")
     for name, path in config.eval.models.items():
         check_model_path(path, f"eval.models.{name}", adapter_ok=True)
     check_data_path(config.eval.data.path, "eval.data.path")

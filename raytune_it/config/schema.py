@@ -120,8 +120,12 @@ class DataSection(Section):
         "auto", description="File type; 'auto' detects it from the file name and first byte."
     )
     eval_fraction: Float = Field(
-        0.05, ge=0.0, le=0.5, description="Share of records held out for eval loss (deterministic by content hash)."
+        0.05, ge=0.0, le=0.5, description="Share of records held out for eval loss (deterministic by content hash); "
+        "not used with data.eval_path."
     )
+    eval_path: str | None = Field(
+        None, description="Eval records in a file of their own (same format and file type as data.path, a local path "
+        "or storage URI); then every record of data.path is trained.")
     packing: Bool = Field(
         False, description="Pack several examples into each max_seq_len sequence (no attention across examples)."
     )
@@ -147,6 +151,11 @@ class DataSection(Section):
     @classmethod
     def _data_uri(cls, value: str) -> str:
         return _checked_uri(value)
+
+    @field_validator("eval_path")
+    @classmethod
+    def _eval_uri(cls, value: str | None) -> str | None:
+        return None if value is None else _checked_uri(value)
 
     @field_validator("builtin_families")
     @classmethod
@@ -338,6 +347,18 @@ class ServeSection(Section):
     max_tokens_limit: PositiveInt = Field(1024, description="Largest max_tokens a request may ask for.")
     max_body_bytes: PositiveInt = Field(1_000_000, description="Largest request body; bigger gets 413.")
     app_name: str = Field("raytune-it", description="Ray Serve application name.")
+    api_keys_file: str | None = Field(
+        None, description="A YAML file mapping organization names to API keys (a key, or a list): each key may be "
+        "written as sha256:<hex digest> instead. Each organization sees only its own files, jobs and models; "
+        "serve.api_key, if set too, is the organization 'default'.")
+    fine_tuning: Bool = Field(
+        False, description="Also serve OpenAI's fine-tuning API (/v1/files, /v1/fine_tuning/jobs): each job is a "
+        "Ray Job of raytune-it train on this config with the job's file and hyperparameters; files, jobs and runs "
+        "live in run.storage/fine_tuning/, and a finished adapter is served by this app as ft:<base>:<org>:...")
+    max_file_bytes: PositiveInt = Field(
+        512 * 2**20, description="Largest file an upload to /v1/files may send; bigger gets 413.")
+    max_running_jobs: PositiveInt = Field(
+        1, description="Fine-tuning jobs running at once; the others wait as 'queued', first come first served.")
 
     @field_validator("adapters")
     @classmethod
@@ -376,6 +397,16 @@ class ServeSection(Section):
         if value is not None and (not value.strip() or value.strip() == "<redacted>"):
             raise ValueError("an API key must be a chosen secret (this one is empty or the '<redacted>' placeholder "
                              "of an old saved config); set it with RAYTUNE_IT_API_KEY or serve.api_key=...")
+        return value
+
+    @field_validator("api_keys_file")
+    @classmethod
+    def _keys_file_local(cls, value: str | None) -> str | None:
+        from raytune_it.storage import is_uri
+
+        if value is not None and is_uri(value):
+            raise ValueError("must be a file on the machine that runs raytune-it serve (its keys are read there, "
+                             "and only their digests reach the replicas)")
         return value
 
     @field_validator("adapter_root")

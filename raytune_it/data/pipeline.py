@@ -24,8 +24,12 @@ BUILTIN_VERSION = 1
 BATCH = 512
 
 
-def resolve_data_path(data: DataSection) -> Path:
-    """A file path for the configured data; built-in sets are generated into the cache once."""
+def resolve_data_path(data: DataSection, path: str | None = None) -> Path:
+    """A file path for the configured data (or for ``path``, its eval file); built-in sets are generated into
+    the cache once."""
+    if path is not None and path != data.path:
+        return fetch_file(open_location(path, "data.eval_path"), "data.eval_path") if is_uri(path) \
+            else Path(path).expanduser()
     if data.path == "builtin:tasks":
         from filelock import FileLock
 
@@ -70,10 +74,23 @@ def iter_split_records(
     report: ReadReport,
     on_record: Callable[[dict, Split], None] | None = None,
 ) -> Iterator[dict]:
-    """Validated records of one split (or all with ``split=None``); ``on_record`` sees every record read."""
-    records = iter_records(resolve_data_path(data), data.file_type, skip_bad_records=data.skip_bad_records,
-                           report=report, limit=data.max_records, record_format=data.format)
-    for record in records:
+    """Validated records of one split (or all with ``split=None``); ``on_record`` sees every record read.
+    With ``data.eval_path`` the split is the file a record comes from; otherwise a hash of its content."""
+    def read(path: str | None) -> Iterator[dict]:
+        return iter_records(resolve_data_path(data, path), data.file_type, skip_bad_records=data.skip_bad_records,
+                            report=report, limit=data.max_records, record_format=data.format)
+
+    if data.eval_path is not None:
+        files: list[tuple[str, Split]] = [(data.path, "train"), (data.eval_path, "eval")]
+        for path, file_split in files:
+            if split is not None and split != file_split:
+                continue
+            for record in read(path):
+                if on_record is not None:
+                    on_record(record, file_split)
+                yield record
+        return
+    for record in read(None):
         record_split = split_of(record, data.eval_fraction, seed)
         if on_record is not None:
             on_record(record, record_split)

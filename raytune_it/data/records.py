@@ -175,6 +175,25 @@ def validator(record_format: str, answers_required: bool = True) -> Any:
         "answers_required" if record_format == "alpaca" else "ends_on_answer": False})
 
 
+#: The key that tells a record's format, in the order they are tried.
+FORMAT_KEYS = (("messages", "messages"), ("conversations", "sharegpt"), ("instruction", "alpaca"))
+
+
+def detect_record_format(path: Path, file_type: FileType) -> str:
+    """``data.format`` of a file, from its first record's keys (messages, conversations or instruction)."""
+    reader = {"json": _json_array, "jsonl": _jsonl, "parquet": _parquet}[file_type]
+    for where, raw in reader(path):
+        if isinstance(raw, Exception):
+            raise DataError(f"{where}: {raw}")
+        for key, record_format in FORMAT_KEYS:
+            if isinstance(raw, dict) and key in raw:
+                return record_format
+        raise DataError(f"{where}: the record is in no format raytune-it reads: OpenAI's chat format "
+                        "({messages: [...]}), ShareGPT ({conversations: [...]}) or Alpaca ({instruction, input, "
+                        "output})")
+    raise DataError(f"{path}: the file holds no records")
+
+
 def iter_records(
     path: str | Path,
     file_type: Literal["auto", "json", "jsonl", "parquet"] = "auto",

@@ -19,6 +19,7 @@ from typing import Any
 
 from raytune_it.config.schema import SAFE_NAME
 from raytune_it.models.shape import shape_from_hf_dict
+from raytune_it.service.names import parse_fine_tuned
 from raytune_it.serving.engines.base import EngineError
 from raytune_it.storage import (
     Location,
@@ -138,8 +139,11 @@ def check_adapter(name: str, folder: Path, base_config: dict, max_rank: int | No
 class AdapterCatalog:
     """The configured adapters plus those under ``serve.adapter_root``: names, and local folders on demand."""
 
-    def __init__(self, configured: dict[str, str], root: str | None) -> None:
+    def __init__(self, configured: dict[str, str], root: str | None, fine_tuned_root: str | None = None) -> None:
         self.configured, self.root = dict(configured), root
+        # The fine-tuning service's runs: ft:...:<job id> is <fine_tuned_root>/<job id>/export. The ingress
+        # has checked that the caller's organization owns it before a request is routed here.
+        self.fine_tuned_root = fine_tuned_root
 
     def _root(self) -> Location | None:
         return open_location(self.root, "serve.adapter_root") if self.root else None
@@ -174,6 +178,9 @@ class AdapterCatalog:
         if name in self.configured:
             path = self.configured[name]
             return open_location(path, f"serve.adapters.{name}") if is_uri(path) else local(path)
+        tuned = parse_fine_tuned(name) if self.fine_tuned_root else None
+        if tuned is not None and self.fine_tuned_root:
+            return open_location(self.fine_tuned_root, "run.storage") / tuned.job_id / "export"
         missing = EngineError(f"model {name!r} does not exist: neither a served model nor an adapter under "
                               "serve.adapter_root", status=404, code="model_not_found", param="model")
         if not self.knows(name):

@@ -2,7 +2,8 @@
 
 Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both
 with ``stream``), POST /v1/latency (batch-1 timing runs), GET /metrics
-(Prometheus), GET /health. Every error is an OpenAI-style JSON body: a 4xx for
+(Prometheus), GET /health; with ``serve.fine_tuning``, OpenAI's fine-tuning API
+too (/v1/files, /v1/fine_tuning/jobs: ``raytune_it.service``). Every error is an OpenAI-style JSON body: a 4xx for
 what the client sent, a 503 when the deployment's queue is full, a 500 only for a
 fault of the server (logged in the replica); nothing a client sends takes a replica
 down.
@@ -17,7 +18,6 @@ the import path for ``serve run`` / ``serve deploy`` (see ``serve/*.yaml``).
 
 
 import asyncio
-import hmac
 import json
 import logging
 import statistics
@@ -35,9 +35,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raytune_it.config.schema import JobConfig, ServeSection
 from raytune_it.hardware import SERVER_TYPES
+from raytune_it.service.errors import ApiError
+from raytune_it.service.organizations import Organizations, load_organizations
 from raytune_it.serving.engines.base import EngineError, GenerationRequest, GenerationResult
 from raytune_it.serving.metrics import CLIENT_CLOSED, INTERVAL_HEADER, cluster_metrics, report_interval_s
 from raytune_it.serving.schemas import ChatRequest, CompletionRequest, LatencyRequest, UnsupportedParameter
+
+#: How often each ingress replica brings the fine-tuning jobs up to date with Ray, between requests.
+RECONCILE_EVERY_S = 5.0
 
 api = FastAPI(title="raytune-it", description="OpenAI-compatible serving of tuned models")
 
@@ -54,7 +59,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     """Unknown routes (404) and wrong methods (405) answer in the same JSON as every other error."""
     codes = {404: "not_found", 405: "method_not_allowed"}
     message = {404: f"no route {request.url.path}; routes: /v1/models, /v1/completions, /v1/chat/completions, "
-                    "/v1/latency, /metrics, /health",
+                    "/v1/latency, /metrics, /health, and with serve.fine_tuning /v1/files, /v1/fine_tuning/jobs",
                405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
     response = error(exc.status_code, message, codes.get(exc.status_code, "http_error"))
     if exc.headers:
@@ -87,26 +92,34 @@ def _validation_error(exc: ValidationError) -> JSONResponse:
 @serve.deployment
 @serve.ingress(api)
 class OpenAIServer:
-    def __init__(self, serve_config: ServeSection, models: DeploymentHandle) -> None:
+    def __init__(self, serve_config: ServeSection, models: DeploymentHandle, organizations: Organizations,
+                 fine_tuning: Any = None) -> None:
         from raytune_it.serving.adapters import AdapterCatalog
         from raytune_it.serving.metrics import ServeMetrics
         from raytune_it.serving.model_server import base_model_name
 
         self.config = serve_config
-        self.api_key = serve_config.resolved_api_key()
+        self.organizations = organizations
         self.model_server = models
         self.base_name = base_model_name(serve_config)
         self.catalog = AdapterCatalog(serve_config.adapters, serve_config.adapter_root)
         self.metrics = ServeMetrics([self.base_name, *serve_config.adapters])
+        self.fine_tuning = fine_tuning  # a FineTuningService, with serve.fine_tuning
+        self._reconciler: asyncio.Task | None = None
+        if fine_tuning is not None:
+            try:  # jobs move on from the start, requests or not (else from the first request)
+                self._reconciler = asyncio.get_running_loop().create_task(self._reconcile_forever())
+            except RuntimeError:
+                pass
 
     # --- request plumbing ----------------------------------------------------------------
 
+    def _organization(self, request: Request) -> str | None:
+        """The caller's organization, or None for a missing or wrong key."""
+        return self.organizations.of_bearer(request.headers.get("authorization", ""))
+
     def _authorized(self, request: Request) -> bool:
-        if not self.api_key:
-            return True
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
+        return self._organization(request) is not None
 
     async def _body(self, request: Request, schema: Any) -> Any:
         """Parse and validate a JSON body, or return the JSONResponse that says what is wrong."""
@@ -124,6 +137,8 @@ class OpenAIServer:
             return error(400, f"the body is not valid JSON: {exc}", "invalid_json")
         if not isinstance(data, dict):
             return error(400, "the body must be a JSON object", "invalid_request")
+        if schema is None:  # the caller validates (its errors name the field too)
+            return data
         try:
             body = schema.model_validate(schema.normalise(data) if hasattr(schema, "normalise") else data)
         except UnsupportedParameter as exc:
@@ -139,11 +154,19 @@ class OpenAIServer:
         return GenerationRequest(model=body.model, max_tokens=body.max_tokens, temperature=body.temperature,
                                  top_p=body.top_p, stop=body.stop, seed=body.seed, **prompt)
 
-    def _route(self, model: str) -> DeploymentHandle | EngineError:
+    def _route(self, model: str, organization: str | None = None) -> DeploymentHandle | EngineError:
         """The handle that reaches a replica able to serve ``model``: any replica for the base model, one
-        holding (or loading) the adapter otherwise, through Serve's model multiplexing."""
+        holding (or loading) the adapter otherwise, through Serve's model multiplexing. A fine-tuned model
+        is the caller's organization's, or does not exist."""
         if model == self.base_name:
             return self.model_server
+        if self.fine_tuning is not None and model.startswith("ft:"):
+            try:
+                job_id = self.fine_tuning.servable(organization, model)
+            except ApiError as exc:
+                return EngineError(str(exc), status=exc.status, code=exc.code, param=exc.param)
+            if job_id is not None:
+                return self.model_server.options(multiplexed_model_id=model)
         if not self.catalog.knows(model):
             return EngineError(f"model {model!r} does not exist; available: "
                                f"{', '.join([self.base_name, *self.catalog.configured])}"
@@ -151,8 +174,9 @@ class OpenAIServer:
                                status=404, code="model_not_found", param="model")
         return self.model_server.options(multiplexed_model_id=model)
 
-    async def _generate(self, generation: GenerationRequest) -> GenerationResult | EngineError:
-        handle = self._route(generation.model)
+    async def _generate(self, generation: GenerationRequest, organization: str | None = None
+                        ) -> GenerationResult | EngineError:
+        handle = await asyncio.to_thread(self._route, generation.model, organization)
         if isinstance(handle, EngineError):
             return handle
         try:
@@ -174,11 +198,12 @@ class OpenAIServer:
     def _refuse(self, route: str, arrived: float, model: str, exc: EngineError) -> Response:
         return self._answer(route, arrived, model, error(exc.status, str(exc), exc.code, exc.param))
 
-    async def _respond(self, route: str, arrived: float, body: Any, chat: bool, **prompt: Any) -> Response:
+    async def _respond(self, route: str, arrived: float, body: Any, chat: bool, organization: str | None,
+                       **prompt: Any) -> Response:
         generation = self._generation(body, **prompt)
         created, rid = int(time.time()), f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         if body.stream:
-            handle = self._route(body.model)
+            handle = await asyncio.to_thread(self._route, body.model, organization)
             if isinstance(handle, EngineError):
                 return self._refuse(route, arrived, body.model, handle)
             chunks = handle.options(stream=True).stream.remote(generation)
@@ -191,7 +216,7 @@ class OpenAIServer:
             first_token = time.perf_counter() - arrived
             return StreamingResponse(self._sse(route, arrived, first_token, generation, first, chunks, rid, created,
                                                chat), media_type="text/event-stream")
-        result = await self._generate(generation)
+        result = await self._generate(generation, organization)
         if isinstance(result, EngineError):
             return self._refuse(route, arrived, body.model, result)
         # From arrival: everything before the engine's last token, less the decoding after its first.
@@ -262,12 +287,14 @@ class OpenAIServer:
     @api.get("/v1/models")
     async def list_models(self, request: Request) -> Response:
         arrived = time.perf_counter()
-        if not self._authorized(request):
+        organization = self._organization(request)
+        if organization is None:
             return self._answer("/v1/models", arrived, "-", unauthorized())
         names = [self.base_name, *(await asyncio.to_thread(self.catalog.names))]
+        tuned = await asyncio.to_thread(self.fine_tuning.models, organization) if self.fine_tuning else []
         return self._answer("/v1/models", arrived, "-", JSONResponse({"object": "list", "data": [
             {"id": name, "object": "model", "created": 0, "owned_by": "raytune-it",
-             "root": names[0], "parent": None if name == names[0] else names[0]} for name in names]}))
+             "root": names[0], "parent": None if name == names[0] else names[0]} for name in names] + tuned}))
 
     @api.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
@@ -275,7 +302,8 @@ class OpenAIServer:
         body = await self._body(request, CompletionRequest)
         if isinstance(body, Response):
             return self._answer("/v1/completions", arrived, "-", body)
-        return await self._respond("/v1/completions", arrived, body, chat=False, prompt=body.prompt)
+        return await self._respond("/v1/completions", arrived, body, chat=False,
+                                   organization=self._organization(request), prompt=body.prompt)
 
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request) -> Response:
@@ -284,6 +312,7 @@ class OpenAIServer:
         if isinstance(body, Response):
             return self._answer("/v1/chat/completions", arrived, "-", body)
         return await self._respond("/v1/chat/completions", arrived, body, chat=True,
+                                   organization=self._organization(request),
                                    messages=[m.as_dict() for m in body.messages])
 
     @api.post("/v1/latency")
@@ -300,7 +329,8 @@ class OpenAIServer:
         for _ in range(body.repeats):
             result = await self._generate(GenerationRequest(
                 model=body.model, prompt=body.prompt, synthetic_tokens=body.prompt_tokens,
-                max_tokens=body.max_tokens, temperature=0.0, ignore_eos=body.ignore_eos))
+                max_tokens=body.max_tokens, temperature=0.0, ignore_eos=body.ignore_eos),
+                self._organization(request))
             if isinstance(result, EngineError):
                 return self._refuse(route, arrived, body.model, result)
             self.metrics.observe(body.model, result, result.time_to_first_token_s)
@@ -309,11 +339,132 @@ class OpenAIServer:
                          "tokens_per_second": result.tokens_per_second, "prompt_tokens": result.prompt_tokens,
                          "completion_tokens": result.completion_tokens})
         median = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
-        handle = self._route(body.model)  # known: the generations above were routed
+        handle = await asyncio.to_thread(self._route, body.model, self._organization(request))  # routed above
         assert not isinstance(handle, EngineError)
         info = await handle.info.remote()
         return self._answer(route, arrived, body.model, JSONResponse({
             "model": body.model, "batch_size": 1, "repeats": body.repeats, **info, "median": median, "runs": runs}))
+
+    # --- the fine-tuning API (serve.fine_tuning) --------------------------------------------------
+
+    async def _reconcile_forever(self) -> None:
+        """Queued jobs start and finished ones are noticed without a request; a failure to reach Ray or
+        storage is logged once per streak and tried again."""
+        logger, failing = logging.getLogger("ray.serve"), False
+        while True:
+            try:
+                await asyncio.to_thread(self.fine_tuning.reconcile)
+                failing = False
+            except Exception:  # noqa: BLE001 - the loop must outlive a storage or Ray hiccup
+                if not failing:
+                    logger.exception("fine-tuning jobs: reconciling with Ray failed; trying again")
+                failing = True
+            await asyncio.sleep(RECONCILE_EVERY_S)
+
+    def _service(self, request: Request) -> tuple[Any, str] | Response:
+        organization = self._organization(request)
+        if organization is None:
+            return unauthorized()
+        if self.fine_tuning is None:
+            return error(404, f"no route {request.url.path}: the fine-tuning API is off; start the app with "
+                              "serve.fine_tuning=true", "not_found")
+        if self._reconciler is None or self._reconciler.done():
+            self._reconciler = asyncio.get_running_loop().create_task(self._reconcile_forever())
+        return self.fine_tuning, organization
+
+    async def _call(self, request: Request, route: str, method: str, *args: Any) -> Response:
+        arrived = time.perf_counter()
+        found = self._service(request)
+        if isinstance(found, Response):
+            return self._answer(route, arrived, "-", found)
+        service, organization = found
+        try:
+            result = await asyncio.to_thread(getattr(service, method), organization, *args)
+        except ApiError as exc:
+            return self._answer(route, arrived, "-", error(exc.status, str(exc), exc.code, exc.param))
+        return self._answer(route, arrived, "-", JSONResponse(result))
+
+    @api.post("/v1/files")
+    async def create_file(self, request: Request) -> Response:
+        route, arrived = "/v1/files", time.perf_counter()
+        found = self._service(request)
+        if isinstance(found, Response):
+            return self._answer(route, arrived, "-", found)
+        service, organization = found
+        limit = self.config.max_file_bytes
+        try:
+            if int(request.headers.get("content-length") or 0) > limit + 64 * 1024:  # the form's own bytes
+                from raytune_it.service.files import too_large
+
+                raise too_large(limit)
+            document = await service.upload(organization, request.stream(),
+                                            request.headers.get("content-type", ""), limit)
+        except ApiError as exc:
+            return self._answer(route, arrived, "-", error(exc.status, str(exc), exc.code, exc.param))
+        return self._answer(route, arrived, "-", JSONResponse(document))
+
+    @api.get("/v1/files")
+    async def list_files(self, request: Request, purpose: str | None = None, after: str | None = None,
+                         limit: int = 20, order: str = "desc") -> Response:
+        return await self._call(request, "/v1/files", "list_files", purpose, after, limit, order)
+
+    @api.get("/v1/files/{file_id}")
+    async def retrieve_file(self, request: Request, file_id: str) -> Response:
+        return await self._call(request, "/v1/files/{id}", "get_file", file_id)
+
+    @api.delete("/v1/files/{file_id}")
+    async def delete_file(self, request: Request, file_id: str) -> Response:
+        return await self._call(request, "/v1/files/{id}", "delete_file", file_id)
+
+    @api.get("/v1/files/{file_id}/content")
+    async def file_content(self, request: Request, file_id: str) -> Response:
+        route, arrived = "/v1/files/{id}/content", time.perf_counter()
+        found = self._service(request)
+        if isinstance(found, Response):
+            return self._answer(route, arrived, "-", found)
+        service, organization = found
+        try:
+            chunks = await asyncio.to_thread(service.file_content, organization, file_id)
+        except ApiError as exc:
+            return self._answer(route, arrived, "-", error(exc.status, str(exc), exc.code, exc.param))
+
+        async def body():  # storage reads off the event loop, a chunk at a time
+            while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
+                yield chunk
+
+        return self._answer(route, arrived, "-", StreamingResponse(body(), media_type="application/octet-stream"))
+
+    @api.post("/v1/fine_tuning/jobs")
+    async def create_job(self, request: Request) -> Response:
+        route, arrived = "/v1/fine_tuning/jobs", time.perf_counter()
+        body = await self._body(request, None)
+        if isinstance(body, Response):
+            return self._answer(route, arrived, "-", body)
+        return await self._call(request, route, "create_job", body)
+
+    @api.get("/v1/fine_tuning/jobs")
+    async def list_jobs(self, request: Request, after: str | None = None, limit: int = 20) -> Response:
+        return await self._call(request, "/v1/fine_tuning/jobs", "list_jobs", after, limit)
+
+    @api.get("/v1/fine_tuning/jobs/{job_id}")
+    async def retrieve_job(self, request: Request, job_id: str) -> Response:
+        return await self._call(request, "/v1/fine_tuning/jobs/{id}", "get_job", job_id)
+
+    @api.post("/v1/fine_tuning/jobs/{job_id}/{action}")
+    async def job_action(self, request: Request, job_id: str, action: str) -> Response:
+        if action not in ("cancel", "pause", "resume"):
+            return error(404, f"no route {request.url.path}; a job takes cancel, pause or resume", "not_found")
+        return await self._call(request, f"/v1/fine_tuning/jobs/{{id}}/{action}", action, job_id)
+
+    @api.get("/v1/fine_tuning/jobs/{job_id}/events")
+    async def job_events(self, request: Request, job_id: str, after: str | None = None, limit: int = 20) -> Response:
+        return await self._call(request, "/v1/fine_tuning/jobs/{id}/events", "events", job_id, after, limit)
+
+    @api.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
+    async def job_checkpoints(self, request: Request, job_id: str, after: str | None = None,
+                              limit: int = 10) -> Response:
+        return await self._call(request, "/v1/fine_tuning/jobs/{id}/checkpoints", "checkpoints", job_id, after,
+                                limit)
 
 
 def max_ongoing_requests(config: JobConfig) -> int:
@@ -380,12 +531,33 @@ def build_app(config: JobConfig) -> Any:
     from raytune_it.serving.model_server import ModelServer
 
     check_paths(config)
-    # The key is resolved here, where the user gave it (config or this process's environment), and handed to
-    # the ingress: replicas on an attached cluster do not see the driver's environment.
-    serve_config = config.serve.model_copy(update={"api_key": config.serve.resolved_api_key()})
+    # The keys are resolved here, where the user gave them (config, keys file or this process's environment),
+    # and only their digests go to the ingress: replicas on an attached cluster do not see the driver's
+    # environment, and no replica holds a key.
+    organizations = load_organizations(config.serve.resolved_api_key(), config.serve.api_keys_file)
+    serve_config = config.serve.model_copy(update={"api_key": None})
+    fine_tuning = fine_tuning_service(config)
+    fine_tuned_root = fine_tuning.store.runs().uri if fine_tuning is not None else None
     # (serve.deployment made both classes Deployments, which mypy cannot see)
-    models = ModelServer.options(**deployment_options(config)).bind(serve_config)  # type: ignore[attr-defined]
-    return OpenAIServer.options(**ingress_options(config)).bind(serve_config, models)  # type: ignore[attr-defined]
+    models = ModelServer.options(**deployment_options(config)).bind(  # type: ignore[attr-defined]
+        serve_config, fine_tuned_root)
+    return OpenAIServer.options(**ingress_options(config)).bind(  # type: ignore[attr-defined]
+        serve_config, models, organizations, fine_tuning)
+
+
+def fine_tuning_service(config: JobConfig) -> Any:
+    """With serve.fine_tuning: the service, built on the driver from the app's own config (without its key),
+    its storage checked writable now rather than at the first upload."""
+    if not config.serve.fine_tuning:
+        return None
+    from raytune_it.service.jobs import FineTuningService
+    from raytune_it.serving.model_server import base_model_name
+    from raytune_it.storage import check_writable
+
+    template = config.model_copy(update={"serve": config.serve.model_copy(update={"api_key": None})})
+    service = FineTuningService(template, base_model_name(config.serve))
+    check_writable(service.store.root, "run.storage")
+    return service
 
 
 def app_builder(args: dict) -> Any:

@@ -70,13 +70,13 @@ class LoadedAdapter:
 
 @serve.deployment
 class ModelServer:
-    def __init__(self, serve_config: ServeSection) -> None:
+    def __init__(self, serve_config: ServeSection, fine_tuned_root: str | None = None) -> None:
         from raytune_it.models.loading import resolve_model_path
         from raytune_it.serving.engines import create_engine
 
         base_path = resolve_model_path(serve_config.base_model, "serve.base_model")
         self.base_name = base_model_name(serve_config)
-        self.catalog = AdapterCatalog(serve_config.adapters, serve_config.adapter_root)
+        self.catalog = AdapterCatalog(serve_config.adapters, serve_config.adapter_root, fine_tuned_root)
         self.base_config = read_base_config(base_path)
         max_rank = serve_config.max_lora_rank or self.catalog.max_rank()
         self.engine = create_engine(serve_config, base_path, self.base_name, max_rank)

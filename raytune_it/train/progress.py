@@ -16,7 +16,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from raytune_it.train.step_metrics import step_eval_loss
+from raytune_it.train.step_metrics import eta_seconds, step_eval_loss
 
 FLUSH_EVERY_S = 5.0
 
@@ -80,7 +80,7 @@ class ProgressMonitor:
     def _line(self, m: dict) -> str:
         done = m["step"] / max(1, m["total_steps"])
         side = m.get("eval_seconds", 0.0) + m.get("checkpoint_seconds", 0.0)
-        eta = (m["train_seconds"] + side) / max(1, m["step"]) * (m["total_steps"] - m["step"])
+        eta = eta_seconds(m)
         eval_loss = step_eval_loss(m)
         eval_text = f" eval_loss {eval_loss:.4f}" if eval_loss is not None else ""
         # tokens/s is the training rate: evaluation and checkpoint time is shown apart, never folded into it.

@@ -40,3 +40,14 @@ def step_eval_loss(metrics: Mapping[str, Any]) -> float | None:
     """The eval loss a step reported, or None when it did not evaluate."""
     value = metrics.get("eval_loss")
     return None if value is None or math.isnan(value) else float(value)
+
+
+def elapsed_seconds(metrics: Mapping[str, Any]) -> float:
+    """Seconds of training, evaluation and checkpoints up to this step."""
+    return metrics["train_seconds"] + metrics.get("eval_seconds", 0.0) + metrics.get("checkpoint_seconds", 0.0)
+
+
+def eta_seconds(metrics: Mapping[str, Any]) -> float:
+    """Seconds left to the run's last step at this step's pace: the progress line's ETA, and a
+    fine-tuning job's estimated finish once it runs."""
+    return elapsed_seconds(metrics) / max(1, metrics["step"]) * (metrics["total_steps"] - metrics["step"])
