@@ -45,3 +45,20 @@ def test_numbers_of_the_right_json_type_are_taken():
         {**COMPLETION, "max_tokens": 5, "temperature": 1, "top_p": 0.5, "seed": 3, "n": 1, "presence_penalty": 0.0}))
     assert (body.max_tokens, body.temperature, body.top_p, body.seed) == (5, 1.0, 0.5, 3)
     assert isinstance(body.temperature, float)
+
+
+def test_a_union_field_is_refused_by_its_own_name_with_what_it_accepts():
+    """pydantic fails a union once per branch, each under a tag of its own: the client reads them together."""
+    from raytune_it.errors import request_problem
+    from raytune_it.service.job_request import JobRequest
+
+    with pytest.raises(ValidationError) as caught:
+        JobRequest.model_validate({"model": "m", "training_file": "file-x", "hyperparameters": {"n_epochs": 100}})
+    assert request_problem(caught.value.errors()) == (
+        "hyperparameters.n_epochs", "hyperparameters.n_epochs: Input should be 'auto' or less than or equal to 50")
+    with pytest.raises(ValidationError) as caught:
+        ChatRequest.model_validate({**CHAT, "stop": 5})
+    assert request_problem(caught.value.errors()) == ("stop", "stop: Input should be a valid string or a valid list")
+    with pytest.raises(ValidationError) as caught:
+        ChatRequest.model_validate({**CHAT, "frobnicate": 1})
+    assert request_problem(caught.value.errors()) == ("frobnicate", "frobnicate: not a parameter of this endpoint")

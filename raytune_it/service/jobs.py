@@ -16,6 +16,7 @@ from typing import Any, Iterator
 from pydantic import ValidationError
 
 from raytune_it.config.schema import JobConfig
+from raytune_it.errors import request_problem
 from raytune_it.service import events as run_events
 from raytune_it.service.errors import ApiError, not_found
 from raytune_it.service.files import content_chunks, create_file, public, save_result_file
@@ -42,12 +43,8 @@ def page(items: list[dict[str, Any]], after: str | None, limit: int | None) -> d
 
 
 def validation_error(exc: ValidationError) -> ApiError:
-    first = exc.errors()[0]
-    param = ".".join(str(p) for p in first["loc"]) or None
-    message = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        message = "not a parameter of this endpoint"
-    return ApiError(400, f"{param}: {message}" if param else message, "invalid_request", param)
+    param, message = request_problem(exc.errors())
+    return ApiError(400, message, "invalid_request", param)
 
 
 class FineTuningService:

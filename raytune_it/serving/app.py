@@ -34,6 +34,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raytune_it.config.schema import JobConfig, ServeSection
+from raytune_it.errors import request_problem
 from raytune_it.hardware import SERVER_TYPES
 from raytune_it.service.errors import ApiError
 from raytune_it.service.organizations import Organizations, load_organizations
@@ -83,10 +84,8 @@ def overloaded() -> EngineError:
 
 
 def _validation_error(exc: ValidationError) -> JSONResponse:
-    first = exc.errors()[0]
-    param = ".".join(str(p) for p in first["loc"]) or None
-    message = first["msg"].removeprefix("Value error, ")
-    return error(400, f"{param}: {message}" if param else message, "invalid_request", param)
+    param, message = request_problem(exc.errors())
+    return error(400, message, "invalid_request", param)
 
 
 @serve.deployment
