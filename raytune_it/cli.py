@@ -30,8 +30,10 @@ def _add_config_args(parser: argparse.ArgumentParser, required: bool = True, def
 
 def _load(args: argparse.Namespace):
     from raytune_it.config import load_config
+    from raytune_it.storage import is_uri
 
-    if args.config and "=" in args.config:  # `COMMAND key=value ...`: overrides of the default config
+    # `COMMAND key=value ...`: overrides of the default config (a storage URI's query has '=' too)
+    if args.config and "=" in args.config and not is_uri(args.config):
         args.overrides, args.config = [args.config, *args.overrides], args.default_config
     return load_config(args.config, args.overrides)
 

@@ -23,18 +23,13 @@ def message_event(job_id: str, number: int, created_at: int, message: str, level
 
 
 def steps(run: Location) -> list[dict[str, Any]]:
-    path = run / METRICS_FILE
+    """Each step once, in order: a step a resumed attempt ran again keeps its latest metrics."""
+    from raytune_it.train.driver import read_history
+
     try:
-        text = path.read_text() if path.is_file() else ""
-    except OSError:
+        return read_history(run / METRICS_FILE)
+    except (OSError, ValueError):  # written as we read it: the next read has it whole
         return []
-    out = []
-    for line in text.splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue
-    return out
 
 
 def _step_data(step: dict[str, Any]) -> dict[str, Any]:
