@@ -7,6 +7,8 @@ anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+from typing import Any, Mapping, Sequence
+
 
 class UserError(Exception):
     """Bad input from the user: config, data, paths. Printed without a traceback."""
@@ -20,7 +22,7 @@ class DataError(UserError):
     """A dataset file or record is malformed; the message names the file and line/record."""
 
 
-def request_problem(errors: list[dict]) -> tuple[str | None, str]:
+def request_problem(errors: Sequence[Mapping[str, Any]]) -> tuple[str | None, str]:
     """The parameter and the message of a request pydantic refused, from ``ValidationError.errors()``.
 
     A union field (``"auto"`` or an integer, a string or a list) fails once per branch, each location ending
@@ -34,7 +36,7 @@ def request_problem(errors: list[dict]) -> tuple[str | None, str]:
 
     first = errors[0]
     where = field(first["loc"])
-    said = []
+    said: list[str] = []
     for error in errors:
         if field(error["loc"]) == where:
             text = error["msg"].removeprefix("Value error, ")
