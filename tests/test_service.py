@@ -185,3 +185,22 @@ def test_a_restarted_service_finds_every_file_and_job_where_the_last_one_left_th
     with pytest.raises(ApiError) as caught:
         again.get_job("acme", job["id"])
     assert caught.value.status == 404
+
+
+def test_a_job_created_while_ray_is_out_of_reach_waits_queued_and_the_request_succeeds(tmp_path):
+    """A head whose job agent is not up yet, or a dashboard restarting: the client's request is not at fault."""
+    from helpers import free_port
+    from raytune_it.service.jobs import FineTuningService
+
+    template = load_config("tiny-lora", ["serve.fine_tuning=true", f"run.storage={tmp_path / 'runs'}"])
+    service = FineTuningService(template, "tiny-llama", ray_address=f"http://127.0.0.1:{free_port()}")  # no one
+    record = json.dumps({"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]})
+
+    async def chunks():
+        yield multipart({"purpose": "fine-tune"}, "train.jsonl", (record + "\n").encode() * 3)
+
+    upload = asyncio.run(service.upload("default", chunks(), "multipart/form-data; boundary=xyzzy", 10**6))
+    job = service.create_job("default", {"model": "tiny-llama", "training_file": upload["id"]})
+    assert job["status"] == "queued" and service.get_job("default", job["id"])["status"] == "queued"
+    with pytest.raises(Exception):
+        service.reconcile()  # the ingress's loop sees the failure, logs it once and tries again

@@ -10,6 +10,7 @@ picks up where the last one stopped.
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any, Iterator
 
@@ -158,7 +159,7 @@ class FineTuningService:
         self._event(job, "Job queued; it starts when fewer than serve.max_running_jobs "
                          f"({self.max_running}) jobs run")
         self.store.save_job(job)
-        self.reconcile()
+        self._reconcile_now()
         return self.public(self.store.job(job_id) or job)
 
     def public(self, job: dict[str, Any]) -> dict[str, Any]:
@@ -172,7 +173,7 @@ class FineTuningService:
     def get_job(self, organization: str, job_id: str) -> dict[str, Any]:
         job = self._job(organization, job_id)
         if job["status"] not in TERMINAL:
-            self.reconcile()
+            self._reconcile_now()
             job = self._job(organization, job_id)
         return self.public(job)
 
@@ -190,10 +191,10 @@ class FineTuningService:
             if job["status"] in TERMINAL:
                 raise ApiError(400, f"the job is already {job['status']}", "job_not_cancellable", "fine_tuning_job_id")
             if job["status"] == "running":
-                self.ray.stop(self._submission(job))
+                self._stop(job)
             self._finish(job, "cancelled", "Fine-tuning job cancelled")
             self.store.save_job(job)
-        self.reconcile()
+        self._reconcile_now()
         return self.public(job)
 
     def pause(self, organization: str, job_id: str) -> dict[str, Any]:
@@ -202,11 +203,11 @@ class FineTuningService:
             if job["status"] != "running":
                 raise ApiError(400, f"only a running job can be paused; this one is {job['status']}",
                                "job_not_pausable", "fine_tuning_job_id")
-            self.ray.stop(self._submission(job))
+            self._stop(job)
             job["status"], job["estimated_finish"] = "paused", None
             self._event(job, "Fine-tuning job paused; resume continues from its last checkpoint")
             self.store.save_job(job)
-        self.reconcile()
+        self._reconcile_now()
         return self.public(job)
 
     def resume(self, organization: str, job_id: str) -> dict[str, Any]:
@@ -218,7 +219,7 @@ class FineTuningService:
             job["status"] = "queued"
             self._event(job, "Fine-tuning job resumed; queued")
             self.store.save_job(job)
-        self.reconcile()
+        self._reconcile_now()
         return self.public(self._job(organization, job_id))
 
     def fine_tuned(self, job: dict[str, Any]) -> FineTunedName:
@@ -270,6 +271,23 @@ class FineTuningService:
         return name.job_id
 
     # --- the lifecycle ----------------------------------------------------------------------------
+
+    def _reconcile_now(self) -> None:
+        """After a request: start what may start, read what ended. Ray out of reach for a moment (a head just
+        up whose job agent is not ready yet, a restarting dashboard) is not the client's error: the jobs stay as
+        saved, and the ingress's loop tries again within seconds."""
+        try:
+            self.reconcile()
+        except Exception:  # noqa: BLE001 - the saved state is whole; the next reconcile carries on from it
+            logging.getLogger("ray.serve").warning("fine-tuning jobs: could not reach Ray; trying again shortly",
+                                                   exc_info=True)
+
+    def _stop(self, job: dict[str, Any]) -> None:
+        try:
+            self.ray.stop(self._submission(job))
+        except Exception as exc:  # noqa: BLE001 - said to the client, who may try again
+            raise ApiError(503, f"could not reach the Ray cluster to stop Ray Job {self._submission(job)} ({exc}); "
+                                "try again", "ray_unavailable") from None
 
     def reconcile(self) -> None:
         """Bring every unfinished job up to date with Ray, then start queued ones while there is room."""
