@@ -2,7 +2,7 @@
 ``client.fine_tuning.jobs.create`` to the fine-tuned model's first streamed token, against the wall time of
 the same training run started by hand on the same cluster, then its adapter's first token, in one run.
 
-    python bench/service_overhead.py [--steps 4] [--repeats 2] [--records 40] [--keep]
+    python bench/service_overhead.py [--steps 4] [--repeats 4] [--records 40] [--keep]
 
 Both sides run on one ``ray start --head`` on 127.0.0.1 (token auth on) with the app
 ``raytune-it serve tiny-lora serve.fine_tuning=true`` attached to it, started before any timing. The hand
@@ -67,7 +67,7 @@ def first_token_seconds(client, model: str, started: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=4, help="train.max_steps of each run")
-    parser.add_argument("--repeats", type=int, default=2, help="runs per side; the first of each warms up")
+    parser.add_argument("--repeats", type=int, default=4, help="runs per side; the first of each warms up")
     parser.add_argument("--records", type=int, default=40, help="conversations in the training file")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (Ray's and the app's logs)")
     args = parser.parse_args()

@@ -202,5 +202,5 @@ def test_a_job_created_while_ray_is_out_of_reach_waits_queued_and_the_request_su
     upload = asyncio.run(service.upload("default", chunks(), "multipart/form-data; boundary=xyzzy", 10**6))
     job = service.create_job("default", {"model": "tiny-llama", "training_file": upload["id"]})
     assert job["status"] == "queued" and service.get_job("default", job["id"])["status"] == "queued"
-    with pytest.raises(Exception):
+    with pytest.raises(ConnectionError, match="Failed to connect to Ray"):
         service.reconcile()  # the ingress's loop sees the failure, logs it once and tries again
