@@ -59,6 +59,13 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from raytune_it.train.prepared import prepare_ahead
+
+    prepare_ahead(_load(args), as_json=args.json)
+    return 0
+
+
 def cmd_data_generate(args: argparse.Namespace) -> int:
     from raytune_it.data.synthetic import FAMILIES, generate, write_jsonl
 
@@ -249,6 +256,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(inspect, required=False)
     inspect.add_argument("--json", action="store_true", help="print the statistics as JSON only")
     inspect.set_defaults(func=cmd_data_inspect)
+    prepare = data.add_parser(
+        "prepare", help="tokenize the dataset once into storage, shared by the runs and sweeps of the same data",
+        description="Tokenize the configured dataset (render, mask, truncate, pack, split) into "
+        "data.prepared_root (default run.storage/_prepared), under a key of what decides its rows: the data files "
+        "and their sizes and times, format, template, tokenizer, train.max_seq_len, packing and the split. "
+        "Print the key and the statistics. A run, sweep trial or re-run of the same data finds it there and "
+        "tokenizes nothing; a dataset already prepared is only read back.")
+    _add_config_args(prepare, required=False)
+    prepare.add_argument("--json", action="store_true", help="print the key, folder and statistics as JSON only")
+    prepare.set_defaults(func=cmd_data_prepare)
     gen = data.add_parser("generate", help="write the project's generated instruction data to a JSONL file",
                           description="Deterministic, seeded Alpaca records from task families in the "
                           "medicine, law, finance and general domains.")

@@ -88,6 +88,11 @@ def test_two_by_two_sweep_writes_results_plots_and_best(local_ray, tmp_path, tin
     metrics = [json.loads(line) for line in (folder / "trials/trial-000/metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "eval_loss" in m] == [2, 4, 6, 8]
     assert pd.read_parquet(folder / "results.parquet").shape == table.shape
+    # one tokenized dataset in the storage, prepared before the trials and trained on by all four
+    [prepared] = list(tmp_path.rglob("prepared.json"))
+    key = prepared.parent.name
+    assert prepared.parent.parent == tmp_path / "_prepared"
+    assert {json.loads((folder / f"trials/trial-00{i}/summary.json").read_text())["dataset"] for i in range(4)} == {key}
     for plot in ("eval_loss_vs_rank.png", "throughput_vs_batch_size.png"):
         assert (folder / plot).stat().st_size > 1000
     best = table.loc[table["final_eval_loss"].idxmin()]

@@ -269,6 +269,7 @@ def test_tokens_count_every_real_token_when_the_pad_token_is_eos(local_ray, tmp_
     import pyarrow.parquet as pq
 
     from raytune_it.train.data import epoch_rows
+    from raytune_it.train.prepared import recorded_dataset
 
     model = tmp_path / "llama-style"
     shutil.copytree(tiny_model_dir, model)
@@ -281,7 +282,8 @@ def test_tokens_count_every_real_token_when_the_pad_token_is_eos(local_ray, tmp_
                                        "train.eval_every_steps=3"])
     summary = train(config)
     run_dir = tmp_path / "tiny-lora"
-    lengths = [len(ids) for ids in pq.read_table(run_dir / "data" / "train.parquet").column("input_ids").to_pylist()]
+    [train_file] = recorded_dataset(config, local(run_dir)).files("train")
+    lengths = [len(ids) for ids in pq.read_table(train_file.path).column("input_ids").to_pylist()]
     consumed = [int(i) for rank in range(2) for i in epoch_rows(len(lengths), config.train.seed, 0, rank, 2)[:3 * 4]]
     assert summary.train_tokens == sum(lengths[i] for i in consumed)
 

@@ -142,6 +142,10 @@ class DataSection(Section):
     builtin_records: PositiveInt = Field(
         2000, description="How many records 'builtin:tasks' generates."
     )
+    prepared_root: str | None = Field(
+        None, description="Where tokenized datasets are kept, one folder per fingerprint of what decides their "
+        "rows (data files and their sizes and times, format, template, tokenizer, train.max_seq_len, packing, "
+        "split), shared by every run, sweep trial and re-run that names it; default: run.storage/_prepared.")
     builtin_families: list[str] | None = Field(
         None, description="Task families 'builtin:tasks' draws from (default: all 13, listed in an error for a wrong "
         "name); a domain's families tune a domain model, leaving families out measures task generalization."
@@ -152,9 +156,9 @@ class DataSection(Section):
     def _data_uri(cls, value: str) -> str:
         return _checked_uri(value)
 
-    @field_validator("eval_path")
+    @field_validator("eval_path", "prepared_root")
     @classmethod
-    def _eval_uri(cls, value: str | None) -> str | None:
+    def _optional_uri(cls, value: str | None) -> str | None:
         return None if value is None else _checked_uri(value)
 
     @field_validator("builtin_families")

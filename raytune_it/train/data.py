@@ -1,9 +1,9 @@
 """The training data: tokenized once on the driver, handed to the workers through Ray's object store.
 
 The driver streams the records through the foundation pipeline (template,
-masking, truncation, packing, split) and writes the examples to Parquet in the
-run folder, on whatever storage holds it; a resumed run finds the files already
-there and trains on exactly the same examples. For training the driver puts each
+masking, truncation, packing, split) and writes the examples to Parquet, once
+per dataset, on whatever storage holds the runs (``prepared.py``: shared by every
+run of the same data, and a resumed run trains on exactly the same examples). For training the driver puts each
 split in the object store (``SplitBlocks``), and every worker reads its share of
 an epoch in that epoch's seeded order over the whole split (``epoch_rows``), as
 torch's ``DistributedSampler`` does: a sorted or concatenated dataset is mixed
@@ -13,70 +13,14 @@ continues at its data position.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
-from itertools import islice
-from typing import Any, Iterator, Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator
 
-from raytune_it.config.schema import JobConfig
-from raytune_it.data.pipeline import iter_examples
-from raytune_it.data.records import ReadReport
-from raytune_it.data.tokenize import TokenizeStats, collate_arrow
+from raytune_it.data.tokenize import collate_arrow
 from raytune_it.storage import Location
 
-ROWS_PER_WRITE = 4096
-
-
-@dataclass
-class PreparedData:
-    train_rows: int
-    eval_rows: int
-    train_tokens: int
-    bad_records_skipped: int
-    truncated: int
-
-    @classmethod
-    def load(cls, folder: Location) -> "PreparedData":
-        data = json.loads((folder / "prepared.json").read_text())
-        data.pop("folder", None)  # written by earlier versions
-        return cls(**data)
-
-
-def _write_split(config: JobConfig, tokenizer: Any, split: Literal["train", "eval"],
-                 target: Location) -> tuple[int, TokenizeStats, ReadReport]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    stats, report = TokenizeStats(), ReadReport()
-    examples = iter_examples(config.data, tokenizer, config.train.max_seq_len, split, config.train.seed,
-                             report=report, stats=stats)
-    columns = ["input_ids", "labels"] + (["position_ids"] if config.data.packing else [])
-    schema = pa.schema([(name, pa.list_(pa.int32())) for name in columns])
-    rows = 0
-    # On an object store the file appears only when the writer closes (one multipart upload).
-    with target.open_output_stream() as sink, pq.ParquetWriter(sink, schema) as writer:
-        while chunk := list(islice(examples, ROWS_PER_WRITE)):
-            writer.write_table(pa.Table.from_pylist(chunk, schema=schema))
-            rows += len(chunk)
-    return rows, stats, report
-
-
-def prepare_data(config: JobConfig, tokenizer: Any, folder: Location) -> PreparedData:
-    """Tokenize both splits into ``folder`` (the run's ``data/``) once; later calls reuse the files.
-
-    ``prepared.json`` is written last: a run interrupted while tokenizing tokenizes again.
-    """
-    if (folder / "prepared.json").is_file():
-        return PreparedData.load(folder)
-    train_rows, train_stats, report = _write_split(config, tokenizer, "train", folder / "train.parquet")
-    eval_rows, eval_stats, _ = _write_split(config, tokenizer, "eval", folder / "eval.parquet")
-    prepared = PreparedData(
-        train_rows=train_rows, eval_rows=eval_rows, train_tokens=train_stats.tokens,
-        bad_records_skipped=report.bad_records, truncated=train_stats.truncated + eval_stats.truncated,
-    )
-    (folder / "prepared.json").write_text(json.dumps(asdict(prepared), indent=2))
-    return prepared
-
+if TYPE_CHECKING:
+    from raytune_it.train.prepared import PreparedData
 
 BLOCK_ROWS = 4096
 
@@ -102,23 +46,24 @@ class SplitBlocks:
         return pa.concat_tables(tables) if tables else None
 
 
-def put_split(split: Location) -> SplitBlocks:
+def put_split(files: list[Location]) -> SplitBlocks:
     import pyarrow as pa
     import pyarrow.parquet as pq
     import ray
 
     blocks, rows = [], 0
-    with split.open_input_file() as handle:
-        for batch in pq.ParquetFile(handle).iter_batches(batch_size=BLOCK_ROWS):
-            blocks.append(ray.put(pa.Table.from_batches([batch])))
-            rows += batch.num_rows
+    for file in files:
+        with file.open_input_file() as handle:
+            for batch in pq.ParquetFile(handle).iter_batches(batch_size=BLOCK_ROWS):
+                blocks.append(ray.put(pa.Table.from_batches([batch])))
+                rows += batch.num_rows
     return SplitBlocks(tuple(blocks), rows)
 
 
-def split_blocks(prepared: PreparedData, folder: Location) -> dict[str, SplitBlocks]:
-    splits = {"train": put_split(folder / "train.parquet")}
+def split_blocks(prepared: PreparedData) -> dict[str, SplitBlocks]:
+    splits = {"train": put_split(prepared.files("train"))}
     if prepared.eval_rows:
-        splits["eval"] = put_split(folder / "eval.parquet")
+        splits["eval"] = put_split(prepared.files("eval"))
     return splits
 
 

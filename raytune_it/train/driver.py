@@ -4,8 +4,9 @@ config -> preflight checks (no worker yet) -> run folder with config.yaml ->
 the tracked run, if any -> tokenized data in the object store -> TorchTrainer on
 the server type's resource -> progress while it runs -> summary.json and the export.
 
-The run folder ``run.storage/run.name/`` holds ``config.yaml``, ``data/``,
-``checkpoints/`` (Ray Train's, best N by eval loss), ``metrics.jsonl`` (every
+The run folder ``run.storage/run.name/`` holds ``config.yaml``, ``dataset.json``
+(the key of the prepared dataset it trains on, shared in ``run.storage/_prepared/``:
+``prepared.py``), ``checkpoints/`` (Ray Train's, best N by eval loss), ``metrics.jsonl`` (every
 step), ``summary.json``, ``export/`` and, with ``tracking.backend`` set,
 ``tracking.json`` (the tracked run's id). It is a local folder or a storage URI
 (``raytune_it.storage``): the driver and the workers reach it through the same
@@ -29,7 +30,7 @@ from raytune_it.train.summary import SUMMARY_FILE, RunSummary, build_summary, pr
 
 #: Keys that may differ when a run is resumed; anything else changes what is being trained.
 RESUMABLE_CHANGES = {"train.max_steps", "train.eval_every_steps", "run.storage", "run.keep_checkpoints",
-                     "run.max_failures", "scaling.placement_timeout_s", "train.epochs"}
+                     "run.max_failures", "scaling.placement_timeout_s", "train.epochs", "data.prepared_root"}
 
 
 def run_dir_of(config: JobConfig) -> Location:
@@ -59,13 +60,14 @@ def check_schedule_kept(previous: JobConfig, config: JobConfig, run_dir: Locatio
     position: a resume with another ``train.max_steps`` or ``train.epochs`` would rebuild the schedule
     mid-run (a cosine past its end even climbs again). A constant schedule does not depend on the length."""
     from raytune_it.train.checkpoints import latest_checkpoint_step
-    from raytune_it.train.data import PreparedData
+    from raytune_it.train.prepared import recorded_dataset
 
     if config.train.lr_schedule == "constant" or latest_checkpoint_step(run_dir) is None:
         return
-    if not (run_dir / "data" / "prepared.json").is_file():
+    prepared = recorded_dataset(config, run_dir)
+    if prepared is None:
         return
-    rows = PreparedData.load(run_dir / "data").train_rows
+    rows = prepared.train_rows
     before, now = plan_steps(previous, rows).total_steps, plan_steps(config, rows).total_steps
     if before != now:
         raise ConfigError(
@@ -163,8 +165,8 @@ def train(config: JobConfig, *, console: Any = None, callbacks: list | None = No
 
     from raytune_it.models.loading import load_tokenizer
     from raytune_it.tracking import tracked_run
-    from raytune_it.train.data import prepare_data
     from raytune_it.train.preflight import preflight
+    from raytune_it.train.prepared import prepare_for_run
 
     console = console or Console()
     run_dir = run_dir_of(config)
@@ -179,17 +181,21 @@ def train(config: JobConfig, *, console: Any = None, callbacks: list | None = No
                                trust_remote_code=config.model.trust_remote_code)
     kind: Literal["trial", "train"] = "trial" if tracking_parent else "train"
     with tracked_run(config, run_dir, console=console, kind=kind, parent=tracking_parent) as tracking:
-        with console.status("tokenizing the dataset"):
-            prepared = prepare_data(config, tokenizer, run_dir / "data")
+        with console.status("preparing the dataset") as status:
+            prepared, reused = prepare_for_run(
+                config, tokenizer, run_dir,
+                on_records=lambda read: status.update(f"tokenizing the dataset: {read:,} records read"))
         plan = plan_steps(config, prepared.train_rows)
         console.print(f"run {config.run.name}: {prepared.train_rows:,} train / {prepared.eval_rows:,} eval "
-                      f"sequences, {plan.steps_per_epoch} steps/epoch, {plan.total_steps} steps, "
+                      f"sequences ({'reused' if reused else 'tokenized'}: dataset {prepared.key or 'of the run'}), "
+                      f"{plan.steps_per_epoch} steps/epoch, {plan.total_steps} steps, "
                       f"{config.scaling.num_workers} worker(s), folder {run_dir.uri}", markup=False, highlight=False)
         started = time.perf_counter()
         _fit(config, run_dir, prepared, plan, console, callbacks or [], tracking.log_steps)
         history = read_history(run_dir / "metrics.jsonl")
         summary = build_summary(config, history, plan.steps_per_epoch, time.perf_counter() - started,
                                 (run_dir / "export").uri)
+        summary.dataset = prepared.key
         summary.write(run_dir)
         tracking.log_outcome(summary.to_dict(), files={SUMMARY_FILE: summary.to_json()})
         print_summary(summary, console)
@@ -217,7 +223,7 @@ def _fit(config: JobConfig, run_dir: Location, prepared: Any, plan: StepPlan, co
             train_loop,
             train_loop_config={
                 "config": config.to_dict(), "plan": plan.__dict__, "progress": queue,
-                "export": run_dir / "export", "splits": split_blocks(prepared, run_dir / "data"),
+                "export": run_dir / "export", "splits": split_blocks(prepared),
             },
             scaling_config=scaling_config(config),
             torch_config=BoundTorchConfig(backend="nccl" if config.scaling.use_gpu else "gloo"),

@@ -45,6 +45,8 @@ class RunSummary:
     worker_nodes: list[str]
     #: The set-up as the workers built it (precision, ZeRO partitioning, parameter counts).
     strategy: dict[str, Any]
+    #: The key of the prepared dataset it trained on (``train/prepared.py``); None for a run that kept its own.
+    dataset: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -131,6 +131,7 @@ def sweep(config: JobConfig, *, console: Any = None) -> SweepOutcome:
         if trial.skipped_reason:
             console.print(f"skipping trial {trial.index} ({', '.join(trial.overrides)}): {trial.skipped_reason}",
                           markup=False, highlight=False)
+    prepare_trial_data(config, runnable, console)
     with tracked_run(config, folder, console=console, kind="sweep") as tracking:
         grid = None
         if runnable:
@@ -150,6 +151,36 @@ def sweep(config: JobConfig, *, console: Any = None) -> SweepOutcome:
         best = write_outputs(config, rows, folder, console)
         track_outcome(config, tracking, rows, best, folder)
     return SweepOutcome(folder=folder, rows=rows, best=best)
+
+
+def prepare_trial_data(config: JobConfig, runnable: list[Trial], console: Any) -> None:
+    """Tokenize each distinct dataset of the trials once, before any trial starts, in the sweep's storage.
+
+    Trials differ in what they train (rank, batch, learning rate), rarely in their rows; each finds its
+    dataset prepared (``train/prepared.py``) and tokenizes nothing. Left to the trials, those running at
+    once would each tokenize it."""
+    import time
+
+    from raytune_it.models.loading import load_tokenizer
+    from raytune_it.train.prepared import prepare, prepared_root
+
+    started, root = time.perf_counter(), prepared_root(config).uri
+    tokenizers: dict[tuple, Any] = {}
+    keys: dict[str, bool] = {}
+    for trial in runnable:
+        trial.config.data.prepared_root = trial.config.data.prepared_root or root
+        model = trial.config.model
+        source = (model.name_or_path, model.revision, model.trust_remote_code)
+        if source not in tokenizers:
+            tokenizers[source] = load_tokenizer(model.name_or_path, revision=model.revision,
+                                                trust_remote_code=model.trust_remote_code)
+        prepared, reused = prepare(trial.config, tokenizers[source])
+        keys.setdefault(str(prepared.key), reused)
+    if keys:
+        tokenized = sum(not reused for reused in keys.values())
+        console.print(f"sweep {config.run.name}: {len(runnable)} trial(s) on {len(keys)} prepared dataset(s) "
+                      f"({tokenized} tokenized, {len(keys) - tokenized} reused) in "
+                      f"{time.perf_counter() - started:.1f} s: {', '.join(keys)}", markup=False, highlight=False)
 
 
 def track_outcome(config: JobConfig, tracking: Any, rows: list[dict], best: dict | None, folder: Location) -> None:
