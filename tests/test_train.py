@@ -229,7 +229,7 @@ def test_splits_reach_the_workers_through_the_object_store_row_for_row(local_ray
     rows = [{"input_ids": list(range(i % 7 + 1)), "labels": [i] * (i % 7 + 1)} for i in range(10_000)]
     path = tmp_path / "train.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=data.BLOCK_ROWS)
-    split = data.put_split(local(path))
+    split = data.put_split([local(path)])
     assert split.rows == 10_000 and len(split.blocks) == 3
     assert split.table().to_pylist() == rows
 
