@@ -142,6 +142,13 @@ class DataSection(Section):
     builtin_records: PositiveInt = Field(
         2000, description="How many records 'builtin:tasks' generates."
     )
+    preparation: Literal["auto", "driver", "ray_data"] = Field(
+        "auto", description="Who tokenizes: 'driver' (one process, streaming), 'ray_data' (a Ray Data pipeline: "
+        "chunks of the JSONL or Parquet files on actors across the cluster, the same rows in the same order), or "
+        "'auto': ray_data for JSONL or Parquet data of 64 MiB or more without data.max_records, else the driver.")
+    preparation_actors: PositiveInt | None = Field(
+        None, description="Ray Data actors that tokenize (one CPU each, the tokenizer loaded once per actor); "
+        "default: the cluster's CPUs, at most one per chunk.")
     prepared_root: str | None = Field(
         None, description="Where tokenized datasets are kept, one folder per fingerprint of what decides their "
         "rows (data files and their sizes and times, format, template, tokenizer, train.max_seq_len, packing, "

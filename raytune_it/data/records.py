@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Iterable, Iterator, Literal
 
 from raytune_it.errors import DataError
 
@@ -89,21 +89,27 @@ BOM = b"\xef\xbb\xbf"
 
 def _jsonl(path: Path) -> Iterator[tuple[str, Any]]:
     with path.open("rb") as handle:
-        for number, line in enumerate(handle, start=1):
-            where = f"{path}:{number}"
-            if number == 1:
-                line = line.removeprefix(BOM)
-            if not line.strip():
-                continue
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                yield where, ValueError(f"invalid UTF-8 at byte {exc.start} of the line")
-                continue
-            try:
-                yield where, json.loads(text)
-            except json.JSONDecodeError as exc:
-                yield where, ValueError(f"invalid JSON: {exc.msg} at column {exc.colno}")
+        yield from jsonl_lines(handle, str(path), 1)
+
+
+def jsonl_lines(lines: Iterable[bytes], name: str, first_line: int) -> Iterator[tuple[str, Any]]:
+    """Each line of JSON Lines as ``(where, record or ValueError)``: a whole file from line 1, or a byte
+    range of it that starts on line ``first_line`` (``data/chunks.py``), numbered as the whole file is."""
+    for number, line in enumerate(lines, start=first_line):
+        where = f"{name}:{number}"
+        if number == 1:
+            line = line.removeprefix(BOM)
+        if not line.strip():
+            continue
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            yield where, ValueError(f"invalid UTF-8 at byte {exc.start} of the line")
+            continue
+        try:
+            yield where, json.loads(text)
+        except json.JSONDecodeError as exc:
+            yield where, ValueError(f"invalid JSON: {exc.msg} at column {exc.colno}")
 
 
 def _json_array(path: Path) -> Iterator[tuple[str, Any]]:
@@ -213,8 +219,18 @@ def iter_records(
     kind: FileType = detect_file_type(path) if file_type == "auto" else file_type
     reader = {"json": _json_array, "jsonl": _jsonl, "parquet": _parquet}[kind]
     report = report if report is not None else ReadReport()
-    check = validator(record_format, answers_required)
-    for where, raw in reader(path):
+    yield from checked_records(reader(path), validator(record_format, answers_required),
+                               skip_bad_records=skip_bad_records, report=report, limit=limit,
+                               required_field=required_field)
+    check_some_read(str(path), report, answers_required)
+
+
+def checked_records(raw_records: Iterable[tuple[str, Any]], check: Any, *, skip_bad_records: bool,
+                    report: ReadReport, limit: int | None = None,
+                    required_field: str | None = None) -> Iterator[dict[str, Any]]:
+    """The records that pass ``check`` (``validator``); the first bad one raises DataError naming where it is,
+    unless skipping, when it is counted in ``report``. The one rule for a whole file and for a chunk of it."""
+    for where, raw in raw_records:
         try:
             if isinstance(raw, Exception):
                 raise raw
@@ -234,10 +250,14 @@ def iter_records(
         yield record
         if limit is not None and report.records >= limit:
             return
+
+
+def check_some_read(name: str, report: ReadReport, answers_required: bool = True) -> None:
+    """A file that gave no record at all is an error: there is nothing to train on or generate from."""
     if report.records == 0:
         if report.bad_records:
-            raise DataError(f"{path}: no usable record: all {report.bad_records} were bad and skipped "
+            raise DataError(f"{name}: no usable record: all {report.bad_records} were bad and skipped "
                             f"(data.skip_bad_records=true), the first: {report.reasons[0]}. "
                             "Fix the records; there is nothing to read.")
-        raise DataError(f"{path}: the file holds no records; there is nothing to "
+        raise DataError(f"{name}: the file holds no records; there is nothing to "
                         f"{'train on' if answers_required else 'generate from'}.")

@@ -167,10 +167,16 @@ def write_split(config: JobConfig, tokenizer: Any, split: Split, target: Locatio
 
 def _write(config: JobConfig, tokenizer: Any, folder: Location, key: str, inputs: dict[str, Any],
            on_records: Callable[[int], None] | None) -> PreparedData:
+    from raytune_it.train.prepare_ray import prepare_on_ray_data, use_ray_data
+
     token = uuid.uuid4().hex[:12]
     stats: dict[str, tuple[int, TokenizeStats, ReadReport]] = {}
-    for split in ("train", "eval"):
-        stats[split] = write_split(config, tokenizer, split, folder / f"{split}-{token}.parquet", on_records)
+    if use_ray_data(config):
+        files, stats = prepare_on_ray_data(config, tokenizer, folder, token, on_records)
+    else:
+        files = {split: [f"{split}-{token}.parquet"] for split in ("train", "eval")}
+        for split in ("train", "eval"):
+            stats[split] = write_split(config, tokenizer, split, folder / files[split][0], on_records)
     (train_rows, train, train_report), (eval_rows, evaluated, eval_report) = stats["train"], stats["eval"]
     # Without an eval file both passes read the one file; with it, each pass reads its own.
     reports = [train_report, eval_report] if config.data.eval_path else [train_report]
@@ -181,7 +187,7 @@ def _write(config: JobConfig, tokenizer: Any, folder: Location, key: str, inputs
         records=sum(r.records for r in reports), tokens=train.tokens + evaluated.tokens,
         trained_tokens=train.trained_tokens,
         packing_efficiency=round(train.tokens / capacity, 4) if config.data.packing and capacity else None,
-        key=key, train_files=[f"train-{token}.parquet"], eval_files=[f"eval-{token}.parquet"], inputs=inputs,
+        key=key, train_files=files["train"], eval_files=files["eval"], inputs=inputs,
         folder=folder)
     if (folder / STATS_FILE).is_file():  # another run prepared the same key meanwhile: the same rows, kept once
         for location in prepared.files("train") + prepared.files("eval"):

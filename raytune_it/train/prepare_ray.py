@@ -1,0 +1,259 @@
+"""Preparing a dataset as a Ray Data pipeline: the files cut into chunks, tokenized by actors across the cluster.
+
+    chunks (driver: cuts only) -> map_batches(ChunkPreparer), one chunk per call, on an actor pool, the
+    tokenizer loaded once per actor -> each chunk's Parquet shards in storage, one stats row back each
+    -> (packing) the driver packs the shards in order -> prepared.json
+
+Each actor reads its chunk straight from storage (``data/chunks.py``), checks every record by the one rule
+(``checked_records``), splits by content hash, tokenizes and writes its shards; only a row of counts comes
+back, so the driver's memory does not grow with the data. Every step is the driver path's, record for record,
+and the shards are listed in chunk order, so the rows are the driver path's in the same order: the same
+examples, the same epoch order, the same losses. Packing fills rows greedily across chunk ends, so it is done
+once, on the driver, over the tokenized shards in order (no tokenizer; a streaming pass).
+
+Bad records keep the driver path's rules: the first bad record in file order stops the run, named by file
+and line; skipped ones are counted exactly across chunks, and the first reasons kept are the file's first.
+
+Why ``map_batches`` over the project's own chunk reader, not ``ray.data.read_json``: Ray's readers give no
+line numbers, and stop at a malformed line with pyarrow's message, so neither rule could hold.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from raytune_it.config.schema import JobConfig
+from raytune_it.data.chunks import CHUNKED, Chunk, chunk_records, plan_chunks
+from raytune_it.data.records import FileType, ReadReport, check_some_read, checked_records, detect_file_type, validator
+from raytune_it.data.tokenize import TokenizeStats, pack_examples, tokenize_records
+from raytune_it.errors import ConfigError, DataError
+from raytune_it.storage import Location, is_uri, local, open_location
+
+#: Below this much data the driver tokenizes faster than actors start.
+RAY_DATA_MIN_BYTES = 64 << 20
+BATCH = 512
+SPLITS = ("train", "eval")
+
+
+def _source_kind(data: Any, source: str, location: Location) -> FileType:
+    if data.file_type != "auto":
+        return data.file_type
+    if is_uri(source):  # by its name: a .json object is parsed whole either way
+        suffix = Path(source.partition("?")[0]).suffix.lower()
+        return "jsonl" if suffix in {".jsonl", ".ndjson"} else "parquet" if suffix in {".parquet", ".pq"} else "json"
+    return detect_file_type(Path(location.path))
+
+
+def sources(config: JobConfig) -> list[tuple[str, str | None]]:
+    """Each data file and the split all its records go to (None: by content hash)."""
+    data = config.data
+    if data.eval_path is None:
+        return [(data.path, None)]
+    return [(data.path, "train"), (data.eval_path, "eval")]
+
+
+def _open(config: JobConfig, source: str) -> tuple[Location, str]:
+    """Where a process reads ``source`` and the name its records are reported under: a URI from storage
+    directly, a local file (or the generated built-in set) by the path the driver path names."""
+    from raytune_it.data.pipeline import resolve_data_path
+
+    if is_uri(source):
+        return open_location(source, "data.path"), source
+    resolved = resolve_data_path(config.data, source)
+    return local(resolved), str(resolved)
+
+
+def use_ray_data(config: JobConfig) -> bool:
+    """Whether this config's data is prepared on Ray Data (``data.preparation``); a choice that cannot hold
+    is refused before anything is read, naming the key."""
+    data = config.data
+    if data.preparation == "driver":
+        return False
+    kinds, size = [], 0
+    for source, _ in sources(config):
+        location, _name = _open(config, source)
+        kinds.append(_source_kind(data, source, location))
+        size += location.filesystem.get_file_info(location.path).size or 0
+    problem = ("data.max_records is set (the first N records need the whole file in order)" if data.max_records
+               else None if all(kind in CHUNKED for kind in kinds) else
+               "the data is a JSON array, which is parsed from its start")
+    if data.preparation == "ray_data" and problem:
+        raise ConfigError(f"data.preparation=ray_data: {problem}. Write the records as JSON Lines or Parquet, or "
+                          "set data.preparation=driver (allowed: auto, driver, ray_data).")
+    return problem is None and (data.preparation == "ray_data" or size >= RAY_DATA_MIN_BYTES)
+
+
+def plan(config: JobConfig, **sizes: int) -> list[Chunk]:
+    """Every chunk of every data file, numbered in file order."""
+    chunks: list[Chunk] = []
+    for source, split in sources(config):
+        location, _ = _open(config, source)
+        chunks += plan_chunks(source, location, _source_kind(config.data, source, location), len(chunks), split,
+                              **sizes)
+    return chunks
+
+
+def shard_name(token: str, split: str, index: int) -> str:
+    return f"{split}-{token}-{index:05d}.parquet"
+
+
+def prepare_chunk(config: JobConfig, tokenizer: Any, template: str | None, chunk: Chunk, folder: Location,
+                  token: str) -> dict[str, Any]:
+    """One chunk: read, check, split, tokenize, write its shards; a row of what it found (or its error)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raytune_it.data.pipeline import resolve_data_path, split_of
+
+    data = config.data
+    location, name = _open(config, chunk.source)
+    report = ReadReport()
+    out: dict[str, Any] = {"index": chunk.index, "source": chunk.source, "error": "", "stats": "{}"}
+    try:
+        records = list(checked_records(chunk_records(chunk, location, name), validator(data.format),
+                                       skip_bad_records=data.skip_bad_records, report=report))
+        by_split: dict[str, list[dict]] = {split: [] for split in SPLITS}
+        for record in records:
+            by_split[chunk.split or split_of(record, data.eval_fraction, config.train.seed)].append(record)
+        stats, rows = {}, {}
+        schema = pa.schema([(column, pa.list_(pa.int32())) for column in ("input_ids", "labels")])
+        for split, items in by_split.items():
+            stats[split] = TokenizeStats()
+            examples: list[dict] = []
+            for start in range(0, len(items), BATCH):
+                try:
+                    examples += tokenize_records(items[start:start + BATCH], tokenizer, config.train.max_seq_len,
+                                                 stats[split], chat_template=template)
+                except ValueError as exc:  # the run's template cannot render the file's conversations
+                    raise DataError(f"{resolve_data_path(data)}: {exc}") from None
+            rows[split] = len(examples)
+            if examples:
+                with (folder / shard_name(token, split, chunk.index)).open_output_stream() as sink:
+                    pq.write_table(pa.Table.from_pylist(examples, schema=schema), sink)
+        out["stats"] = json.dumps({split: asdict(value) for split, value in stats.items()})
+        out.update({f"{split}_rows": rows[split] for split in SPLITS})
+    except DataError as exc:
+        out["error"] = str(exc)
+    out.update(records=report.records, bad_records=report.bad_records, reasons=json.dumps(report.reasons))
+    out.setdefault("train_rows", 0)
+    out.setdefault("eval_rows", 0)
+    return out
+
+
+class ChunkPreparer:
+    """A Ray Data actor: the tokenizer loaded once, then one chunk per call (``map_batches(batch_size=1)``)."""
+
+    def __init__(self, config: dict, template: str | None, folder: str, token: str) -> None:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one CPU per actor: no Rust threads on top
+        from raytune_it.models.loading import load_tokenizer
+
+        self.config = JobConfig.model_validate(config)
+        model = self.config.model
+        self.tokenizer = load_tokenizer(model.name_or_path, revision=model.revision,
+                                        trust_remote_code=model.trust_remote_code)
+        self.template, self.folder, self.token = template, open_location(folder, "data.prepared_root"), token
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        results = [prepare_chunk(self.config, self.tokenizer, self.template, Chunk(**json.loads(str(item))),
+                                 self.folder, self.token) for item in batch["chunk"]]
+        return {key: [result[key] for result in results] for key in results[0]}
+
+
+def _merge(stats: list[dict]) -> TokenizeStats:
+    total = TokenizeStats()
+    for item in stats:
+        for key, value in item.items():
+            setattr(total, key, max(total.max_length, value) if key == "max_length" else getattr(total, key) + value)
+    return total
+
+
+def _pack(shards: list[Location], target: Location, max_seq_len: int) -> int:
+    """Pack the split's tokenized shards, in order, into one file, as the driver path packs its stream."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def examples() -> Iterator[dict]:
+        for shard in shards:
+            with shard.open_input_file() as handle:
+                for batch in pq.ParquetFile(handle).iter_batches(batch_size=4096):
+                    yield from batch.to_pylist()
+
+    schema = pa.schema([(name, pa.list_(pa.int32())) for name in ("input_ids", "labels", "position_ids")])
+    rows, chunk = 0, []
+    with target.open_output_stream() as sink, pq.ParquetWriter(sink, schema) as writer:
+        for row in pack_examples(examples(), max_seq_len):
+            chunk.append(row)
+            if len(chunk) == 4096:
+                writer.write_table(pa.Table.from_pylist(chunk, schema=schema))
+                rows, chunk = rows + len(chunk), []
+        if chunk:
+            writer.write_table(pa.Table.from_pylist(chunk, schema=schema))
+            rows += len(chunk)
+    return rows
+
+
+def prepare_on_ray_data(config: JobConfig, tokenizer: Any, folder: Location, token: str,
+                        on_records: Callable[[int], None] | None = None, chunk_sizes: dict[str, int] | None = None
+                        ) -> tuple[dict[str, list[str]], dict[str, tuple[int, TokenizeStats, ReadReport]]]:
+    """Both splits of the config's data as shards in ``folder``: the file names per split, and per split its
+    rows, tokenization counts and read report (the driver path's ``write_split`` triple)."""
+    import ray
+
+    from raytune_it.cluster import ray_session
+    from raytune_it.data.prompt_format import PromptFormat
+    from raytune_it.data.records import KEEP_REASONS
+
+    chunks = plan(config, **(chunk_sizes or {}))
+    template = PromptFormat.for_run(tokenizer, config.data).chat_template
+    results: list[dict] = []
+    with ray_session():
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False  # the caller shows records read
+        context.print_on_execution_start = False
+        actors = config.data.preparation_actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        items = ray.data.from_items([{"chunk": json.dumps(asdict(chunk))} for chunk in chunks])
+        dataset = items.repartition(len(chunks)).map_batches(
+            ChunkPreparer, batch_size=1, num_cpus=1,
+            compute=ray.data.ActorPoolStrategy(size=min(actors, len(chunks))),
+            fn_constructor_kwargs={"config": config.to_dict(include_secrets=False), "template": template,
+                                   "folder": folder.uri, "token": token})
+        read = 0
+        for row in dataset.iter_rows():
+            results.append(dict(row))
+            read += int(row["records"]) + int(row["bad_records"])
+            if on_records is not None:
+                on_records(read)
+    results.sort(key=lambda row: int(row["index"]))
+    failed = next((row for row in results if row["error"]), None)
+    if failed is not None:  # nothing of this preparation is kept
+        for row in results:
+            for split in SPLITS:
+                (folder / shard_name(token, split, int(row["index"]))).delete()
+        raise DataError(failed["error"])
+    reports: dict[str, ReadReport] = {}
+    for source, _ in sources(config):
+        report = reports[source] = ReadReport()
+        for row in (r for r in results if r["source"] == source):
+            report.records += int(row["records"])
+            report.bad_records += int(row["bad_records"])
+            report.reasons += json.loads(row["reasons"])
+        report.reasons = report.reasons[:KEEP_REASONS]
+        check_some_read(_open(config, source)[1], report)
+    files, outcome = {}, {}
+    for split in SPLITS:
+        shards = [shard_name(token, split, int(row["index"])) for row in results if int(row[f"{split}_rows"])]
+        rows = sum(int(row[f"{split}_rows"]) for row in results)
+        if config.data.packing and shards:
+            packed = f"{split}-{token}.parquet"
+            rows = _pack([folder / name for name in shards], folder / packed, config.train.max_seq_len)
+            for name in shards:
+                (folder / name).delete()
+            shards = [packed]
+        files[split] = shards
+        source = config.data.eval_path if split == "eval" and config.data.eval_path else config.data.path
+        outcome[split] = (rows, _merge([json.loads(row["stats"]).get(split, {}) for row in results]), reports[source])
+    return files, outcome
