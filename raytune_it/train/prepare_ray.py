@@ -215,8 +215,11 @@ def prepare_on_ray_data(config: JobConfig, tokenizer: Any, folder: Location, tok
         context.enable_progress_bars = False  # the caller shows records read
         context.print_on_execution_start = False
         actors = config.data.preparation_actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
-        items = ray.data.from_items([{"chunk": json.dumps(asdict(chunk))} for chunk in chunks])
-        dataset = items.repartition(len(chunks)).map_batches(
+        # One block per chunk, made on the driver: a repartition would need task CPUs that the actors hold,
+        # and on a 1-CPU cluster it would wait for them forever.
+        items = ray.data.from_items([{"chunk": json.dumps(asdict(chunk))} for chunk in chunks],
+                                    override_num_blocks=len(chunks))
+        dataset = items.map_batches(
             ChunkPreparer, batch_size=1, num_cpus=1,
             compute=ray.data.ActorPoolStrategy(size=min(actors, len(chunks))),
             fn_constructor_kwargs={"config": config.to_dict(include_secrets=False), "template": template,
