@@ -36,12 +36,17 @@ class ReadReport:
             self.reasons.append(reason)
 
 
+def file_type_by_name(name: str) -> FileType | None:
+    """The file type a name's suffix decides, or None for ``.json`` and others (the content decides)."""
+    suffix = Path(name).suffix.lower()
+    return "jsonl" if suffix in {".jsonl", ".ndjson"} else "parquet" if suffix in {".parquet", ".pq"} else None
+
+
 def detect_file_type(path: Path) -> FileType:
+    by_name = file_type_by_name(str(path))
+    if by_name is not None:
+        return by_name
     suffix = path.suffix.lower()
-    if suffix in {".jsonl", ".ndjson"}:
-        return "jsonl"
-    if suffix in {".parquet", ".pq"}:
-        return "parquet"
     if suffix == ".json":
         with path.open("rb") as handle:
             first_line = handle.readline(1 << 20).removeprefix(BOM).strip()

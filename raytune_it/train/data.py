@@ -14,15 +14,32 @@ continues at its data position.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 from raytune_it.data.tokenize import collate_arrow
 from raytune_it.storage import Location
 
-if TYPE_CHECKING:
-    from raytune_it.train.prepared import PreparedData
-
 BLOCK_ROWS = 4096
+
+
+def write_examples(examples: Iterator[dict], target: Location, packed: bool) -> int:
+    """Write tokenized examples to one Parquet file in row groups of ``BLOCK_ROWS``, the blocks
+    ``put_split`` puts in the object store; the number of rows written. The one layout of a prepared split,
+    whoever tokenized it (the driver, a Ray Data actor, the packing pass)."""
+    from itertools import islice
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = ["input_ids", "labels"] + (["position_ids"] if packed else [])
+    schema = pa.schema([(name, pa.list_(pa.int32())) for name in columns])
+    rows = 0
+    # On an object store the file appears only when the writer closes (one multipart upload).
+    with target.open_output_stream() as sink, pq.ParquetWriter(sink, schema) as writer:
+        while chunk := list(islice(examples, BLOCK_ROWS)):
+            writer.write_table(pa.Table.from_pylist(chunk, schema=schema))
+            rows += len(chunk)
+    return rows
 
 
 @dataclass(frozen=True)
@@ -58,13 +75,6 @@ def put_split(files: list[Location]) -> SplitBlocks:
                 blocks.append(ray.put(pa.Table.from_batches([batch])))
                 rows += batch.num_rows
     return SplitBlocks(tuple(blocks), rows)
-
-
-def split_blocks(prepared: PreparedData) -> dict[str, SplitBlocks]:
-    splits = {"train": put_split(prepared.files("train"))}
-    if prepared.eval_rows:
-        splits["eval"] = put_split(prepared.files("eval"))
-    return splits
 
 
 def epoch_rows(rows: int, seed: int, epoch: int, rank: int, world_size: int) -> Any:

@@ -28,10 +28,19 @@ from typing import Any, Callable, Iterator
 
 from raytune_it.config.schema import JobConfig
 from raytune_it.data.chunks import CHUNKED, Chunk, chunk_records, plan_chunks
-from raytune_it.data.records import FileType, ReadReport, check_some_read, checked_records, detect_file_type, validator
+from raytune_it.data.records import (
+    FileType,
+    ReadReport,
+    check_some_read,
+    checked_records,
+    detect_file_type,
+    file_type_by_name,
+    validator,
+)
 from raytune_it.data.tokenize import TokenizeStats, pack_examples, tokenize_records
 from raytune_it.errors import ConfigError, DataError
 from raytune_it.storage import Location, is_uri, local, open_location
+from raytune_it.train.data import BLOCK_ROWS, write_examples
 
 #: Below this much data the driver tokenizes faster than actors start.
 RAY_DATA_MIN_BYTES = 64 << 20
@@ -42,9 +51,8 @@ SPLITS = ("train", "eval")
 def _source_kind(data: Any, source: str, location: Location) -> FileType:
     if data.file_type != "auto":
         return data.file_type
-    if is_uri(source):  # by its name: a .json object is parsed whole either way
-        suffix = Path(source.partition("?")[0]).suffix.lower()
-        return "jsonl" if suffix in {".jsonl", ".ndjson"} else "parquet" if suffix in {".parquet", ".pq"} else "json"
+    if is_uri(source):  # by its name: any other object is parsed whole, as a JSON array
+        return file_type_by_name(source.partition("?")[0]) or "json"
     return detect_file_type(Path(location.path))
 
 
@@ -104,10 +112,7 @@ def shard_name(token: str, split: str, index: int) -> str:
 def prepare_chunk(config: JobConfig, tokenizer: Any, template: str | None, chunk: Chunk, folder: Location,
                   token: str) -> dict[str, Any]:
     """One chunk: read, check, split, tokenize, write its shards; a row of what it found (or its error)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from raytune_it.data.pipeline import resolve_data_path, split_of
+    from raytune_it.data.pipeline import split_of
 
     data = config.data
     location, name = _open(config, chunk.source)
@@ -120,7 +125,6 @@ def prepare_chunk(config: JobConfig, tokenizer: Any, template: str | None, chunk
         for record in records:
             by_split[chunk.split or split_of(record, data.eval_fraction, config.train.seed)].append(record)
         stats, rows = {}, {}
-        schema = pa.schema([(column, pa.list_(pa.int32())) for column in ("input_ids", "labels")])
         for split, items in by_split.items():
             stats[split] = TokenizeStats()
             examples: list[dict] = []
@@ -129,11 +133,10 @@ def prepare_chunk(config: JobConfig, tokenizer: Any, template: str | None, chunk
                     examples += tokenize_records(items[start:start + BATCH], tokenizer, config.train.max_seq_len,
                                                  stats[split], chat_template=template)
                 except ValueError as exc:  # the run's template cannot render the file's conversations
-                    raise DataError(f"{resolve_data_path(data)}: {exc}") from None
+                    raise DataError(f"{name}: {exc}") from None
             rows[split] = len(examples)
             if examples:
-                with (folder / shard_name(token, split, chunk.index)).open_output_stream() as sink:
-                    pq.write_table(pa.Table.from_pylist(examples, schema=schema), sink)
+                write_examples(iter(examples), folder / shard_name(token, split, chunk.index), packed=False)
         out["stats"] = json.dumps({split: asdict(value) for split, value in stats.items()})
         out.update({f"{split}_rows": rows[split] for split in SPLITS})
     except DataError as exc:
@@ -173,27 +176,15 @@ def _merge(stats: list[dict]) -> TokenizeStats:
 
 def _pack(shards: list[Location], target: Location, max_seq_len: int) -> int:
     """Pack the split's tokenized shards, in order, into one file, as the driver path packs its stream."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     def examples() -> Iterator[dict]:
         for shard in shards:
             with shard.open_input_file() as handle:
-                for batch in pq.ParquetFile(handle).iter_batches(batch_size=4096):
+                for batch in pq.ParquetFile(handle).iter_batches(batch_size=BLOCK_ROWS):
                     yield from batch.to_pylist()
 
-    schema = pa.schema([(name, pa.list_(pa.int32())) for name in ("input_ids", "labels", "position_ids")])
-    rows, chunk = 0, []
-    with target.open_output_stream() as sink, pq.ParquetWriter(sink, schema) as writer:
-        for row in pack_examples(examples(), max_seq_len):
-            chunk.append(row)
-            if len(chunk) == 4096:
-                writer.write_table(pa.Table.from_pylist(chunk, schema=schema))
-                rows, chunk = rows + len(chunk), []
-        if chunk:
-            writer.write_table(pa.Table.from_pylist(chunk, schema=schema))
-            rows += len(chunk)
-    return rows
+    return write_examples(pack_examples(examples(), max_seq_len), target, packed=True)
 
 
 def prepare_on_ray_data(config: JobConfig, tokenizer: Any, folder: Location, token: str,

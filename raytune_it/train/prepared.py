@@ -25,7 +25,6 @@ import json
 import tempfile
 import uuid
 from dataclasses import asdict, dataclass, field, fields
-from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -35,13 +34,13 @@ from raytune_it.data.records import ReadReport
 from raytune_it.data.tokenize import TokenizeStats
 from raytune_it.errors import ConfigError
 from raytune_it.storage import Location, open_location
+from raytune_it.train.data import SplitBlocks, put_split, write_examples
 
 #: Bump when tokenization changes the rows made from the same inputs: earlier preparations are then not reused.
 PREPARED_VERSION = 1
 PREPARED_DIR = "_prepared"
 STATS_FILE = "prepared.json"
 RUN_RECORD = "dataset.json"
-ROWS_PER_WRITE = 4096
 PROGRESS_EVERY = 1000
 Split = Literal["train", "eval"]
 
@@ -137,12 +136,17 @@ def dataset_key(inputs: dict[str, Any]) -> str:
     return hashlib.blake2b(json.dumps(inputs, sort_keys=True).encode(), digest_size=10).hexdigest()
 
 
+def split_blocks(prepared: PreparedData) -> dict[str, SplitBlocks]:
+    """The prepared splits in Ray's object store, for the workers (``train/data.py``)."""
+    splits = {"train": put_split(prepared.files("train"))}
+    if prepared.eval_rows:
+        splits["eval"] = put_split(prepared.files("eval"))
+    return splits
+
+
 def write_split(config: JobConfig, tokenizer: Any, split: Split, target: Location,
                 on_records: Callable[[int], None] | None = None) -> tuple[int, TokenizeStats, ReadReport]:
     """Stream one split's examples into one Parquet file; ``on_records`` sees the count of records read."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     stats, report = TokenizeStats(), ReadReport()
     read = 0
 
@@ -154,14 +158,7 @@ def write_split(config: JobConfig, tokenizer: Any, split: Split, target: Locatio
 
     examples = iter_examples(config.data, tokenizer, config.train.max_seq_len, split, config.train.seed,
                              report=report, stats=stats, on_record=count)
-    columns = ["input_ids", "labels"] + (["position_ids"] if config.data.packing else [])
-    schema = pa.schema([(name, pa.list_(pa.int32())) for name in columns])
-    rows = 0
-    # On an object store the file appears only when the writer closes (one multipart upload).
-    with target.open_output_stream() as sink, pq.ParquetWriter(sink, schema) as writer:
-        while chunk := list(islice(examples, ROWS_PER_WRITE)):
-            writer.write_table(pa.Table.from_pylist(chunk, schema=schema))
-            rows += len(chunk)
+    rows = write_examples(examples, target, config.data.packing)
     return rows, stats, report
 
 
