@@ -191,7 +191,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     workload = resolve_workload(args.target, args.overrides, method=args.method, server_type=args.server_type,
                                 seq_len=args.seq_len, records=args.records, mean_tokens=args.mean_tokens,
                                 data=args.data, tokenizer=args.tokenizer, epochs=args.epochs,
-                                global_batch=args.global_batch)
+                                global_batch=args.global_batch, lora_targets=args.lora_targets)
     if args.calibrate:
         workload = calibrate(workload, args.calibrate)
     if args.calibrate_inference:
@@ -391,6 +391,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--epochs", type=float, help="passes over the data (default 3)")
     plan.add_argument("--global-batch", type=int, help="sequences per optimizer step across all GPUs (default 32, "
                       "or the config's micro batch x accumulation x workers)")
+    plan.add_argument("--lora-targets", type=lambda text: [name.strip() for name in text.split(",") if name.strip()],
+                      metavar="MODULES", help="LoRA's target modules, comma-separated, such as "
+                      "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj (default: attention's four, or the "
+                      "config's)")
     plan.add_argument("--calibrate", metavar="RUN_DIR", help="replace the assumed throughput with the one a finished "
                       "run measured (its summary.json; a local folder or storage URI); use a run on the same "
                       "server type")

@@ -196,6 +196,22 @@ def test_llama3_8b_presets_fit_their_server_type_by_the_planner(preset):
     config = load_config(preset, ["model.name_or_path=tiny-llama", "data.path=builtin:tasks"])
     shape = NAMED_SHAPES["LLAMA3-8B"]
     assert config_fit_problem(config, shape) is None
-    planned = plan(Workload(shape=shape, method=config.method, server_type=config.scaling.server_type))
+    planned = plan(Workload(shape=shape, method=config.method, server_type=config.scaling.server_type,
+                            lora_targets=list(config.lora.target_modules)))
     assert (planned.num_gpus, planned.per_device_batch_size, planned.gradient_accumulation_steps) == (
         config.scaling.num_workers, config.train.micro_batch_size, config.train.gradient_accumulation_steps)
+
+
+def test_the_chunked_loss_is_the_batch_a_llama3_lora_plan_gains_on_a_3090():
+    """Llama-3's 128k vocabulary: the full logits of a 512-token sequence are 0.6 GiB at the loss's backward,
+    so the model's own loss caps an RTX 3090's LoRA batch well below what the chunked loss allows."""
+    from raytune_it.plan.memory import NAMED_SHAPES, logits_bytes
+
+    shape = NAMED_SHAPES["LLAMA3-8B"]
+    chunked = plan(Workload(shape=shape, method="lora", server_type="rtx3090-24g"))
+    full = plan(Workload(shape=shape, method="lora", server_type="rtx3090-24g", loss_chunk_tokens=None))
+    assert full.max_batch_with_full_logits is None and chunked.max_batch_with_full_logits == full.max_batch_that_fits
+    assert chunked.max_batch_that_fits >= 4 * full.max_batch_that_fits
+    assert full.memory_gib["logits"] * GIB == pytest.approx(full.per_device_batch_size * 512 * shape.vocab * 10,
+                                                             rel=1e-3)
+    assert logits_bytes(8 * 512, shape.vocab, 256) == 256 * shape.vocab * 10

@@ -119,3 +119,44 @@ def test_the_planner_counts_every_projection_for_all_linear():
 
     shape = LLAMA_SHAPES["7B"]
     assert lora_trainable_params(shape, 16, ["all-linear"]) > lora_trainable_params(shape, 16, ["q_proj", "v_proj"])
+
+
+@pytest.mark.parametrize("implementation", ["full", "chunked"])
+def test_the_chunked_loss_never_keeps_the_full_logits_for_the_backward(tiny_model_dir, implementation):
+    """What autograd keeps for the backward pass: with the model's own loss, logits for every token of the
+    micro-batch ([tokens x vocab]); with the chunked loss, none: each chunk's logits are recomputed in the
+    backward pass, one chunk at a time. The loss and the gradients are the full loss's either way."""
+    from transformers import AutoModelForCausalLM
+
+    from raytune_it.train.strategies.base import install_loss
+
+    config = load_config("tiny-lora", [f"train.loss_implementation={implementation}", "train.loss_chunk_tokens=32",
+                                       "train.micro_batch_size=2", "train.max_seq_len=64"])
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    assert install_loss(model, config, torch.device("cpu"), partitioned=False) == implementation
+    ids = torch.randint(10, 500, (2, 64), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :20] = -100
+    largest = 0  # elements of the largest saved tensor shaped like logits (its last dimension the vocabulary)
+
+    def keep(tensor):
+        nonlocal largest
+        if tensor.dim() and tensor.shape[-1] == model.config.vocab_size:
+            largest = max(largest, tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        loss = model(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(100)).loss
+    loss.backward()
+    expected = reference(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(100)).loss
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
+    for (name, param), (_, want) in zip(model.named_parameters(), reference.named_parameters()):
+        torch.testing.assert_close(param.grad, want.grad, rtol=1e-5, atol=1e-5 * float(want.grad.abs().max()),
+                                   msg=name)
+    vocab, tokens = model.config.vocab_size, ids.numel()
+    if implementation == "full":
+        assert largest >= tokens * vocab
+    else:
+        assert largest == 0, f"logits of {largest // vocab} tokens kept: each chunk's should be recomputed"

@@ -252,6 +252,16 @@ class TrainSection(Section):
     eval_every_steps: PositiveInt = Field(
         50, description="Compute eval loss and save a checkpoint every this many steps (and at the end)."
     )
+    loss_implementation: Literal["auto", "chunked", "liger", "full"] = Field(
+        "auto", description="How the loss meets the vocabulary: 'chunked' runs the output head and the "
+        "cross-entropy a chunk of tokens at a time, so the full [tokens x vocab] logits never exist; 'liger' is "
+        "Liger's fused kernel (CUDA, LoRA, the liger extra); 'full' is the model's own loss; 'auto' is liger "
+        "where it can run, else chunked for LLaMA/Mistral/Qwen/Phi-3 models, else full.",
+    )
+    loss_chunk_tokens: Annotated[int, Strict(), Field(ge=16, le=65_536)] = Field(
+        256, description="Most tokens per chunk of the chunked loss, whose logits peak is this many tokens x vocab: "
+        "every micro-batch is cut into micro_batch_size x max_seq_len / loss_chunk_tokens equal chunks.",
+    )
 
 
 class RunSection(Section):

@@ -20,6 +20,8 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 from raytune_it.data.prompt_format import PromptFormat
 
 IGNORE_INDEX = -100
+#: Batches are right-padded to a multiple of this many tokens (tensor-core friendly widths).
+PAD_TO_MULTIPLE_OF = 8
 
 
 @dataclass
@@ -92,7 +94,8 @@ def pack_examples(examples: Iterable[Mapping[str, list[int]]], max_seq_len: int)
         yield row
 
 
-def collate(batch: Sequence[Mapping[str, Sequence[int]]], pad_token_id: int, pad_to_multiple_of: int = 8) -> dict:
+def collate(batch: Sequence[Mapping[str, Sequence[int]]], pad_token_id: int,
+            pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF) -> dict:
     """Right-pad a batch into tensors.
 
     Packed rows (with position_ids) get padding as one more segment and no
@@ -120,7 +123,7 @@ def collate(batch: Sequence[Mapping[str, Sequence[int]]], pad_token_id: int, pad
     return out
 
 
-def collate_arrow(table: Any, pad_token_id: int, pad_to_multiple_of: int = 8) -> dict:
+def collate_arrow(table: Any, pad_token_id: int, pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF) -> dict:
     """``collate`` for an Arrow batch, without a Python object per token.
 
     The same tensors as ``collate(table.to_pylist(), ...)``, built from the list

@@ -58,6 +58,7 @@ def resolve_workload(
     tokenizer: str | None = None,
     epochs: float | None = None,
     global_batch: int | None = None,
+    lora_targets: list[str] | None = None,
 ) -> Workload:
     """Flags override what a config says; a bare model takes the survey's defaults for the rest."""
     target = target or "tiny-lora"
@@ -87,7 +88,8 @@ def resolve_workload(
         if Path(target).is_dir():
             tokenizer = tokenizer or target
     for key, value in (("method", method), ("server_type", server_type), ("seq_len", seq_len), ("epochs", epochs),
-                       ("global_batch", global_batch), ("records", records), ("mean_tokens", mean_tokens)):
+                       ("global_batch", global_batch), ("records", records), ("mean_tokens", mean_tokens),
+                       ("lora_targets", lora_targets)):
         if value is not None:
             fields[key] = value
     workload = replace(workload, **fields)

@@ -9,9 +9,13 @@ the base frozen (INT8: 1 byte per linear weight; embeddings and the LM head stay
 Activations per sequence of s tokens and hidden size h, in 16-bit, follow
 Korthikanti et al. (2022): about 34·s·h bytes per layer with a fused attention
 kernel (no s² score matrix is stored). Gradient checkpointing keeps only each
-layer's input (2·s·h) plus one layer's activations during recompute. The logits
-and their float32 copy for the loss add s·V·6 bytes. A fixed framework overhead
-covers the CUDA context, allocator fragmentation and communication buffers.
+layer's input (2·s·h) plus one layer's activations during recompute. A fixed framework
+overhead covers the CUDA context, allocator fragmentation and communication buffers.
+
+The logits are counted apart (``logits_bytes``): the model's own loss holds, at its backward,
+the 16-bit logits of every token of the micro-batch, their float32 upcast and that upcast's
+float32 gradient, 10·V bytes per token; the chunked loss (``raytune_it/train/loss.py``) the
+same for one chunk of ``train.loss_chunk_tokens`` tokens.
 
 ZeRO-3 adds working buffers on top of its 1/N shards, at DeepSpeed's defaults
 (which the generated DeepSpeed config keeps): the parameters gathered for the
@@ -71,10 +75,13 @@ class MemoryEstimate:
     overhead: int
     #: ZeRO-3's gathered parameters and reduce bucket.
     zero_buffers: int = 0
+    #: The output head's logits at the loss, all of them or one chunk's (``logits_bytes``).
+    logits: int = 0
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.overhead + self.zero_buffers
+        return (self.weights + self.gradients + self.optimizer + self.activations + self.overhead + self.zero_buffers
+                + self.logits)
 
     def to_dict(self) -> dict[str, int]:
         return dict(asdict(self), total=self.total)
@@ -92,8 +99,15 @@ def activation_bytes(shape: ModelShape, seq_len: int, micro_batch: int, checkpoi
         per_sequence = shape.layers * 2 * seq_len * shape.hidden + per_layer_full
     else:
         per_sequence = shape.layers * per_layer_full
-    logits = seq_len * shape.vocab * 6
-    return micro_batch * (per_sequence + logits)
+    return micro_batch * per_sequence
+
+
+def logits_bytes(tokens: int, vocab: int, chunk_tokens: int | None) -> int:
+    """The logits' peak for a micro-batch of ``tokens`` tokens: 16-bit logits, their float32 upcast and its
+    float32 gradient (10 bytes per token and vocabulary entry), for every token with the model's own loss
+    (``chunk_tokens`` None) or for one chunk with the chunked loss."""
+    held = tokens if chunk_tokens is None else min(tokens, chunk_tokens)
+    return held * vocab * (2 + 4 + 4)
 
 
 def lora_trainable_params(shape: ModelShape, rank: int, target_modules: list[str]) -> int:
@@ -122,10 +136,12 @@ def estimate_memory(
     lora_rank: int = 16,
     lora_quantization: str = "int8",
     lora_targets: list[str] | None = None,
+    loss_chunk_tokens: int | None = 256,
 ) -> MemoryEstimate:
-    """Bytes one device needs for one training step."""
+    """Bytes one device needs for one training step; ``loss_chunk_tokens`` None is the full logits' loss."""
     params = shape.parameters
     activations = activation_bytes(shape, seq_len, micro_batch, checkpointing)
+    logits = logits_bytes(micro_batch * seq_len, shape.vocab, loss_chunk_tokens)
     if method == "full":
         shard = num_gpus if zero_stage == 3 else 1
         grad_shard = num_gpus if zero_stage >= 2 else 1
@@ -142,13 +158,14 @@ def estimate_memory(
             activations=activations,
             overhead=FRAMEWORK_OVERHEAD_BYTES,
             zero_buffers=buffers,
+            logits=logits,
         )
     linear = shape.layers * shape.linear_params_per_layer
     other = params - linear
     base = linear * BYTES_PER_LINEAR_WEIGHT[lora_quantization] + other * 2
     trainable = lora_trainable_params(shape, lora_rank, lora_targets or ["q_proj", "k_proj", "v_proj", "o_proj"])
     return MemoryEstimate(weights=int(base + 4 * trainable), gradients=4 * trainable, optimizer=8 * trainable,
-                          activations=activations, overhead=FRAMEWORK_OVERHEAD_BYTES)
+                          activations=activations, overhead=FRAMEWORK_OVERHEAD_BYTES, logits=logits)
 
 
 def shape_from_parameter_count(parameters: float, name: str | None = None) -> ModelShape:

@@ -92,6 +92,8 @@ class Workload:
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     offload_optimizer: bool = False
     zero_stage: int = 3
+    #: Tokens per chunk of the chunked loss; None is the model's own loss over the full logits.
+    loss_chunk_tokens: int | None = 256
     #: Sequences per optimizer step, across all GPUs.
     global_batch: int = 32
     #: Tokens per micro-batch that saturate a GPU's matrix units.
@@ -124,6 +126,8 @@ class Plan:
     servers: int | None = None
     per_device_batch_size: int | None = None
     max_batch_that_fits: int | None = None
+    #: What memory alone would allow with the full logits' loss, when the plan uses the chunked one.
+    max_batch_with_full_logits: int | None = None
     batch_limited_by: str | None = None
     gradient_accumulation_steps: int | None = None
     memory_gib: dict[str, float] = field(default_factory=dict)
@@ -147,13 +151,21 @@ def _estimate(workload: Workload, gpus: int, batch: int) -> Any:
         checkpointing=workload.checkpointing, zero_stage=workload.zero_stage,
         offload_optimizer=workload.offload_optimizer, lora_rank=workload.lora_rank,
         lora_quantization=workload.lora_quantization,
-        lora_targets=workload.lora_targets,
+        lora_targets=workload.lora_targets, loss_chunk_tokens=workload.loss_chunk_tokens,
     )
 
 
 def _fits(workload: Workload, gpus: int, batch: int) -> tuple[bool, Any]:
     estimate = _estimate(workload, gpus, batch)
     return estimate.total <= workload.server.gpu_memory_gib * GIB, estimate
+
+
+def largest_batch(workload: Workload, gpus: int) -> int:
+    """The largest power-of-two micro-batch that fits (1 if none larger does), up to 4,096."""
+    fits = 1
+    while fits < 4096 and _fits(workload, gpus, fits * 2)[0]:
+        fits *= 2
+    return fits
 
 
 def flops_per_token(shape: ModelShape, method: str, checkpointing: bool) -> float:
@@ -221,6 +233,8 @@ def plan(workload: Workload) -> Plan:
         "calibrated_from": workload.calibrated_from,
         "engine_bandwidth_efficiency": workload.engine_efficiency or ENGINE_BANDWIDTH_EFFICIENCY,
         "inference_calibrated_from": workload.inference_calibrated_from,
+        "loss": "full logits" if workload.loss_chunk_tokens is None else
+        f"chunked, {workload.loss_chunk_tokens} tokens per chunk",
     }
     result.inference = inference_plan(shape, server, workload.seq_len, workload.engine_efficiency)
     result.activation_gib_per_sequence = {
@@ -243,9 +257,7 @@ def plan(workload: Workload) -> Plan:
                             if workload.method == "lora" else ""))
         return result
 
-    fits = 1
-    while fits < 4096 and _fits(workload, gpus, fits * 2)[0]:
-        fits *= 2
+    fits = largest_batch(workload, gpus)
     limits = {"memory": fits, "global batch": max(1, global_batch(workload) // gpus)}
     if gpus > 1:
         # Across GPUs a bigger micro-batch buys memory pressure, not speed. One GPU with memory to spare takes
@@ -258,6 +270,8 @@ def plan(workload: Workload) -> Plan:
     result.num_gpus, result.servers = gpus, math.ceil(gpus / server.gpus_per_node)
     result.per_device_batch_size, result.max_batch_that_fits, result.batch_limited_by = batch, fits, binding
     result.gradient_accumulation_steps = max(1, math.ceil(global_batch(workload) / (gpus * batch)))
+    if workload.loss_chunk_tokens is not None:
+        result.max_batch_with_full_logits = largest_batch(replace(workload, loss_chunk_tokens=None), gpus)
     result.memory_gib = {k: round(v / GIB, 2) for k, v in estimate.to_dict().items()}
 
     compute_s = result.train_flops / (gpus * sustained_flops(workload))
@@ -351,6 +365,7 @@ def workload_from_config(config: Any, shape: ModelShape | None = None, server_ty
         lora_quantization=config.lora.quantization, lora_targets=list(config.lora.target_modules),
         offload_optimizer=config.deepspeed.offload_optimizer, zero_stage=config.deepspeed.zero_stage,
         global_batch=train.micro_batch_size * train.gradient_accumulation_steps * config.scaling.num_workers,
+        loss_chunk_tokens=None if train.loss_implementation == "full" else train.loss_chunk_tokens,
         **data,
     )
 

@@ -112,7 +112,9 @@ def print_plan(item: Plan, console: Any) -> None:
         rows += [
             ("GPUs (servers)", f"{item.num_gpus} ({item.servers})"),
             ("per-device batch", f"{item.per_device_batch_size} (limited by {item.batch_limited_by}; memory alone "
-                                 f"allows {item.max_batch_that_fits})"),
+                                 f"allows {item.max_batch_that_fits}"
+                                 + (f", {item.max_batch_with_full_logits} with the full logits' loss"
+                                    if item.max_batch_with_full_logits is not None else "") + ")"),
             ("gradient accumulation", str(item.gradient_accumulation_steps)),
         ]
     rows += [(f"memory / GPU: {key.replace('_', ' ')}", f"{value:.2f} GiB") for key, value in item.memory_gib.items()]

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
-from raytune_it.data.tokenize import IGNORE_INDEX
+from raytune_it.data.tokenize import IGNORE_INDEX, PAD_TO_MULTIPLE_OF
 
 
 class Strategy(Protocol):
@@ -55,6 +55,17 @@ def token_loss_sum(model: Any, batch: dict, step_trained_tokens: Any, world_size
     the step's global count."""
     loss = model(**batch, use_cache=False, num_items_in_batch=step_trained_tokens).loss
     return loss * world_size, loss.detach() * step_trained_tokens
+
+
+def install_loss(model: Any, config: Any, device: Any, partitioned: bool) -> str:
+    """Give the causal LM the loss ``train.loss_implementation`` chooses (``raytune_it/train/loss.py``)
+    before anything wraps it, and name the one it got, for ``describe``."""
+    from raytune_it.train import loss
+
+    chosen = loss.choose(config.train.loss_implementation, model, device, partitioned)
+    longest = -(-config.train.max_seq_len // PAD_TO_MULTIPLE_OF) * PAD_TO_MULTIPLE_OF  # as collate pads
+    loss.install(model, chosen, config.train.loss_chunk_tokens, config.train.micro_batch_size * longest)
+    return chosen
 
 
 def world_size() -> int:

@@ -19,6 +19,7 @@ from raytune_it.train.strategies.base import (
     adamw,
     checkpointing_on,
     enable_checkpointing,
+    install_loss,
     optimizer_name,
     token_loss_sum,
     world_size,
@@ -69,6 +70,7 @@ class LoraStrategy(StrategyBase):
         self.config = config
         self.device = device
         self.peft_model = lora_model(config, device)
+        self.loss = install_loss(self.peft_model.get_base_model(), config, device, partitioned=False)
         self.model: Any = ray.train.torch.prepare_model(self.peft_model, parallel_strategy="ddp")
         self.forward_model = self.model
         params = [p for p in self.peft_model.parameters() if p.requires_grad]
@@ -113,6 +115,7 @@ class LoraStrategy(StrategyBase):
             "trainable_parameters": sum(p.numel() for p in self.params),
             "total_parameters": sum(p.numel() for p in self.peft_model.parameters()),
             "gradient_checkpointing": checkpointing_on(self.peft_model.base_model.model),
+            "loss": self.loss,
         }
 
     def save_checkpoint(self, folder: Path) -> None:

@@ -19,6 +19,7 @@ from raytune_it.train.strategies.base import (
     StrategyBase,
     checkpointing_on,
     enable_checkpointing,
+    install_loss,
     optimizer_name,
     token_loss_sum,
     world_size,
@@ -102,6 +103,7 @@ class ZeRO3Strategy(StrategyBase):
         model.config.use_cache = False
         if config.deepspeed.gradient_checkpointing:
             enable_checkpointing(model)
+        self.loss = install_loss(model, config, device, partitioned=config.deepspeed.zero_stage == 3)
         warmup = int(config.train.warmup_ratio * total_steps)
 
         def scheduler(optimizer: Any) -> Any:
@@ -140,6 +142,7 @@ class ZeRO3Strategy(StrategyBase):
             "optimizer": optimizer_name(self.engine.optimizer),
             "bf16": self.engine.bfloat16_enabled(),
             "gradient_checkpointing": checkpointing_on(self.engine.module),
+            "loss": self.loss,
             "total_parameters": sum(p.ds_numel if partitioned else p.numel() for p in params),
             # What this rank actually holds: about total / world_size under ZeRO-3.
             "parameters_on_rank": sum(p.ds_tensor.numel() if partitioned else p.numel() for p in params),
