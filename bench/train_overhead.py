@@ -55,7 +55,8 @@ def setup(args, cpus):
                  "scaling.num_workers=1", f"scaling.cpus_per_worker={cpus}", "data.eval_fraction=0.02",
                  f"train.eval_every_steps={args.steps}", f"lora.quantization={'int8' if args.int8 else 'none'}",
                  "deepspeed.gradient_checkpointing=false", "train.warmup_ratio=0",
-                 f"scaling.use_gpu={str(args.device == 'cuda').lower()}"]
+                 f"scaling.use_gpu={str(args.device == 'cuda').lower()}",
+                 f"train.loss_implementation={args.loss}"]
     if args.model:
         overrides.append(f"model.name_or_path={args.model}")
     config = load_config("tiny-lora", overrides)
@@ -334,6 +335,10 @@ def main() -> None:
                         help="steps each variant takes before its clock starts (their one-off costs, such as "
                              "cuBLAS and allocator warm-up on a GPU, are not throughput)")
     parser.add_argument("--micro-batch-size", type=int, default=8, help="sequences per step")
+    parser.add_argument("--loss", choices=["full", "chunked", "auto"], default="full",
+                        help="raytune-it's train.loss_implementation: 'full' (the default here) is the bare loop's own "
+                        "loss, so the two compare like for like; 'chunked' shows what the loss that never builds the "
+                        "full logits costs in time")
     parser.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True, help="INT8 base weights")
     parser.add_argument("--cpus", type=int, nargs="+", default=None,
                         help="cores each variant computes on (torch threads; the Ray worker's CPUs); several "

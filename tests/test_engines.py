@@ -54,6 +54,65 @@ def test_a_stream_never_shows_what_a_stop_string_removes():
     assert streamed == scanner.text == "the answer is 42. "
 
 
+#: Words with multi-byte characters (2, 3 and 4 UTF-8 bytes) and a blank line, repeated into a long answer.
+WORDS = ["Convert", " 2 hours", " to minutes:", " 120.", " Größe", " 東京", " 🙂", "\n\n", " ok"]
+
+
+@pytest.mark.parametrize("family", ["tiny-llama", "tiny-mistral"])
+def test_incremental_decoding_gives_the_whole_decode_and_cuts_at_the_first_stop(family):
+    """Byte-level BPE (tiny-llama) and SentencePiece-style (tiny-mistral): the scanner's text, streamed
+    token by token, is the whole answer's decode; a stop string ends it at the first token that completes
+    it, cut where the whole decode first holds it."""
+    from raytune_it.models.loading import load_tokenizer
+    from raytune_it.models.tiny import ensure_tiny_model
+    from raytune_it.serving.engines.base import StopScanner
+
+    tokenizer = load_tokenizer(str(ensure_tiny_model(family)))
+    tokens = tokenizer.encode("".join(WORDS[i % len(WORDS)] for i in range(200)), add_special_tokens=False)
+    scanner, streamed = StopScanner(tokenizer, []), ""
+    for count in range(1, len(tokens) + 1):
+        streamed += scanner.update(tokens[:count])
+    streamed += scanner.finish()
+    assert streamed == scanner.text == tokenizer.decode(tokens, skip_special_tokens=True)
+
+    stop = "\n\n okConv"
+    scanner, count = StopScanner(tokenizer, [stop]), 0
+    for token in tokens:
+        scanner.push(token)
+        count += 1
+        if scanner.stopped:
+            break
+    whole = tokenizer.decode(tokens[:count], skip_special_tokens=True)
+    assert scanner.stopped and scanner.text == whole[:whole.index(stop)]
+    assert stop not in tokenizer.decode(tokens[:count - 1], skip_special_tokens=True), "the first token that ends it"
+
+
+def test_a_slow_tokenizers_answer_is_decoded_in_linear_work():
+    """A tokenizer without a fast backend goes through the scanner's own decode window: the same text as
+    one decode of the whole answer, with the tokens decoded in all growing linearly with the answer's
+    length (decoding every token so far at each token, as before, is quadratic: n²/2)."""
+    from raytune_it.models.loading import load_tokenizer
+    from raytune_it.models.tiny import ensure_tiny_model
+    from raytune_it.serving.engines.base import StopScanner
+
+    tokenizer = load_tokenizer(str(ensure_tiny_model()))
+    decoded = {"tokens": 0}
+
+    class Slow:  # the tokenizer's decode, without ``backend_tokenizer``
+        def decode(self, ids, skip_special_tokens=True):
+            decoded["tokens"] += len(ids)
+            return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    tokens = tokenizer.encode("".join(WORDS[i % len(WORDS)] for i in range(600)), add_special_tokens=False)
+    scanner, streamed = StopScanner(Slow(), ["never said"]), ""
+    for count in range(1, len(tokens) + 1):
+        streamed += scanner.update(tokens[:count])
+    while_generating = decoded["tokens"]
+    streamed += scanner.finish()
+    assert streamed == tokenizer.decode(tokens, skip_special_tokens=True)
+    assert while_generating <= 12 * len(tokens), f"{while_generating} tokens decoded for {len(tokens)}"
+
+
 def test_engine_errors_keep_their_status_across_processes():
     import pickle
 

@@ -1,7 +1,9 @@
 """Today's model families, as tiny random models built here: LLaMA-3-style (grouped-query attention, a
 large vocabulary, the Llama 3 chat format), Qwen2-style (biased q/k/v, ChatML) and Mistral-style
-(sliding-window attention, a SentencePiece-style tokenizer). Each loads, trains with both strategies,
-exports, serves its base and its LoRA adapter with its own chat template, and plans."""
+(sliding-window attention, a SentencePiece-style tokenizer). Each loads, trains a LoRA adapter, exports,
+serves its base and the adapter with its own chat template, and plans. ZeRO-3 runs on LLaMA-3 only (its
+grouped-query attention and large vocabulary are what partitioning could get wrong): a ZeRO-3 run costs
+a Ray Train start of its own, and ZeRO-3's partitioning does not depend on the family's other traits."""
 
 import httpx
 import pytest
@@ -16,7 +18,7 @@ FAMILIES = [name for name in TINY_FAMILIES if name != "tiny-llama"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_a_family_trains_with_both_strategies_serves_its_adapter_and_plans(local_ray, tmp_path, family):
+def test_a_family_trains_serves_its_adapter_and_plans(local_ray, tmp_path, family):
     from ray import serve
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -28,12 +30,13 @@ def test_a_family_trains_with_both_strategies_serves_its_adapter_and_plans(local
               "train.max_steps=2", "train.eval_every_steps=2", "train.micro_batch_size=4",
               "data.builtin_records=200"]
     lora = train(load_config("tiny-lora", [*common, "run.name=lora"]))
-    full = train(load_config("tiny-full", [*common, "run.name=full", "deepspeed.bf16=false"]))
-    assert lora.steps == full.steps == 2
-    assert full.strategy["zero_stage"] == 3 and lora.strategy["quantization"] == "int8"
+    assert lora.steps == 2 and lora.strategy["quantization"] == "int8"
     base_dir = resolve_model_path(family)
-    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "full" / "export")
-    assert type(exported).__name__ == type(AutoModelForCausalLM.from_pretrained(base_dir)).__name__
+    if family == "tiny-llama3":
+        full = train(load_config("tiny-full", [*common, "run.name=full", "deepspeed.bf16=false"]))
+        assert full.steps == 2 and full.strategy["zero_stage"] == 3
+        exported = AutoModelForCausalLM.from_pretrained(tmp_path / "full" / "export")
+        assert type(exported).__name__ == type(AutoModelForCausalLM.from_pretrained(base_dir)).__name__
     assert AutoTokenizer.from_pretrained(tmp_path / "lora" / "export").chat_template == \
         AutoTokenizer.from_pretrained(base_dir).chat_template, "the family's own template, recorded with the run"
 

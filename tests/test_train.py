@@ -35,14 +35,15 @@ def test_bad_inputs_fail_before_any_worker(tmp_path):
     assert not any(tmp_path.glob("*/checkpoints"))
 
 
-def _common(tmp_path, *extra):
-    return [f"run.storage={tmp_path}", "train.max_steps=24", "train.eval_every_steps=8", *extra]
+def _common(tmp_path, *extra, steps=24):
+    """A run of ``steps`` steps that evaluates and checkpoints three times."""
+    return [f"run.storage={tmp_path}", f"train.max_steps={steps}", f"train.eval_every_steps={steps // 3}", *extra]
 
 
-def _check_run_folder(run_dir, summary):
+def _check_run_folder(run_dir, summary, steps=24):
     data = json.loads((run_dir / "summary.json").read_text())
     assert SUMMARY_KEYS <= data.keys()
-    assert data["num_workers"] == 2 and data["steps"] == 24 and data["train_tokens"] > 0
+    assert data["num_workers"] == 2 and data["steps"] == steps and data["train_tokens"] > 0
     assert data["tokens_per_second"] > 0 and data["peak_memory_bytes"] > 0 and data["tuning_seconds"] > 0
     # Training throughput is over training time; eval and checkpoints are booked apart and add to tuning time.
     assert data["eval_seconds"] > 0 and data["checkpoint_seconds"] > 0
@@ -50,9 +51,9 @@ def _check_run_folder(run_dir, summary):
                                                    + data["checkpoint_seconds"], abs=0.01)
     assert data["tokens_per_second"] == pytest.approx(data["train_tokens"] / data["train_seconds"], rel=0.01)
     history = [m for m in raw_metrics(run_dir)]
-    assert [m["step"] for m in history] == list(range(1, 25)), "metrics are reported every step"
+    assert [m["step"] for m in history] == list(range(1, steps + 1)), "metrics are reported every step"
     evals = [m["eval_loss"] for m in history if "eval_loss" in m]
-    assert len(evals) == 3  # steps 8, 16, 24
+    assert len(evals) == 3  # a third of the way, two thirds, the end
     # the loss decreases: first steps against last steps, and eval loss first against last
     first = sum(m["loss"] for m in history[:3]) / 3
     last = sum(m["loss"] for m in history[-3:]) / 3
@@ -64,18 +65,41 @@ def _check_run_folder(run_dir, summary):
     assert 1 <= len(checkpoints) <= 2, "CheckpointConfig keeps the best 2"
 
 
-def test_lora_int8_two_workers(local_ray, tmp_path, tiny_model_dir):
+#: A constant schedule, so that a resumed run's longer max_steps does not change the learning rates.
+RESUMABLE = ["train.lr_schedule=constant", "train.warmup_ratio=0"]
+
+
+def _resumed_takes_the_straight_runs_steps(method, tmp_path, straight_dir, settings, steps=24):
+    """A run stopped at its first checkpoint (a third of ``steps``) and continued to ``steps`` takes exactly
+    the steps of the run that went straight there."""
+    stop = steps // 3
+    train(load_config(method, _common(tmp_path, *settings, "run.name=resumed", steps=steps)
+                      + [f"train.max_steps={stop}"]))
+    train(load_config(method, _common(tmp_path, *settings, "run.name=resumed", steps=steps)))
+    resumed, straight = raw_metrics(tmp_path / "resumed"), raw_metrics(straight_dir)
+    assert [m["step"] for m in resumed] == list(range(1, steps + 1)) and resumed[stop]["restarts"] == 1
+    assert resumed[stop]["loss"] < resumed[0]["loss"], "the continued run starts where the first stopped"
+    return resumed, straight
+
+
+def test_lora_int8_two_workers_and_a_resumed_run_replays_it_exactly(local_ray, tmp_path, tiny_model_dir):
+    """INT8 LoRA over two workers, with LoRA dropout and length grouping; then the same run stopped at step 8
+    (its first checkpoint) and continued to 24 takes exactly its steps (same shard order, micro-batch order,
+    data position, adapter, optimizer and dropout RNG). Length grouping is on, so its micro-batch order must
+    replay too (the killed-worker test covers the default)."""
     from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    config = load_config("tiny-lora", _common(tmp_path))
+    settings = [*RESUMABLE, "lora.dropout=0.1", "data.group_by_length=true"]
+    config = load_config("tiny-lora", _common(tmp_path, *settings))
     summary = train(config)
     run_dir = Path(run_dir_of(config).path)
     _check_run_folder(run_dir, summary)
     assert summary.strategy["base_weight_dtype"] == "int8", "the frozen base is INT8 (bitsandbytes)"
     assert summary.strategy["trainable_parameters"] < summary.strategy["total_parameters"] / 5
     assert summary.strategy["optimizer"] == "AdamW (fused)", "torch's fused AdamW, as Trainer uses"
+    assert summary.strategy["loss"] == "chunked", "the loss that never builds the full logits, by default"
     export = run_dir / "export"
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in export.iterdir()}
     assert json.loads((export / "adapter_config.json").read_text())["r"] == 16
@@ -85,15 +109,35 @@ def test_lora_int8_two_workers(local_ray, tmp_path, tiny_model_dir):
     tuned = PeftModel.from_pretrained(base, export)
     assert generate_text(tuned, AutoTokenizer.from_pretrained(export))
 
+    resumed, straight = _resumed_takes_the_straight_runs_steps("tiny-lora", tmp_path, run_dir, settings)
+    assert [m["loss"] for m in resumed] == [m["loss"] for m in straight]
+    assert [m["eval_loss"] for m in resumed if "eval_loss" in m] == [
+        m["eval_loss"] for m in straight if "eval_loss" in m]
+    # The schedule's length is part of the run: with a schedule that depends on it, a resume that changes
+    # it is refused (a constant one, as above, may change it).
+    from raytune_it.train.driver import check_schedule_kept
 
-def test_zero3_full_two_workers(local_ray, tmp_path, tiny_model_dir):
+    def cosine(steps):
+        return load_config("tiny-lora", [f"run.storage={tmp_path}", "run.name=resumed", f"train.max_steps={steps}",
+                                         *settings, "train.lr_schedule=cosine"])
+
+    check_schedule_kept(cosine(12), cosine(12), run_dir_of(cosine(12)))
+    with pytest.raises(ConfigError, match=r"started for 12 steps and this config asks for 20 .*cosine"):
+        check_schedule_kept(cosine(12), cosine(20), run_dir_of(cosine(12)))
+
+
+def test_zero3_full_two_workers_and_a_resume_continues_it(local_ray, tmp_path, tiny_model_dir):
+    """ZeRO-3 over 2 gloo workers, BF16 and checkpointing, exported consolidated; then the same run stopped at
+    step 4 and continued to 12: every rank reloads its partition of parameters and optimizer states, and the
+    continued losses are the uninterrupted run's. (12 steps: a ZeRO-3 step on two CPU workers costs seconds.)"""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    config = load_config("tiny-full", _common(tmp_path))
+    settings = [*RESUMABLE, "train.micro_batch_size=2"]
+    config = load_config("tiny-full", _common(tmp_path, *settings, steps=12))
     summary = train(config)
     run_dir = Path(run_dir_of(config).path)
-    _check_run_folder(run_dir, summary)
+    _check_run_folder(run_dir, summary, steps=12)
     facts = summary.strategy
     assert facts["zero_stage"] == 3 and facts["bf16"] and facts["gradient_checkpointing"]
     assert facts["optimizer"] == "AdamW (fused)", "DeepSpeed wraps torch's fused AdamW, not its JIT-built FusedAdam"
@@ -111,6 +155,9 @@ def test_zero3_full_two_workers(local_ray, tmp_path, tiny_model_dir):
                for a, b in zip(tuned.state_dict().values(), base.state_dict().values())]
     assert sum(changed) > len(changed) // 2, "the consolidated export holds the trained weights"
     assert generate_text(tuned, AutoTokenizer.from_pretrained(export))
+
+    resumed, straight = _resumed_takes_the_straight_runs_steps("tiny-full", tmp_path, run_dir, settings, steps=12)
+    assert [m["loss"] for m in resumed] == pytest.approx([m["loss"] for m in straight], rel=1e-6)
 
 
 def test_killed_worker_resumes_from_last_checkpoint(local_ray, tmp_path):
@@ -147,51 +194,6 @@ def test_killed_worker_resumes_from_last_checkpoint(local_ray, tmp_path):
     initial = history[0]["loss"]
     assert first_after["loss"] < initial - 0.3
     assert min(m["loss"] for m in restarted[:3]) < initial - 0.3
-
-
-def test_resumed_run_replays_the_uninterrupted_run_exactly(local_ray, tmp_path):
-    """Two workers with LoRA dropout: a run stopped at step 6 and continued to 12 takes exactly the steps of a
-    run that went straight to 12 (same shard order, micro-batch order, data position, adapter, optimizer and
-    dropout RNG)."""
-    # A constant schedule, so that the continued run's longer max_steps does not change the learning rates.
-    # Length grouping on: its micro-batch order must replay too (the killed-worker test covers the default).
-    common = ["train.eval_every_steps=3", "train.lr_schedule=constant", "train.warmup_ratio=0", "lora.dropout=0.1",
-              "data.group_by_length=true"]
-    train(load_config("tiny-lora", [f"run.storage={tmp_path}", "run.name=resumed", "train.max_steps=6", *common]))
-    train(load_config("tiny-lora", [f"run.storage={tmp_path}", "run.name=resumed", "train.max_steps=12", *common]))
-    train(load_config("tiny-lora", [f"run.storage={tmp_path}", "run.name=straight", "train.max_steps=12", *common]))
-    resumed = raw_metrics(tmp_path / "resumed")
-    straight = raw_metrics(tmp_path / "straight")
-    assert [m["step"] for m in resumed] == list(range(1, 13)) and resumed[6]["restarts"] == 1
-    assert [m["loss"] for m in resumed] == [m["loss"] for m in straight]
-    assert [m["eval_loss"] for m in resumed if "eval_loss" in m] == [
-        m["eval_loss"] for m in straight if "eval_loss" in m]
-    # The schedule's length is part of the run: with a schedule that depends on it, a resume that changes
-    # it is refused (a constant one, as above, may change it).
-    from raytune_it.train.driver import check_schedule_kept
-
-    def cosine(steps):
-        return load_config("tiny-lora", [f"run.storage={tmp_path}", "run.name=resumed", f"train.max_steps={steps}",
-                                         *common, "train.lr_schedule=cosine"])
-
-    check_schedule_kept(cosine(12), cosine(12), run_dir_of(cosine(12)))
-    with pytest.raises(ConfigError, match=r"started for 12 steps and this config asks for 20 .*cosine"):
-        check_schedule_kept(cosine(12), cosine(20), run_dir_of(cosine(12)))
-
-
-def test_zero3_two_workers_resume_continues_the_uninterrupted_run(local_ray, tmp_path):
-    """ZeRO-3 over 2 gloo workers, stopped at step 4 and continued to 8: every rank reloads its partition of
-    parameters and optimizer states, and the continued losses are the uninterrupted run's."""
-    common = ["train.eval_every_steps=4", "train.lr_schedule=constant", "train.warmup_ratio=0",
-              "scaling.num_workers=2", "train.micro_batch_size=2"]
-    train(load_config("tiny-full", [f"run.storage={tmp_path}", "run.name=resumed", "train.max_steps=4", *common]))
-    train(load_config("tiny-full", [f"run.storage={tmp_path}", "run.name=resumed", "train.max_steps=8", *common]))
-    train(load_config("tiny-full", [f"run.storage={tmp_path}", "run.name=straight", "train.max_steps=8", *common]))
-    resumed = raw_metrics(tmp_path / "resumed")
-    straight = raw_metrics(tmp_path / "straight")
-    assert [m["step"] for m in resumed] == list(range(1, 9)) and resumed[4]["restarts"] == 1
-    assert resumed[4]["loss"] < resumed[0]["loss"], "the continued run starts where the first stopped"
-    assert [m["loss"] for m in resumed] == pytest.approx([m["loss"] for m in straight], rel=1e-6)
 
 
 def test_server_type_the_cluster_lacks_fails_in_bounded_time(local_ray, tmp_path):

@@ -15,7 +15,7 @@ stop strings here (``StopScanner``), so they cannot drift apart.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Protocol
+from typing import Any, AsyncIterator, Protocol, Sequence
 
 from raytune_it.data.prompt_format import PromptFormat
 
@@ -183,31 +183,92 @@ class PromptBuilder:
 
 
 class StopScanner:
-    """Decodes generated tokens into text, cuts it at the first stop string and says what may be streamed.
+    """Decodes generated tokens into text as they come, cuts it at the first stop string and says what may
+    be streamed, in time linear in the answer's length.
 
-    Text that could still turn into a stop string (a stop string's prefix at the end) and a trailing
-    partial UTF-8 character are held back, so a stream never shows what the final answer drops.
+    Decoding is incremental and primed with the prompt, as vLLM's detokenizer does it (so both engines give
+    the same text, a SentencePiece answer's leading space included): a fast tokenizer's own
+    ``DecodeStream`` (the ``tokenizers`` library's), else a short window that starts at the token before
+    the last decoded text and moves on once it yields whole characters (vLLM's way for slow tokenizers).
+    A stop string is looked for only in the new text plus the longest stop string's overlap with the text
+    before it. Text that could still turn into a stop string (a stop string's prefix at the end) and a
+    trailing partial UTF-8 character are held back, so a stream never shows what the final answer drops.
     """
 
-    def __init__(self, tokenizer: Any, stop: list[str]) -> None:
+    #: Prompt tokens a slow tokenizer's first window starts with (vLLM's ``INITIAL_INCREMENTAL_DETOKENIZATION_OFFSET``).
+    PROMPT_CONTEXT = 5
+
+    def __init__(self, tokenizer: Any, stop: list[str], prompt_ids: Sequence[int] = ()) -> None:
         self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
         self.text, self.sent, self.stopped = "", 0, False
+        self.tokens: list[int] = []
+        self._overlap = max((len(s) for s in self.stop), default=1) - 1
+        self._backend = getattr(tokenizer, "backend_tokenizer", None)
+        if self._backend is not None:
+            from tokenizers.decoders import DecodeStream
+
+            self._stream = DecodeStream(ids=list(prompt_ids), skip_special_tokens=True)
+            self._decoded = 0  # generated tokens whose text the stream has given
+        else:
+            # The slow path's window over the prompt's last tokens and the answer: [prefix, read) is decoded.
+            self._window = list(prompt_ids[-self.PROMPT_CONTEXT:])
+            self._prefix, self._read = 0, len(self._window)
+
+    def push(self, token: int) -> None:
+        """One more generated token (ignored once a stop string has ended the answer)."""
+        if self.stopped:
+            return
+        self.tokens.append(token)
+        if self._backend is not None:
+            piece = self._stream.step(self._backend, token)
+            if piece is not None:
+                self._decoded = len(self.tokens)
+                self._add(piece)
+        else:
+            self._window.append(token)
+            self._add(self._decode_window(final=False))
 
     def update(self, tokens: list[int]) -> str:
-        """Feed all tokens so far; return the newly streamable text."""
-        self.text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        cut = min((self.text.find(s) for s in self.stop if s in self.text), default=-1)
-        if cut >= 0:
-            self.text, self.stopped = self.text[:cut], True
-        ready = len(self.text) if self.stopped else self._safe_length()
-        piece = self.text[self.sent:ready] if ready > self.sent else ""
-        self.sent = max(self.sent, ready)
-        return piece
+        """Feed the tokens so far (only those past the last call are read); return the newly streamable
+        text."""
+        for token in tokens[len(self.tokens):]:
+            if self.stopped:
+                break
+            self.push(token)
+        return self._take(len(self.text) if self.stopped else self._safe_length())
 
     def finish(self) -> str:
-        """The rest of the text once generation has ended."""
-        piece = self.text[self.sent:]
-        self.sent = len(self.text)
+        """The rest of the text once generation has ended, an unfinished UTF-8 character included (as
+        replacement characters, as one decode of the whole answer gives it)."""
+        if not self.stopped:
+            if self._backend is not None:
+                rest = self.tokens[self._decoded:]
+                self._add(self.tokenizer.decode(rest, skip_special_tokens=True) if rest else "")
+            else:
+                self._add(self._decode_window(final=True))
+        return self._take(len(self.text))
+
+    def _decode_window(self, final: bool) -> str:
+        before = self.tokenizer.decode(self._window[self._prefix:self._read], skip_special_tokens=True)
+        after = self.tokenizer.decode(self._window[self._prefix:], skip_special_tokens=True)
+        # A trailing replacement character is a UTF-8 sequence still incomplete: wait for its next byte.
+        if len(after) < len(before) or (after.endswith("\ufffd") and not final):
+            return ""
+        self._prefix, self._read = self._read, len(self._window)
+        return after[len(before):]
+
+    def _add(self, new: str) -> None:
+        if not new:
+            return
+        start = max(0, len(self.text) - self._overlap)
+        self.text += new
+        cut = min((found for found in (self.text.find(s, start) for s in self.stop) if found >= 0), default=-1)
+        if cut >= 0:
+            self.text, self.stopped = self.text[:cut], True
+
+    def _take(self, ready: int) -> str:
+        piece = self.text[self.sent:ready] if ready > self.sent else ""
+        self.sent = max(self.sent, ready)
         return piece
 
     def _safe_length(self) -> int:
@@ -215,7 +276,7 @@ class StopScanner:
         while end > self.sent and self.text[end - 1] == "\ufffd":
             end -= 1
         held = max((size for stop in self.stop for size in range(1, len(stop))
-                    if self.text[:end].endswith(stop[:size])), default=0)
+                    if self.text.endswith(stop[:size], 0, end)), default=0)
         return end - held
 
 

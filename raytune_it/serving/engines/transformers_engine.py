@@ -207,7 +207,7 @@ class TransformersEngine:
                 if token in row_stops:
                     finish = "stop"
                     break
-            text, tokens, cut = _cut_at_stop_string(self.tokenizer, tokens, stop_strings)
+            text, tokens, cut = _cut_at_stop_string(self.tokenizer, ids, tokens, stop_strings)
             results.append(GenerationResult(
                 text=text, prompt_tokens=len(ids), completion_tokens=len(tokens),
                 finish_reason="stop" if cut else finish,
@@ -242,7 +242,7 @@ class TransformersEngine:
 
         ids = self.prompts.ids(request)
         stop_ids, stop_strings = self.prompts.ending(request)
-        scanner = StopScanner(self.tokenizer, stop_strings)
+        scanner = StopScanner(self.tokenizer, stop_strings, ids)
         with self._lock, torch.inference_mode(), self._select(request):
             generator = torch.Generator(device=self.device)
             generator.manual_seed(request.seed if request.seed is not None else int(time.time_ns() % 2**31))
@@ -287,16 +287,14 @@ class TransformersEngine:
         )
 
 
-def _cut_at_stop_string(tokenizer: Any, tokens: list[int], stop: list[str]) -> tuple[str, list[int], bool]:
+def _cut_at_stop_string(tokenizer: Any, prompt_ids: list[int], tokens: list[int],
+                        stop: list[str]) -> tuple[str, list[int], bool]:
     """(text, tokens, cut?): the answer as the one-at-a-time path gives it, which stops generating at the
     first token whose text completes a stop string."""
-    scanner = StopScanner(tokenizer, stop)
-    scanner.update(tokens)
-    if not scanner.stopped:
-        return scanner.text, tokens, False
-    for length in range(1, len(tokens) + 1):  # the shortest prefix that holds a stop string
-        shorter = StopScanner(tokenizer, stop)
-        shorter.update(tokens[:length])
-        if shorter.stopped:
-            return shorter.text, tokens[:length], True
-    return scanner.text, tokens, True
+    scanner = StopScanner(tokenizer, stop, prompt_ids)
+    for count, token in enumerate(tokens, 1):
+        scanner.push(token)
+        if scanner.stopped:
+            return scanner.text, tokens[:count], True
+    scanner.finish()
+    return scanner.text, tokens, scanner.stopped

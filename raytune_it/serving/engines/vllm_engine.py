@@ -2,9 +2,11 @@
 vLLM's LoRA requests.
 
 Imported only when chosen, so machines without vLLM never import it. It serves the same API and the
-same usage numbers as the transformers engine, because both build prompts and cut stop strings with
-``base`` (vLLM is given token ids, no stop strings, and detokenizes nothing the answer uses): time to
-first token is taken when the first output arrives, the rate from the tokens after it.
+same usage numbers as the transformers engine: both build prompts with ``base``'s ``PromptBuilder`` (vLLM
+is given token ids), and both detokenize incrementally, primed with the prompt, with the ``tokenizers``
+library's ``DecodeStream`` (vLLM's own detokenizer; ``base.StopScanner`` for transformers), cutting stop
+strings the same way: time to first token is taken when the first output arrives, the rate from the
+tokens after it.
 
 vLLM runs its engine core in a process of its own (spawned), so a script that builds this engine
 outside Ray Serve needs the ``if __name__ == "__main__":`` guard.
@@ -16,7 +18,7 @@ import asyncio
 import itertools
 import time
 import uuid
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 from raytune_it.config.schema import ServeSection
 from raytune_it.serving.engines.base import (
@@ -24,7 +26,6 @@ from raytune_it.serving.engines.base import (
     GenerationRequest,
     GenerationResult,
     PromptBuilder,
-    StopScanner,
     StreamChunk,
 )
 
@@ -99,16 +100,22 @@ class VLLMEngine:
         del engine
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
+        """vLLM detokenizes and cuts stop strings itself (``SamplingParams(stop=...)``), incrementally, and
+        sends only what is new (``RequestOutputKind.DELTA``); it holds back the longest stop string's length
+        less one character until the answer ends, so a stream never shows what the final answer drops."""
         from vllm import SamplingParams, TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
 
         ids = self.prompts.ids(request)
         stop_ids, stop_strings = self.prompts.ending(request)
         params = SamplingParams(max_tokens=request.max_tokens, temperature=request.temperature,
                                 top_p=request.top_p, seed=request.seed, ignore_eos=request.ignore_eos,
-                                stop_token_ids=sorted(stop_ids), detokenize=False)
+                                stop_token_ids=sorted(stop_ids), stop=stop_strings or None,
+                                skip_special_tokens=True, output_kind=RequestOutputKind.DELTA)
         lora = self._lora(request.model, request.adapter_folder) if request.adapter_folder else None
-        scanner = StopScanner(self.tokenizer, stop_strings)
-        started, first, tokens, finish, done = time.perf_counter(), None, [], "length", False
+        started, first, finish, done, cut_by = time.perf_counter(), None, "length", False, None
+        text: list[str] = []
+        tokens: list[int] = []
         request_id = uuid.uuid4().hex
         outputs = self.engine.generate(TokensPrompt(prompt_token_ids=ids), params, request_id=request_id,
                                        lora_request=lora)
@@ -117,26 +124,25 @@ class VLLMEngine:
                 if first is None:
                     first = time.perf_counter()
                 completion = output.outputs[0]
-                tokens = list(completion.token_ids)
-                piece = scanner.update(tokens)
-                if piece:
-                    yield StreamChunk(piece)
-                if scanner.stopped:
-                    finish = "stop"
-                    break
+                tokens.extend(completion.token_ids)
+                if completion.text:
+                    text.append(completion.text)
+                    yield StreamChunk(completion.text)
                 if completion.finish_reason is not None:
                     finish, done = ("stop" if completion.finish_reason == "stop" else "length"), True
+                    cut_by = completion.stop_reason
         finally:
             self.tokens_generated += len(tokens)
-            if not done:  # a stop string, or a client that left mid-stream: free the batch slot now
+            if not done:  # a client that left mid-stream: free the batch slot now
                 await outputs.aclose()
                 await self.engine.abort(request_id)
         ended = time.perf_counter()
-        rest = scanner.finish()
+        rest = unfinished_character(self.tokenizer, tokens, "".join(text)) if not isinstance(cut_by, str) else ""
         if rest:
+            text.append(rest)
             yield StreamChunk(rest)
         yield StreamChunk("", GenerationResult(
-            text=scanner.text, prompt_tokens=len(ids), completion_tokens=len(tokens), finish_reason=finish,
+            text="".join(text), prompt_tokens=len(ids), completion_tokens=len(tokens), finish_reason=finish,
             time_to_first_token_s=(first or ended) - started, latency_s=ended - started))
 
     async def generate_batch(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
@@ -150,3 +156,11 @@ class VLLMEngine:
         if result is None:
             raise EngineError("the engine produced no output", status=500, code="engine_error")
         return result
+
+
+def unfinished_character(tokenizer: Any, tokens: list[int], text: str) -> str:
+    """What one decode of the whole answer has past vLLM's text: an answer cut off (max_tokens) in the middle
+    of a UTF-8 character ends in replacement characters there, as transformers' engine and ``generate``
+    give it, where vLLM's detokenizer drops the unfinished bytes. One decode per answer, at its end."""
+    whole = tokenizer.decode(tokens, skip_special_tokens=True) if tokens else ""
+    return whole[len(text):] if whole.startswith(text) and whole.rstrip("\ufffd") == text else ""
