@@ -2,9 +2,9 @@
 
 1. batch-1: what eval did before, ``model.generate`` on one example at a time in one process;
 2. batched: the transformers engine through ``generation.answers`` (eval's path now), ``--batch`` prompts
-   per call;
-3. vllm: the vLLM engine (CPU build here) through the same path; only where vLLM is installed
-   (``.venv-vllm``), else skipped with the reason.
+   per call (default: the engine's own, 16);
+3. vllm: the vLLM engine (CPU build here) through the same path, as many prompts per call as its scheduler
+   runs at once; only where vLLM is installed (``.venv-vllm``), else skipped with the reason.
 
 Prints examples/s for each and the ratios, ending with ``batched/batch-1: N.NNx`` and ``vllm/batch-1: N.NNx``.
 
@@ -51,13 +51,11 @@ def engine_path(records, models, max_new_tokens, engine, batch):
     from raytune_it.config import load_config
     from raytune_it.generation.answers import Answerer, Sampling, resolve_models
 
-    options = ["serve.max_model_len=512"] + (["serve.enforce_eager=true", "serve.kv_cache_gib=0.5"]
-                                             if engine == "vllm" else [])
-    config = load_config("tiny-lora", [f"serve.engine={engine}", *options])
-    answerer = Answerer(config.serve, config.data, batch)
+    config = load_config("tiny-lora", [f"serve.engine={engine}", "serve.max_model_len=512"])  # eval's defaults
+    entries = resolve_models("tiny-llama", models, "bench")
+    answerer = Answerer(config.serve, config.data, batch, entries)
     answers = {}
     try:
-        entries = resolve_models("tiny-llama", models, "bench")
         answerer.engine(entries[0].weights)  # the engine starts before the clock, as batch-1 loads its model
         started = time.perf_counter()
         for entry in entries:
@@ -72,7 +70,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", type=int, default=64, help="held-out examples per model")
     parser.add_argument("--max-new-tokens", type=int, default=40, help="eval.max_new_tokens")
-    parser.add_argument("--batch", type=int, default=16, help="eval.batch_size for the engine paths")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="eval.batch_size for the engine paths (default: each engine's own, as eval's)")
     args = parser.parse_args()
 
     import sys
@@ -100,8 +99,9 @@ def main() -> None:
         rates["vllm"] = examples / seconds
     else:
         vllm_reason = "vLLM is not installed here: run this script with .venv-vllm/bin/python"
+    batch = args.batch or "each engine's own"
     print(f"{examples} answers ({len(models)} models x {len(records)} examples, {args.max_new_tokens} new tokens "
-          f"each, batch {args.batch})")
+          f"each, batch {batch})")
     for name, rate in rates.items():
         print(f"  {name:8s} {rate:8.2f} examples/s")
     print(f"batched/batch-1: {rates['batched'] / rates['batch-1']:.2f}x")

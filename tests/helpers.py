@@ -107,7 +107,8 @@ def generate_text(model, tokenizer, prompt: str = "### Instruction:\nConvert 4 h
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:])
 
 
-def train_tiny_adapter(folder: Path, families: list[str], steps: int = 12, seed: int = 0, rank: int = 8) -> Path:
+def train_tiny_adapter(folder: Path, families: list[str], steps: int = 12, seed: int = 0, rank: int = 8,
+                       targets: tuple[str, ...] = ("q_proj", "v_proj")) -> Path:
     """A short LoRA run on some task families, in-process: enough to make two adapters differ."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -119,7 +120,7 @@ def train_tiny_adapter(folder: Path, families: list[str], steps: int = 12, seed:
     torch.manual_seed(seed)
     tokenizer = load_tokenizer("tiny-llama")
     model = get_peft_model(load_causal_lm("tiny-llama"), LoraConfig(
-        r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+        r=rank, lora_alpha=2 * rank, target_modules=list(targets), task_type="CAUSAL_LM"))
     examples = tokenize_records(list(generate(steps * 8, seed=seed, families=families)), tokenizer, 256)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
     for start in range(0, len(examples), 8):

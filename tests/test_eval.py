@@ -68,8 +68,8 @@ def test_a_model_tuned_on_one_family_scores_it_above_the_base(tmp_path):
 
     sets = held_out_examples(["clause_type"], 8, set())
     config = load_config("tiny-lora", [])
-    answerer = Answerer(config.serve, config.data, batch_size=4)
     entries = resolve_models("tiny-llama", {"base": "tiny-llama", "tuned": str(adapter)}, "eval.models")
+    answerer = Answerer(config.serve, config.data, 4, entries)
     try:
         results, answers = score_models(answerer, entries, sets, max_new_tokens=24)
     finally:

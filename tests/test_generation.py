@@ -45,9 +45,10 @@ def test_eval_generate_and_serve_build_the_ids_training_built(tmp_path, base, te
     trained_prompt = example["input_ids"][:first_trained]
     adapter = _untrained_adapter(tmp_path / "export", base, config)
 
-    answerer = Answerer(config.serve, config.data, batch_size=2)
+    entries = resolve_models(base, {"base": base, "tuned": adapter}, "eval.models")
+    answerer = Answerer(config.serve, config.data, 2, entries)
     try:
-        for entry in resolve_models(base, {"base": base, "tuned": adapter}, "eval.models"):
+        for entry in entries:
             prompt_format = answerer.prompt_format(entry)
             assert prompt_format.prompt_ids({k: v for k, v in RECORD.items() if k != "output"}) == trained_prompt
             [[answer]] = list(answerer.answers(entry, [RECORD], Sampling(4)))

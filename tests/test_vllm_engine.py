@@ -57,7 +57,9 @@ def test_both_engines_stop_at_eos_in_the_same_place_and_count_it(tmp_path, tiny_
         results = {}
         for engine_name in ("transformers", "vllm"):
             config = load_config("tiny-lora", [*options, f"serve.engine={engine_name}"]).serve
-            engine = create_engine(config, base, "stops", 8)
+            engine = create_engine(config, base, "stops", None)
+            if engine_name == "vllm":
+                assert engine.engine.vllm_config.lora_config is None, "no adapters: vLLM without its LoRA layers"
             try:
                 results[engine_name] = [
                     await engine.generate(GenerationRequest(model="stops", prompt=p, max_tokens=24, temperature=0,
@@ -132,3 +134,68 @@ def test_today_s_families_generate_the_same_tokens_in_both_engines(family, tmp_p
         assert (ours.text, ours.completion_tokens, ours.prompt_tokens) == (
             theirs.text, theirs.completion_tokens, theirs.prompt_tokens)
         assert theirs.completion_tokens == 12 and theirs.text
+
+
+def test_vllm_cpu_threads_take_the_process_s_cpus_and_leave_ray_s_share_to_the_os():
+    from raytune_it.serving.engines.vllm_engine import cpu_threads
+
+    assert cpu_threads({}, [0, 1]) == {"VLLM_CPU_OMP_THREADS_BIND": "0,1"}, "a small machine keeps every core"
+    assert cpu_threads({}, list(range(8))) == {"VLLM_CPU_OMP_THREADS_BIND": "0,1,2,3,4,5,6"}, "one for the scheduler"
+    assert cpu_threads({"OMP_NUM_THREADS": "2"}, list(range(8))) == {"VLLM_CPU_OMP_THREADS_BIND": "nobind"}, \
+        "a Ray actor's share: unbound threads, so actors on one node do not pin the same cores"
+    assert cpu_threads({"OMP_NUM_THREADS": "8"}, list(range(8)))["VLLM_CPU_OMP_THREADS_BIND"] != "nobind"
+    assert cpu_threads({"VLLM_CPU_OMP_THREADS_BIND": "0-3"}, list(range(8))) == {}, "the user's choice stands"
+
+
+def test_an_engine_is_asked_for_the_rank_and_modules_of_the_adapters_on_its_weights(tmp_path):
+    import json
+
+    from raytune_it.generation.answers import AdapterNeeds, ModelEntry, adapter_needs
+
+    def adapter(name, rank, targets):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text(json.dumps({"r": rank, "target_modules": targets}))
+        return str(folder)
+
+    models = [ModelEntry("base", "/w/base", None), ModelEntry("a", "/w/base", adapter("a", 8, ["q_proj", "v_proj"])),
+              ModelEntry("b", "/w/base", adapter("b", 16, ["o_proj", "q_proj"])), ModelEntry("full", "/w/full", None)]
+    assert adapter_needs(models) == {"/w/base": AdapterNeeds(16, ("o_proj", "q_proj", "v_proj"))}
+    models.append(ModelEntry("c", "/w/base", adapter("c", 4, ".*attn.*")))  # peft's pattern form: any module
+    assert adapter_needs(models) == {"/w/base": AdapterNeeds(16, None)}
+
+
+@pytest.mark.vllm
+def test_eval_and_generate_s_vllm_engine_runs_only_what_their_adapters_need_and_answers_as_transformers(tmp_path):
+    """The Answerer (eval's and generate's path) starts vLLM with the adapters' largest rank and only the
+    modules they touch (an engine without adapters runs without LoRA: the EOS test above), and every model's
+    answers equal the transformers engine's, greedy, token for token."""
+    from helpers import train_tiny_adapter
+    from raytune_it.data.synthetic import generate
+    from raytune_it.generation.answers import Answerer, Sampling, resolve_models
+
+    models = {"base": "tiny-llama",
+              "attention": str(train_tiny_adapter(tmp_path / "a", ["dosage"], steps=6, rank=8)),
+              "mlp": str(train_tiny_adapter(tmp_path / "m", ["bmi"], steps=6, rank=16, targets=("down_proj",)))}
+    records = list(generate(6, seed=5))
+    answers, started = {}, None
+    for engine_name in ("transformers", "vllm"):
+        config = load_config("tiny-lora", [f"serve.engine={engine_name}", "serve.max_model_len=256",
+                                           "serve.kv_cache_gib=0.25", "serve.enforce_eager=true"])
+        entries = resolve_models("tiny-llama", models, "eval.models")
+        answerer = Answerer(config.serve, config.data, None, entries)
+        try:
+            for entry in entries:
+                answers[engine_name, entry.name] = [(a.completion, a.completion_tokens, a.finish_reason)
+                                                    for part in answerer.answers(entry, records, Sampling(12))
+                                                    for a in part]
+            engine = answerer.engine(entries[0].weights)
+            if engine_name == "vllm":
+                started = engine.engine.vllm_config.lora_config
+                assert engine.prompts_per_batch == engine.engine.vllm_config.scheduler_config.max_num_seqs > 6
+        finally:
+            answerer.close()
+    assert started.max_lora_rank == 16 and sorted(started.target_modules) == ["down_proj", "q_proj", "v_proj"]
+    for name in models:
+        assert answers["vllm", name] == answers["transformers", name], name
+    assert answers["vllm", "attention"] != answers["vllm", "base"], "the adapters change answers"

@@ -499,8 +499,9 @@ class EvalSection(Section):
         "families. Required with eval.data.path.")
     examples_per_family: PositiveInt = Field(12, description="Held-out examples per family (unseen in training).")
     max_new_tokens: PositiveInt = Field(40, description="Greedy decoding length for each answer.")
-    batch_size: PositiveInt = Field(16, description="Prompts per engine call (serve.engine: transformers batches "
-                                    "them, vLLM schedules them together).")
+    batch_size: PositiveInt | None = Field(
+        None, description="Prompts per engine call; default: the engine's own (transformers: 16, padded into one "
+        "batch; vLLM: as many as its scheduler runs at once, 128 by default).")
     train_steps: PositiveInt = Field(
         80, description="Steps for each adapter eval trains itself (the general and the domain one) when "
         "eval.models does not name them.")
@@ -558,7 +559,9 @@ class GenerateSection(Section):
     output_format: Literal["jsonl", "parquet"] = Field("jsonl", description="Files written per block.")
     block_rows: PositiveInt = Field(256, description="Input rows per output file: the unit of progress and of "
                                     "resume (a re-run skips blocks already written).")
-    batch_size: PositiveInt = Field(16, description="Prompts per engine call.")
+    batch_size: PositiveInt | None = Field(
+        None, description="Prompts per engine call; default: the engine's own (transformers: 16, padded into one "
+        "batch; vLLM: as many as its scheduler runs at once, 128 by default).")
     num_actors: PositiveInt = Field(1, description="Engine replicas: a Ray Data actor pool spread over the cluster.")
     cpus_per_actor: PositiveInt = Field(1, description="CPUs each actor reserves (its torch threads).")
     use_gpu: Bool = Field(False, description="One GPU per actor.")

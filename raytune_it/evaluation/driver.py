@@ -141,12 +141,11 @@ def evaluate(config: JobConfig, console: Any = None, models: dict[str, str] | No
     models = {"base": config.model.name_or_path, **train_adapters(config, console, given, plan)}
     sets, domain = plan.sets, config.eval.domain
     total = sum(len(v) for v in sets.values()) * len(models)
-    answerer = Answerer(config.serve, config.data, config.eval.batch_size)
+    entries = resolve_models(config.model.name_or_path, models, "eval.models")
+    answerer = Answerer(config.serve, config.data, config.eval.batch_size, entries)
     try:
         with Progress(console=console, transient=True) as progress:
-            task = progress.add_task(f"eval: answering held-out examples ({config.eval.batch_size} at a time)",
-                                     total=total)
-            entries = resolve_models(config.model.name_or_path, models, "eval.models")
+            task = progress.add_task("eval: answering held-out examples", total=total)
             results, answers = score_models(answerer, entries, sets, config.eval.max_new_tokens,
                                             progress=lambda n: progress.advance(task, n))
     finally:

@@ -64,11 +64,18 @@ def resolve_models(base: str, models: Mapping[str, str], where: str) -> list[Mod
 
 class Answerer:
     """Answers items (``PromptFormat.prompt_text``'s: Alpaca records, conversations, plain prompts) with one
-    model at a time, ``batch_size`` prompts per engine call."""
+    model at a time, ``batch_size`` prompts per engine call (None: what the engine takes at once,
+    ``Engine.prompts_per_batch``).
 
-    def __init__(self, serve_config: ServeSection, data: Any, batch_size: int, max_lora_rank: int = 64) -> None:
+    ``models`` are every model it will be asked to run: an engine is started with room for the largest rank
+    among the adapters that run on its weights and for the modules they touch alone, and without adapter
+    support where none runs (vLLM's LoRA layers cost every request, the base's too, and their cost grows
+    with the rank reserved and the layers wrapped)."""
+
+    def __init__(self, serve_config: ServeSection, data: Any, batch_size: int | None,
+                 models: Sequence[ModelEntry]) -> None:
         self.serve_config, self.data, self.batch_size = serve_config, data, batch_size
-        self.max_lora_rank = max_lora_rank
+        self.adapters = adapter_needs(models)
         self.runner = EngineThread()
         self.engines: dict[str, Any] = {}
 
@@ -76,7 +83,10 @@ class Answerer:
         from raytune_it.serving.engines import create_engine
 
         if weights not in self.engines:
-            self.engines[weights] = create_engine(self.serve_config, weights, Path(weights).name, self.max_lora_rank)
+            needs = self.adapters.get(weights)
+            self.engines[weights] = create_engine(
+                self.serve_config, weights, Path(weights).name, needs.rank if needs else None,
+                needs.target_modules if needs else None)
         return self.engines[weights]
 
     def prompt_format(self, entry: ModelEntry) -> PromptFormat:
@@ -93,8 +103,9 @@ class Answerer:
             engine.load_adapter(entry.name, entry.adapter)
         prompt_format = self.prompt_format(entry)
         limit = int(self.serve_config.max_model_len)
-        for start in range(0, len(items), self.batch_size):
-            batch = items[start:start + self.batch_size]
+        size = self.batch_size or engine.prompts_per_batch
+        for start in range(0, len(items), size):
+            batch = items[start:start + size]
             texts = [prompt_format.prompt_text(item) for item in batch]
             requests: list[tuple[int, GenerationRequest]] = []
             answers: list[Answer | None] = [None] * len(batch)
@@ -130,13 +141,41 @@ class Answerer:
             return
         engine = self.engines.pop(entry.weights, None)
         if engine is not None:
-            engine.shutdown()
+            self.runner.call(engine.shutdown)
 
     def close(self) -> None:
         for engine in self.engines.values():
-            engine.shutdown()
+            self.runner.call(engine.shutdown)
         self.engines.clear()
         self.runner.close()
+
+
+@dataclass(frozen=True)
+class AdapterNeeds:
+    """What the adapters on one base's weights need of its engine: the largest rank, and the modules they
+    touch (None: any, where one adapter names its modules by a pattern)."""
+
+    rank: int
+    target_modules: tuple[str, ...] | None
+
+
+def adapter_needs(models: Sequence[ModelEntry]) -> dict[str, AdapterNeeds]:
+    """Per base weights, from the adapters' configs alone."""
+    import json
+
+    from raytune_it.serving.adapters import lora_rank
+
+    needs: dict[str, AdapterNeeds] = {}
+    for entry in models:
+        if entry.adapter is None:
+            continue
+        config = json.loads((Path(entry.adapter) / "adapter_config.json").read_text())
+        targets = config.get("target_modules")
+        before = needs.get(entry.weights, AdapterNeeds(0, ()))
+        modules = tuple(sorted({*before.target_modules, *targets})) \
+            if isinstance(targets, list) and before.target_modules is not None else None
+        needs[entry.weights] = AdapterNeeds(max(before.rank, lora_rank(config)), modules)
+    return needs
 
 
 def _own_or_run(entry: ModelEntry, tokenizer: Any, run_format: PromptFormat) -> PromptFormat:

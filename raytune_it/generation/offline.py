@@ -99,9 +99,9 @@ class GenerateActor:
 
         self.config = job = JobConfig.model_validate(config)
         serve = job.serve.model_copy(update={"use_gpu": job.generate.use_gpu})
-        self.answerer = Answerer(serve, job.data, job.generate.batch_size)
-        self.entries = {e.name: e for e in resolve_models(job.model.name_or_path, generation_models(job),
-                                                          "generate.models")}
+        entries = resolve_models(job.model.name_or_path, generation_models(job), "generate.models")
+        self.answerer = Answerer(serve, job.data, job.generate.batch_size, entries)
+        self.entries = {e.name: e for e in entries}
         self.sampling = Sampling(job.generate.max_new_tokens, job.generate.temperature, job.generate.top_p,
                                  job.generate.seed)
         self.output = as_location(output)

@@ -15,7 +15,7 @@ stop strings here (``StopScanner``), so they cannot drift apart.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Protocol, Sequence
+from typing import Any, AsyncIterator, Callable, Protocol, Sequence
 
 from raytune_it.data.prompt_format import PromptFormat
 
@@ -101,6 +101,7 @@ class Engine(Protocol):
 
     base_name: str
     tokens_generated: int  # every token this engine generated, abandoned generations included
+    prompts_per_batch: int  # what one generate_batch call should carry to keep the engine busy
 
     def info(self) -> dict[str, str]:
         """engine, dtype and device, for the latency report."""
@@ -298,6 +299,27 @@ class EngineThread:
 
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
 
+    def call(self, function: Callable[[], Any]) -> Any:
+        """``function()`` on the loop's thread: an engine's shutdown, so that vLLM cancels its tasks there before
+        they can see its process gone (they would log that as a failure)."""
+
+        async def on_loop() -> Any:
+            return function()
+
+        return self.run(on_loop())
+
     def close(self) -> None:
+        """Cancel what is left on the loop and wait for it, then stop: no task is destroyed pending."""
+        import asyncio
+
+        async def drain() -> None:
+            tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        self.run(drain())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=30)
+        if not self.thread.is_alive():
+            self.loop.close()

@@ -37,6 +37,10 @@ from raytune_it.serving.engines.base import (
 
 
 class TransformersEngine:
+    # A static batch: each call pads its prompts to the longest and runs until its longest answer ends, so more
+    # prompts per call stop paying once the forward pass is no longer overhead-bound.
+    prompts_per_batch = 16
+
     def __init__(self, serve_config: ServeSection, base_path: str, base_name: str) -> None:
         import torch
 

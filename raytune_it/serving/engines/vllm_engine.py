@@ -15,10 +15,12 @@ outside Ray Serve needs the ``if __name__ == "__main__":`` guard.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import os
 import time
 import uuid
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterator, Mapping, Sequence
 
 from raytune_it.config.schema import ServeSection
 from raytune_it.serving.engines.base import (
@@ -32,6 +34,9 @@ from raytune_it.serving.engines.base import (
 # vLLM accepts only these maximum LoRA ranks; the deployment's is the smallest one that holds its adapters.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 CPU_KV_CACHE_GIB = 1.0
+# vLLM's CPU backend keeps a core for its scheduler's busy loop; below this many cores that costs more compute
+# than the busy loop (which yields) takes from the worker, so the worker gets them all.
+CPU_CORES_TO_RESERVE_ONE = 5
 
 
 def supported_rank(rank: int) -> int:
@@ -41,8 +46,46 @@ def supported_rank(rank: int) -> int:
     raise EngineError(f"LoRA rank {rank} is above vLLM's largest ({VLLM_LORA_RANKS[-1]})", code="invalid_adapter")
 
 
+def cpu_threads(environ: Mapping[str, str], cpus: list[int]) -> dict[str, str]:
+    """How the CPU backend's worker places its OpenMP threads, as environment settings for the engine's
+    processes: on the CPUs this process may use (``cpus``), not vLLM's default of all but one.
+
+    - A choice of the user's (``VLLM_CPU_OMP_THREADS_BIND``) stands.
+    - Inside a Ray actor with a share of the node (Ray sets ``OMP_NUM_THREADS`` to its CPUs), threads are
+      left unbound: several replicas or actors on one node then share its cores, where vLLM's binding would
+      pin every one of them to the same cores.
+    - Otherwise the worker is bound to every core, less one for the scheduler only on a machine large enough
+      to spare it (on 2 cores vLLM's default halves the compute)."""
+    if "VLLM_CPU_OMP_THREADS_BIND" in environ:
+        return {}
+    share = int(environ.get("OMP_NUM_THREADS") or 0)
+    if 0 < share < len(cpus):
+        return {"VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    kept = cpus[:-1] if len(cpus) >= CPU_CORES_TO_RESERVE_ONE else cpus
+    return {"VLLM_CPU_OMP_THREADS_BIND": ",".join(str(cpu) for cpu in kept)}
+
+
+@contextlib.contextmanager
+def _environment(settings: Mapping[str, str]) -> Iterator[None]:
+    """``settings`` in the environment while vLLM spawns its processes (they inherit it), then restored."""
+    saved = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 class VLLMEngine:
-    def __init__(self, serve_config: ServeSection, base_path: str, base_name: str, max_lora_rank: int) -> None:
+    def __init__(self, serve_config: ServeSection, base_path: str, base_name: str, max_lora_rank: int | None,
+                 lora_target_modules: Sequence[str] | None = None) -> None:
+        """``max_lora_rank=None``: no adapters will run, so vLLM runs without its LoRA layers (on the CPU that
+        also lets it compile the model). ``lora_target_modules``: the only modules adapters will touch, when
+        every adapter is known at start; vLLM then wraps those alone (every LoRA layer costs every request)."""
         import torch
         from vllm import AsyncEngineArgs, AsyncLLMEngine
 
@@ -52,17 +95,24 @@ class VLLMEngine:
         self.on_gpu = bool(serve_config.use_gpu) and torch.cuda.is_available()
         dtype = serve_config.dtype
         self.dtype = ("bfloat16" if self.on_gpu else "float32") if dtype == "auto" else dtype
-        self.max_lora_rank = supported_rank(max_lora_rank)
+        self.max_lora_rank = supported_rank(max_lora_rank) if max_lora_rank is not None else None
         self.tokenizer = load_tokenizer(base_path)
         self.prompts = PromptBuilder(self.tokenizer, int(serve_config.max_model_len))
         kv_cache_gib = serve_config.kv_cache_gib or (None if self.on_gpu else CPU_KV_CACHE_GIB)
-        self.engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(
-            model=base_path, tokenizer=base_path, dtype=self.dtype, max_model_len=serve_config.max_model_len,
-            enable_lora=True, max_loras=serve_config.max_adapters_per_replica,
-            max_lora_rank=self.max_lora_rank, enforce_eager=serve_config.enforce_eager,
-            kv_cache_memory_bytes=int(kv_cache_gib * 2**30) if kv_cache_gib else None,
-            seed=0, disable_log_stats=True,
-        ))
+        lora = {} if self.max_lora_rank is None else {
+            "enable_lora": True, "max_loras": serve_config.max_adapters_per_replica,
+            "max_lora_rank": self.max_lora_rank,
+            "lora_target_modules": sorted(lora_target_modules) if lora_target_modules else None}
+        threads = {} if self.on_gpu else cpu_threads(os.environ, sorted(os.sched_getaffinity(0)))
+        with _environment(threads):
+            self.engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(
+                model=base_path, tokenizer=base_path, dtype=self.dtype, max_model_len=serve_config.max_model_len,
+                enforce_eager=serve_config.enforce_eager,
+                kv_cache_memory_bytes=int(kv_cache_gib * 2**30) if kv_cache_gib else None,
+                seed=0, disable_log_stats=True, **lora,
+            ))
+        # what one generate_batch call should carry: as many requests as vLLM's scheduler runs at once
+        self.prompts_per_batch = int(self.engine.vllm_config.scheduler_config.max_num_seqs)
         self._lora_ids = itertools.count(1)
         self._loras: dict[str, object] = {}
         self.tokens_generated = 0
@@ -79,6 +129,9 @@ class VLLMEngine:
     def _lora(self, name: str, folder: str):
         from vllm.lora.request import LoRARequest
 
+        if self.max_lora_rank is None:
+            raise EngineError(f"adapter {name!r}: this engine was started without adapters", status=500,
+                              code="engine_error")
         if name not in self._loras:  # vLLM loads it on first use and keeps max_loras of them
             self._loras[name] = LoRARequest(name, next(self._lora_ids), folder)
         return self._loras[name]
