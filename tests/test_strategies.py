@@ -160,3 +160,23 @@ def test_the_chunked_loss_never_keeps_the_full_logits_for_the_backward(tiny_mode
         assert largest >= tokens * vocab
     else:
         assert largest == 0, f"logits of {largest // vocab} tokens kept: each chunk's should be recomputed"
+
+
+def test_a_loss_the_run_cannot_use_is_refused_before_ray_starts(tmp_path, tiny_model_dir):
+    """An explicit train.loss_implementation is checked against the model's class (read on the meta device)
+    and the run's device and method, naming the key, before any worker loads the model."""
+    from transformers import GPT2Config
+
+    from raytune_it.errors import ConfigError
+    from raytune_it.train.preflight import preflight
+
+    gpt2 = tmp_path / "gpt2-shaped"
+    GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64).save_pretrained(gpt2)
+    with pytest.raises(ConfigError, match=r"train.loss_implementation=chunked: .*GPT2LMHeadModel.*auto or full"):
+        preflight(load_config("tiny-full", [f"model.name_or_path={gpt2}", "train.loss_implementation=chunked"]))
+    preflight(load_config("tiny-full", [f"model.name_or_path={gpt2}", "train.loss_implementation=auto"]))
+    with pytest.raises(ConfigError, match=r"loss_implementation=liger: .*method=lora, scaling.use_gpu=false"):
+        preflight(load_config("tiny-lora", ["train.loss_implementation=liger"]))
+    with pytest.raises(ConfigError, match=r"loss_implementation=liger: .*method=full, scaling.use_gpu=true"):
+        preflight(load_config("tiny-full", ["train.loss_implementation=liger", "scaling.use_gpu=true"]))
+    preflight(load_config("tiny-lora", ["train.loss_implementation=chunked"]))

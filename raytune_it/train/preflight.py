@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from raytune_it.config.schema import ALL_LINEAR, JobConfig
 from raytune_it.errors import ConfigError
 
 
-def model_module_names(config: JobConfig) -> set[str]:
-    """Module names of the model, built on the meta device: no weights are read, even for 65B."""
+def meta_model(config: JobConfig) -> Any:
+    """The model built on the meta device: its class and module names, with no weights read, even for 65B."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -17,14 +19,18 @@ def model_module_names(config: JobConfig) -> set[str]:
                                               revision=config.model.revision,
                                               trust_remote_code=config.model.trust_remote_code)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.model.trust_remote_code)
+        return AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.model.trust_remote_code)
+
+
+def model_module_names(config: JobConfig, model: Any = None) -> set[str]:
+    model = model if model is not None else meta_model(config)
     return {name for name, _ in model.named_modules() if name}
 
 
-def check_lora_targets(config: JobConfig) -> None:
+def check_lora_targets(config: JobConfig, model: Any = None) -> None:
     if config.lora.peft_target_modules == ALL_LINEAR:
         return  # peft finds the linear layers itself
-    names = model_module_names(config)
+    names = model_module_names(config, model)
     leaves = {name.rsplit(".", 1)[-1] for name in names}
     missing = [target for target in config.lora.target_modules if target not in leaves and target not in names]
     if missing:
@@ -33,9 +39,35 @@ def check_lora_targets(config: JobConfig) -> None:
                           f"Linear modules it has: {', '.join(linear)}")
 
 
+def check_loss_implementation(config: JobConfig, model: Any) -> None:
+    """An explicit ``train.loss_implementation`` the run could not use, refused before Ray starts (the
+    workers' ``loss.choose`` would refuse it only once they have loaded the model)."""
+    from raytune_it.train.loss import PLAIN_HEAD_ARCHITECTURES
+
+    chosen = config.train.loss_implementation
+    if chosen not in ("chunked", "liger"):
+        return
+    architecture = type(model).__name__
+    if architecture not in PLAIN_HEAD_ARCHITECTURES:
+        raise ConfigError(
+            f"train.loss_implementation={chosen}: it needs logits that are the output head of the final hidden "
+            f"states, and {architecture} is not known to compute them so (known: "
+            f"{', '.join(sorted(PLAIN_HEAD_ARCHITECTURES))}). Use train.loss_implementation=auto or full.")
+    if chosen == "liger" and (config.method != "lora" or not config.scaling.use_gpu):
+        raise ConfigError(
+            "train.loss_implementation=liger: Liger's fused kernel runs on CUDA (scaling.use_gpu=true) and for "
+            f"LoRA only (ZeRO-3 partitions the output head); this run has method={config.method}, "
+            f"scaling.use_gpu={str(config.scaling.use_gpu).lower()}. Use train.loss_implementation=auto or "
+            "chunked.")
+
+
 def preflight(config: JobConfig) -> None:
     if config.data.format == "prompt":
         raise ConfigError("data.format=prompt: plain prompts have no answers to train on; it is for raytune-it "
                           "generate. Train on alpaca, messages or sharegpt records.")
+    needs_model = config.method == "lora" or config.train.loss_implementation in ("chunked", "liger")
+    model = meta_model(config) if needs_model else None
     if config.method == "lora":
-        check_lora_targets(config)
+        check_lora_targets(config, model)
+    if model is not None:
+        check_loss_implementation(config, model)
