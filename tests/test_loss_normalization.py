@@ -55,6 +55,10 @@ def _gradients_worker(loop_config):
             strategy = make_strategy(config, 10, device)
             assert strategy.describe()["loss"] == loss
             if method == "lora":
+                # lora.quantization=none keeps a 16-bit (bf16) base, whose rounding follows each batch's
+                # padded shape (1% of a gradient's scale on some CPUs); in float32 the splits differ only in
+                # float32 rounding. The adapter is float32 already, so DDP's buckets are unchanged.
+                strategy.peft_model.float()
                 _same_lora_start(strategy.peft_model)
             strategy.backward(batches, global_trained_tokens(batches, device))
             if method == "lora":

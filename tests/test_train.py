@@ -69,10 +69,11 @@ def _check_run_folder(run_dir, summary, steps=24):
 RESUMABLE = ["train.lr_schedule=constant", "train.warmup_ratio=0"]
 
 
-def _resumed_takes_the_straight_runs_steps(method, tmp_path, straight_dir, settings, steps=24):
+def _resumed_takes_the_straight_runs_steps(method, tmp_path, straight_dir, settings, steps=24, resumed_settings=()):
     """A run stopped at its first checkpoint (a third of ``steps``) and continued to ``steps`` takes exactly
     the steps of the run that went straight there."""
     stop = steps // 3
+    settings = [*settings, *resumed_settings]
     train(load_config(method, _common(tmp_path, *settings, "run.name=resumed", steps=steps)
                       + [f"train.max_steps={stop}"]))
     train(load_config(method, _common(tmp_path, *settings, "run.name=resumed", steps=steps)))
@@ -86,7 +87,9 @@ def test_lora_int8_two_workers_and_a_resumed_run_replays_it_exactly(local_ray, t
     """INT8 LoRA over two workers, with LoRA dropout and length grouping; then the same run stopped at step 8
     (its first checkpoint) and continued to 24 takes exactly its steps (same shard order, micro-batch order,
     data position, adapter, optimizer and dropout RNG). Length grouping is on, so its micro-batch order must
-    replay too (the killed-worker test covers the default)."""
+    replay too (the killed-worker test covers the default). The resumed run streams its training split from
+    storage (data.streaming=always) where the first held it in the object store: a split of one row group is
+    one window, so streaming gives the in-memory path's steps, to the bit, across a restart."""
     from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -109,7 +112,11 @@ def test_lora_int8_two_workers_and_a_resumed_run_replays_it_exactly(local_ray, t
     tuned = PeftModel.from_pretrained(base, export)
     assert generate_text(tuned, AutoTokenizer.from_pretrained(export))
 
-    resumed, straight = _resumed_takes_the_straight_runs_steps("tiny-lora", tmp_path, run_dir, settings)
+    resumed, straight = _resumed_takes_the_straight_runs_steps("tiny-lora", tmp_path, run_dir, settings,
+                                                               resumed_settings=["data.streaming=always"])
+    assert summary.train_split == "object store"
+    streamed = json.loads((tmp_path / "resumed" / "summary.json").read_text())["train_split"]
+    assert streamed.startswith("streamed from storage (1 row group,"), streamed
     assert [m["loss"] for m in resumed] == [m["loss"] for m in straight]
     assert [m["eval_loss"] for m in resumed if "eval_loss" in m] == [
         m["eval_loss"] for m in straight if "eval_loss" in m]

@@ -74,3 +74,64 @@ def test_micro_batches_are_the_rows_asked_for():
     assert batch["input_ids"].shape == (2, 8)
     assert batch["attention_mask"].sum(dim=1).tolist() == [7, 5]
     assert batch["input_ids"][0, :7].tolist() == [PAD + 4] * 7
+
+
+# --- a split streamed from storage (train/streaming.py) ------------------------------------------------
+
+def _split_files(folder, lengths, group_rows, files=2):
+    """The split ``_table(lengths)`` written as ``files`` Parquet files in row groups of ``group_rows``."""
+    import pyarrow.parquet as pq
+
+    from raytune_it.storage import local
+
+    table, paths, per_file = _table(lengths), [], -(-len(lengths) // files)
+    for number in range(files):
+        path = folder / f"part-{number}.parquet"
+        pq.write_table(table.slice(number * per_file, per_file), path, row_group_size=group_rows)
+        paths.append(local(path))
+    return table, paths
+
+
+def test_a_streamed_epoch_permutes_row_groups_and_shuffles_rows_within_windows():
+    """Row groups of 100 rows, windows of 4: every worker's share is still an equal, disjoint part of a
+    seeded permutation of every row; the rows of the first window come from 4 row groups only; epochs
+    differ; and a split of no more row groups than a window is the whole-split permutation, row for row."""
+    groups = [100] * 30 + [37]
+    rows = sum(groups)
+    shares = [epoch_rows(rows, 7, 0, rank, 2, groups, 4) for rank in range(2)]
+    assert {len(share) for share in shares} == {rows // 2}
+    assert len(set(np.concatenate(shares))) == 2 * (rows // 2) and max(np.concatenate(shares)) < rows
+    first_window = np.concatenate([share[:150] for share in shares])
+    assert len({int(index) // 100 for index in first_window}) <= 4, "one window: at most 4 row groups"
+    assert not np.array_equal(shares[0], epoch_rows(rows, 7, 1, 0, 2, groups, 4)), "each epoch its own order"
+    assert np.array_equal(shares[0], epoch_rows(rows, 7, 0, 0, 2, groups, 4)), "reproducible for a resume"
+    assert np.array_equal(epoch_rows(rows, 7, 0, 1, 2, groups, 31), epoch_rows(rows, 7, 0, 1, 2))
+
+
+def test_a_streamed_split_reads_the_rows_asked_for_and_holds_two_windows_at_most(tmp_path):
+    from raytune_it.train.streaming import split_bytes, streamed_split
+
+    rng = random.Random(1)
+    lengths = [rng.randint(1, 40) for _ in range(2_000)]
+    table, files = _split_files(tmp_path, lengths, group_rows=128)
+    split = streamed_split(files, window=3)
+    assert split.rows == 2_000 and len(split.groups) == 16 and split_bytes(files) > 0
+    reader = split.reader()
+    assert reader.lengths.tolist() == lengths
+    order = epoch_rows(2_000, 5, 0, 0, 1, reader.group_rows, 3)
+    for rows in micro_batch_rows(order, reader.lengths, 8, drop_last=True, group_by_length=True, seed=5):
+        assert reader.take(rows).to_pylist() == table.take(rows).to_pylist()
+        assert len(reader.cache) <= 6
+    assert reader.reads == 16, "each row group is read once an epoch"
+    across = [0, 1999, 500, 128, 127]  # any rows, in the order asked
+    assert reader.take(across).to_pylist() == table.take(across).to_pylist()
+
+
+def test_a_split_streams_when_it_outgrows_its_share_of_the_object_store():
+    from raytune_it.config import load_config
+    from raytune_it.train.prepared import streams
+
+    auto = load_config("tiny-lora", ["data.object_store_share=0.25"]).data
+    assert not streams(auto, 2 * 2**30, 8 * 2**30) and streams(auto, 2 * 2**30 + 1, 8 * 2**30)
+    assert streams(load_config("tiny-lora", ["data.streaming=always"]).data, 1, 8 * 2**30)
+    assert not streams(load_config("tiny-lora", ["data.streaming=never"]).data, 10 * 2**30, 8 * 2**30)

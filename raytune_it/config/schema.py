@@ -149,6 +149,18 @@ class DataSection(Section):
     preparation_actors: PositiveInt | None = Field(
         None, description="Ray Data actors that tokenize (one CPU each, the tokenizer loaded once per actor); "
         "default: the cluster's CPUs, at most one per chunk.")
+    streaming: Literal["auto", "always", "never"] = Field(
+        "auto", description="How workers get the training split: from Ray's object store ('never'), or read from "
+        "its Parquet files in storage a window of row groups at a time ('always'); 'auto' streams a split larger "
+        "than data.object_store_share of the cluster's object store. Streaming needs storage every node reads "
+        "(s3://, gs://, or a shared folder).")
+    object_store_share: Float = Field(
+        0.3, gt=0.0, le=1.0, description="With data.streaming=auto: the share of the object store a training "
+                                         "split may take before it streams from storage instead.")
+    shuffle_window_row_groups: PositiveInt = Field(
+        16, description="A streamed split's epoch order: its row groups (4,096 rows) permuted, and rows shuffled "
+        "within each window of this many (what a worker holds at once, twice over); a split of at most this many "
+        "row groups is permuted whole, as in the object store.")
     prepared_root: str | None = Field(
         None, description="Where tokenized datasets are kept, one folder per fingerprint of what decides their "
         "rows (data files and their sizes and times, format, template, tokenizer, train.max_seq_len, packing, "

@@ -1,20 +1,20 @@
-"""The training data: tokenized once on the driver, handed to the workers through Ray's object store.
+"""The training data: tokenized once, handed to the workers through Ray's object store or read from storage.
 
 The driver streams the records through the foundation pipeline (template,
 masking, truncation, packing, split) and writes the examples to Parquet, once
 per dataset, on whatever storage holds the runs (``prepared.py``: shared by every
 run of the same data, and a resumed run trains on exactly the same examples). For training the driver puts each
-split in the object store (``SplitBlocks``), and every worker reads its share of
-an epoch in that epoch's seeded order over the whole split (``epoch_rows``), as
-torch's ``DistributedSampler`` does: a sorted or concatenated dataset is mixed
-from the first step, every epoch differs, and a restart recomputes the order and
-continues at its data position.
+split in the object store (``SplitBlocks``), or, for a training split larger than a share of the object store,
+hands the workers its files to read row groups from as they go (``streaming.StreamedSplit``). Every worker
+reads its share of an epoch in that epoch's seeded order (``epoch_rows``), as torch's ``DistributedSampler``
+does: a sorted or concatenated dataset is mixed from the first step, every epoch differs, and a restart
+recomputes the order and continues at its data position.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Protocol, Sequence
 
 from raytune_it.data.tokenize import collate_arrow
 from raytune_it.storage import Location
@@ -62,6 +62,37 @@ class SplitBlocks:
         tables = ray.get(list(self.blocks))
         return pa.concat_tables(tables) if tables else None
 
+    def reader(self) -> "SplitReader":
+        return TableReader(self.table())
+
+    def describe(self) -> str:
+        return "object store"
+
+
+class SplitReader(Protocol):
+    """What a worker reads a training split through: every row's length, rows by index, and the row groups
+    the epoch's order shuffles within (None: the whole split is one window)."""
+
+    lengths: Any
+    group_rows: Sequence[int] | None
+
+    def take(self, indices: Sequence[int]) -> Any: ...
+
+
+@dataclass
+class TableReader:
+    """A split held whole in the worker's memory (from the object store)."""
+
+    table: Any
+    group_rows: Sequence[int] | None = None
+    lengths: Any = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.lengths = row_lengths(self.table)
+
+    def take(self, indices: Sequence[int]) -> Any:
+        return self.table.take(indices)
+
 
 def put_split(files: list[Location]) -> SplitBlocks:
     import pyarrow as pa
@@ -77,9 +108,15 @@ def put_split(files: list[Location]) -> SplitBlocks:
     return SplitBlocks(tuple(blocks), rows)
 
 
-def epoch_rows(rows: int, seed: int, epoch: int, rank: int, world_size: int) -> Any:
+def epoch_rows(rows: int, seed: int, epoch: int, rank: int, world_size: int,
+               group_rows: Sequence[int] | None = None, window: int = 0) -> Any:
     """This worker's rows for one epoch, in training order: a seeded permutation of the whole split, dealt
     round-robin to the workers, as torch's ``DistributedSampler`` does with ``set_epoch``.
+
+    A split read from storage as it goes (``group_rows``: the rows of each of its row groups, more groups
+    than ``window``) cannot be permuted whole without reading every row group for every micro-batch: its
+    row groups are permuted, and the rows within each ``window`` of them, so a worker holds one window at a
+    time. With one window it is the whole-split permutation, row for row.
 
     Every epoch has its own order, the same on every run and every restart (a resumed run recomputes it
     and starts at its data position), and every worker gets ``rows // world_size`` rows, so all run the
@@ -87,7 +124,15 @@ def epoch_rows(rows: int, seed: int, epoch: int, rank: int, world_size: int) -> 
     """
     import numpy as np
 
-    order = np.random.default_rng([seed, epoch]).permutation(rows)
+    if not group_rows or window >= len(group_rows):
+        order = np.random.default_rng([seed, epoch]).permutation(rows)
+    else:
+        starts = np.concatenate([[0], np.cumsum(group_rows)])
+        groups = np.random.default_rng([seed, epoch]).permutation(len(group_rows))
+        order = np.concatenate([
+            np.random.default_rng([seed, epoch, number]).permutation(
+                np.concatenate([np.arange(starts[g], starts[g + 1]) for g in groups[first:first + window]]))
+            for number, first in enumerate(range(0, len(groups), window))])
     return order[rank::world_size][:rows // world_size]
 
 
@@ -149,8 +194,9 @@ def row_lengths(table: Any) -> Any:
 
 
 def micro_batches(table: Any, rows: list[Any], pad_token_id: int, *, pin_memory: bool = False) -> Iterator[dict]:
-    """Collated micro-batches for lists of row indices, built as they are needed. ``pin_memory`` (for a
-    GPU) pins them, so that the strategies' copy to the GPU does not block."""
+    """Collated micro-batches for lists of row indices, built as they are needed, from an Arrow table or a
+    ``SplitReader``. ``pin_memory`` (for a GPU) pins them, so that the strategies' copy to the GPU does not
+    block."""
     for indices in rows:
         batch = collate_arrow(table.take(indices), pad_token_id)
         yield {key: value.pin_memory() for key, value in batch.items()} if pin_memory else batch

@@ -206,7 +206,7 @@ def _fit(config: JobConfig, run_dir: Location, prepared: Any, plan: StepPlan, co
          on_steps: Any) -> None:
     """The Ray part of a run: its TorchTrainer, with every step's metrics kept as they come."""
     from raytune_it.cluster import ray_session, wait_for_resources, warn_if_storage_is_not_shared
-    from raytune_it.train.prepared import split_blocks
+    from raytune_it.train.prepared import split_sources
 
     with ray_session(min_cpus=config.scaling.num_workers * config.scaling.cpus_per_worker):
         import ray.train
@@ -223,7 +223,7 @@ def _fit(config: JobConfig, run_dir: Location, prepared: Any, plan: StepPlan, co
             train_loop,
             train_loop_config={
                 "config": config.to_dict(), "plan": plan.__dict__, "progress": queue,
-                "export": run_dir / "export", "splits": split_blocks(prepared),
+                "export": run_dir / "export", "splits": split_sources(prepared, config.data, console),
             },
             scaling_config=scaling_config(config),
             torch_config=BoundTorchConfig(backend="nccl" if config.scaling.use_gpu else "gloo"),

@@ -178,7 +178,7 @@ class Recipe:
         self.plan = StepPlan(**loop_config["plan"])
         self.progress = loop_config.get("progress")
         self.export_location = loop_config["export"]  # a storage Location: the run's export/
-        self.splits = loop_config["splits"]  # SplitBlocks in the object store, by split name
+        self.splits = loop_config["splits"]  # by split name: SplitBlocks in the object store, or a StreamedSplit
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
@@ -199,14 +199,14 @@ class Recipe:
         self.last_flush = time.monotonic()
 
     def run(self) -> None:
-        from raytune_it.train.data import row_lengths
         from raytune_it.train.strategies import make_strategy
 
         self.strategy = make_strategy(self.config, self.plan.total_steps, self.device)
         self.restore()
-        self.first_report = {"worker_nodes": worker_nodes(), "strategy": self.strategy.describe()}
-        self.table = self.splits["train"].table()
-        self.lengths = row_lengths(self.table)
+        self.first_report = {"worker_nodes": worker_nodes(), "strategy": self.strategy.describe(),
+                             "train_split": self.splits["train"].describe()}
+        self.train_split = self.splits["train"].reader()
+        self.lengths = self.train_split.lengths
         while self.state.step < self.plan.total_steps:
             self.train_epoch()
             if self.state.step < self.plan.total_steps:
@@ -233,7 +233,8 @@ class Recipe:
         from raytune_it.train.data import epoch_rows, micro_batch_rows
 
         config, state = self.config, self.state
-        order = epoch_rows(len(self.lengths), config.train.seed, state.epoch, self.rank, self.world_size)
+        order = epoch_rows(len(self.lengths), config.train.seed, state.epoch, self.rank, self.world_size,
+                           self.train_split.group_rows, config.data.shuffle_window_row_groups)
         rows = micro_batch_rows(order, self.lengths, self.micro, drop_last=True,
                                 group_by_length=config.data.group_by_length, seed=config.train.seed,
                                 epoch=state.epoch)[state.batches_in_epoch:]
@@ -251,7 +252,7 @@ class Recipe:
         from raytune_it.train.data import micro_batches
 
         rows = next(step_rows)
-        batches = list(micro_batches(self.table, rows, self.pad_id, pin_memory=self.device.type == "cuda"))
+        batches = list(micro_batches(self.train_split, rows, self.pad_id, pin_memory=self.device.type == "cuda"))
         trained = global_trained_tokens(batches, self.device)
         loss_sum = self.strategy.backward(batches, trained)
         self.strategy.optimizer_step()

@@ -28,13 +28,13 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from raytune_it.config.schema import JobConfig
+from raytune_it.config.schema import DataSection, JobConfig
 from raytune_it.data.pipeline import iter_examples
 from raytune_it.data.records import ReadReport
 from raytune_it.data.tokenize import TokenizeStats
 from raytune_it.errors import ConfigError
 from raytune_it.storage import Location, open_location
-from raytune_it.train.data import SplitBlocks, put_split, write_examples
+from raytune_it.train.data import put_split, write_examples
 
 #: Bump when tokenization changes the rows made from the same inputs: earlier preparations are then not reused.
 PREPARED_VERSION = 1
@@ -136,9 +136,32 @@ def dataset_key(inputs: dict[str, Any]) -> str:
     return hashlib.blake2b(json.dumps(inputs, sort_keys=True).encode(), digest_size=10).hexdigest()
 
 
-def split_blocks(prepared: PreparedData) -> dict[str, SplitBlocks]:
-    """The prepared splits in Ray's object store, for the workers (``train/data.py``)."""
-    splits = {"train": put_split(prepared.files("train"))}
+def streams(data: DataSection, size: int, object_store_bytes: float) -> bool:
+    """Whether the workers stream a training split of ``size`` bytes (in memory) from storage."""
+    if data.streaming != "auto":
+        return data.streaming == "always"
+    return size > data.object_store_share * object_store_bytes
+
+
+def split_sources(prepared: PreparedData, data: DataSection, console: Any = None) -> dict[str, Any]:
+    """The prepared splits for the workers (``train/data.py``): in Ray's object store, or the training split
+    left in storage for the workers to stream (``train/streaming.py``) when ``data.streaming`` says so. The
+    eval split is small, and every worker keeps it collated: it always goes through the object store."""
+    import ray
+
+    from raytune_it.train.streaming import split_bytes, streamed_split
+
+    files = prepared.files("train")
+    stream = streams(data, 0, 0)
+    if data.streaming == "auto":
+        size, store = split_bytes(files), ray.cluster_resources().get("object_store_memory", 0)
+        stream = streams(data, size, store)
+        if stream and console is not None:
+            console.print(f"the training split ({size / 2**30:.2f} GiB) is larger than data.object_store_share="
+                          f"{data.object_store_share:g} of the object store ({store / 2**30:.2f} GiB): the workers "
+                          "stream it from storage", markup=False, highlight=False)
+    splits: dict[str, Any] = {"train": streamed_split(files, data.shuffle_window_row_groups) if stream
+                              else put_split(files)}
     if prepared.eval_rows:
         splits["eval"] = put_split(prepared.files("eval"))
     return splits

@@ -34,6 +34,7 @@ class StepMetrics(TypedDict, total=False):
     #: Sent with the first step of each attempt.
     worker_nodes: list[str]
     strategy: dict[str, Any]
+    train_split: str  # how the workers read the training split (``describe`` of its source)
 
 
 def step_eval_loss(metrics: Mapping[str, Any]) -> float | None:

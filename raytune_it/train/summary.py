@@ -47,6 +47,8 @@ class RunSummary:
     strategy: dict[str, Any]
     #: The key of the prepared dataset it trained on (``train/prepared.py``); None for a run that kept its own.
     dataset: str | None = None
+    #: How the workers read the training split: from the object store, or streamed from storage.
+    train_split: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -89,6 +91,7 @@ def measured(history: list[dict]) -> dict[str, Any]:
         restarts=int(last.get("restarts", 0)),
         worker_nodes=next((m["worker_nodes"] for m in reversed(history) if "worker_nodes" in m), []),
         strategy=next((m["strategy"] for m in reversed(history) if "strategy" in m), {}),
+        train_split=next((m["train_split"] for m in reversed(history) if "train_split" in m), None),
     )
 
 
