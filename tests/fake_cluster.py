@@ -99,7 +99,7 @@ class FakeAutoscalingCluster:
         started += [child for process in started for child in process.children(recursive=True)]
         try:
             os.killpg(self.head.pid, signal.SIGTERM)
-            self.head.wait(timeout=30)
+            self.head.wait(timeout=5)  # a graceful stop takes about 30 s: what is left is killed below
         except (ProcessLookupError, subprocess.TimeoutExpired):
             pass
         for process in started:

@@ -50,7 +50,9 @@ def ray_head():
             time.sleep(1)
         yield ray_bin, address, dict(env, RAYTUNE_IT_TEST_GCS=f"127.0.0.1:{gcs}")
     finally:
-        stop_process_group(head, timeout=60)
+        # An idle head takes about 30 s to stop on SIGTERM (its processes' grace periods); the jobs are over and
+        # the temp dir goes with it, so the group is killed after a short grace.
+        stop_process_group(head, timeout=5)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
