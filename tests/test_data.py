@@ -296,7 +296,31 @@ def test_a_file_whose_every_record_is_bad_stops_with_nothing_to_train_on(tmp_pat
         list(iter_records(empty))
 
 
-def test_a_directory_as_data_path_is_named_as_one(tmp_path):
-    write_jsonl(tmp_path / "train.jsonl", [GOOD])
-    with pytest.raises(ConfigError, match=r"is a directory \(it holds train.jsonl\); pass one .json"):
-        load_config("tiny-lora", [f"data.path={tmp_path}"])
+def test_a_folder_as_data_path_reads_its_shards_in_name_order(tmp_path):
+    """A folder (of JSON Lines, JSON or Parquet shards, one type) is one dataset, its shards read in name
+    order; a bad record is named by its shard and line; an empty folder or one of mixed types is refused by
+    name before anything runs."""
+    from raytune_it.data.pipeline import resolve_data_paths
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    first, second = [dict(GOOD, instruction=f"Say {n}.") for n in range(3)], [dict(GOOD, instruction="Say 9.")]
+    write_jsonl(folder / "part-1.jsonl", second)
+    write_jsonl(folder / "part-0.jsonl", first)
+    (folder / "_SUCCESS").write_text("")
+    (folder / ".part-2.jsonl.crc").write_text("x")
+    config = load_config("tiny-lora", [f"data.path={folder}"])
+    files = resolve_data_paths(config.data)
+    assert [f.name for f in files] == ["part-0.jsonl", "part-1.jsonl"]
+    assert [r["instruction"] for r in iter_records(files)] == ["Say 0.", "Say 1.", "Say 2.", "Say 9."]
+    assert [r["instruction"] for r in iter_records(files, limit=2)] == ["Say 0.", "Say 1."]
+    (folder / "part-1.jsonl").write_text('{"instruction": "x"}\n')
+    with pytest.raises(DataError, match=rf"{folder / 'part-1.jsonl'}:1: missing field"):
+        list(iter_records(files))
+    (folder / "part-3.parquet").write_text("")
+    with pytest.raises(ConfigError, match=r"data.path: the folder .*shards mixes file types \(jsonl, parquet\)"):
+        load_config("tiny-lora", [f"data.path={folder}"])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match=r"data.path: the folder .*empty holds no .json, .jsonl"):
+        load_config("tiny-lora", [f"data.path={empty}"])

@@ -56,20 +56,27 @@ def test_ray_data_gives_the_driver_paths_rows_in_order_split_and_packed(local_ra
 
 
 def test_bad_records_are_counted_across_chunks_or_the_first_stops_it_by_its_line(local_ray, tmp_path, tokenizer):
+    """The data is a folder of two JSON Lines shards (read in name order, as one dataset), with bad records
+    in three chunks of both: each is named by its own shard and line, on both paths."""
     lines = [json.dumps(record) for record in generate(200, seed=5)]
     for number in (7, 90, 160):  # in three chunks
         lines[number] = '{"instruction": "no output"' if number != 90 else "{not json"
-    path = tmp_path / "bad.jsonl"
-    path.write_text("\n".join(lines) + "\n\n")
+    path = tmp_path / "shards"
+    path.mkdir()
+    first, second = path / "part-00000.jsonl", path / "part-00001.jsonl"
+    second.write_text("\n".join(lines[100:]) + "\n\n")
+    first.write_text("\n".join(lines[:100]) + "\n")
+    (path / "_SUCCESS").write_text("")  # what Spark and Ray Data leave beside their shards: not data
     driver, _ = _both(_config(tmp_path, path, "data.skip_bad_records=true"), tokenizer, tmp_path, "skip")
     report = driver["train"][2]
     assert report.bad_records == 3 and [reason.split(": ")[0] for reason in report.reasons] == [
-        f"{path}:8", f"{path}:91", f"{path}:161"]
+        f"{first}:8", f"{first}:91", f"{second}:61"]
+    assert report.records + report.bad_records == 200
 
     folder = local(tmp_path / "stop")
-    with pytest.raises(DataError, match=rf"^{path}:8: invalid JSON"):
+    with pytest.raises(DataError, match=rf"^{first}:8: invalid JSON"):
         write_split(_config(tmp_path, path), tokenizer, "train", local(tmp_path / "stop-driver.parquet"))
-    with pytest.raises(DataError, match=rf"^{path}:8: ") as caught:
+    with pytest.raises(DataError, match=rf"^{first}:8: ") as caught:
         prepare_on_ray_data(_config(tmp_path, path), tokenizer, folder, "t1", chunk_sizes=SMALL)
     assert "data.skip_bad_records=true" in str(caught.value)
     assert not folder.exists() or folder.listdir() == [], "a failed preparation leaves no shard"

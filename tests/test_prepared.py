@@ -52,6 +52,21 @@ def test_the_key_follows_what_decides_the_rows_and_nothing_else(tmp_path, record
     assert base not in changed and len(changed) == 7
     os.utime(records, ns=(1, 1))  # the file rewritten (its time changed): its rows may have too
     assert _key(_config(tmp_path, records), tokenizer) != base
+    for same in (["data.streaming=always"], ["data.shuffle_window_row_groups=2"]):  # how it is read, not its rows
+        assert _key(_config(tmp_path, records, *same), tokenizer) == _key(_config(tmp_path, records), tokenizer)
+
+
+def test_a_folder_of_shards_is_one_dataset_whose_key_follows_every_shard(tmp_path, tokenizer):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    write_jsonl(generate(30, seed=3), folder / "part-0.jsonl")
+    write_jsonl(generate(30, seed=4), folder / "part-1.jsonl")
+    config = _config(tmp_path, folder)
+    prepared, _ = prepare(config, tokenizer)
+    assert prepared.records == 60 and prepared.train_rows + prepared.eval_rows == 60
+    base = _key(config, tokenizer)
+    write_jsonl(generate(5, seed=5), folder / "part-2.jsonl")  # a shard added: other data
+    assert _key(config, tokenizer) != base
 
 
 def test_a_rerun_under_a_new_name_tokenizes_nothing_and_each_run_names_its_dataset(tmp_path, records, tokenizer):

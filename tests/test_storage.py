@@ -109,15 +109,15 @@ def test_bad_storage_fails_before_ray_starts_naming_the_key_and_the_cause(s3_end
 
 
 def test_data_and_model_uris_are_checked_on_the_driver_and_fetched_once(s3_storage, tiny_model_dir):
-    from raytune_it.data.pipeline import resolve_data_path
+    from raytune_it.data.pipeline import resolve_data_paths
     from raytune_it.models.loading import resolve_model_path
 
     records = open_location(s3_storage) / "data" / "alpaca.jsonl"
     records.write_text('{"instruction": "Say hi.", "input": "", "output": "hi"}\n')
     config = load_config("tiny-lora", [f"data.path={records.uri}"])
-    local_copy = resolve_data_path(config.data)
+    [local_copy] = resolve_data_paths(config.data)
     assert local_copy.name == "alpaca.jsonl" and local_copy.read_text().startswith('{"instruction"')
-    assert resolve_data_path(config.data) == local_copy
+    assert resolve_data_paths(config.data) == [local_copy]
     with pytest.raises(ConfigError, match=r"data.path: s3://.*/nothing.jsonl.* does not exist in storage"):
         load_config("tiny-lora", [f"data.path={(open_location(s3_storage) / 'nothing.jsonl').uri}"])
 

@@ -66,33 +66,57 @@ def check_stored_model(uri: str, key: str, *, adapter_ok: bool = False) -> None:
         raise ConfigError(f"{key}: {redact_uri(uri)} is not {wanted}; it holds {', '.join(sorted(files)[:8])}")
 
 
-DATA_SUFFIXES = (".json", ".jsonl", ".ndjson", ".parquet", ".pq")
+#: A data file's type by its suffix: the one home of this rule (``data.records.file_type_by_name`` reads it). A
+#: folder's shards must all have one type; a ``.json`` file's content decides whether it is an array or lines.
+SUFFIX_TYPES = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
 
 
-def check_data_path(name: str, key: str = "data.path") -> None:
+def data_files(name: str, key: str = "data.path") -> list[str]:
+    """The files a data path names, in the order their records are read: the file itself, or every data
+    file directly in a folder (local or a storage prefix), sorted by name, as Ray Data and Hugging Face
+    datasets read a folder of shards. The one rule for what a data path holds: the config checks, the
+    readers, the dataset fingerprint and the Ray Data chunks all use it."""
     if name in BUILTIN_DATA:
-        return
+        return [name]
     if name.startswith("builtin:"):
         raise ConfigError(f"{key}: unknown built-in dataset {name!r}; built-ins: {', '.join(BUILTIN_DATA)}")
     if is_uri(name):
         from raytune_it.storage import open_location, redact_uri
 
         try:
-            found = open_location(name, key).is_file()
+            location = open_location(name, key)
+            if location.is_file():
+                return [name]
+            names = location.listdir()
         except OSError as exc:
             raise ConfigError(f"{key}: cannot read {redact_uri(name)}: {storage_cause(exc)}") from None
-        if not found:
-            raise ConfigError(f"{key}: {redact_uri(name)} does not exist in storage. Pass a {RECORDS_FILE}, "
-                              f"or {BUILTIN_DATA[0]}")
-        return
+        if not names:
+            raise ConfigError(f"{key}: {redact_uri(name)} does not exist in storage. Pass a {RECORDS_FILE}, a "
+                              f"folder of them, or {BUILTIN_DATA[0]}")
+        return [(location / shard).uri for shard in _shards(names, redact_uri(name), key)]
     path = Path(os.path.expanduser(name))
     if path.is_dir():
-        files = sorted(p.name for p in path.iterdir() if p.suffix.lower() in DATA_SUFFIXES)
-        inside = f" (it holds {', '.join(files[:5])}{', ...' if len(files) > 5 else ''})" if files else ""
-        raise ConfigError(f"{key}: {name!r} is a directory{inside}; pass one {RECORDS_FILE}, such as "
-                          f"data.path={path / (files[0] if files else 'train.jsonl')}")
+        return [str(path / shard) for shard in _shards([p.name for p in path.iterdir() if p.is_file()], name, key)]
     if not path.is_file():
-        raise ConfigError(f"{key}: {name!r} does not exist. Pass a {RECORDS_FILE}, or {BUILTIN_DATA[0]}")
+        raise ConfigError(f"{key}: {name!r} does not exist. Pass a {RECORDS_FILE}, a folder of them, or "
+                          f"{BUILTIN_DATA[0]}")
+    return [name]
+
+
+def _shards(names: list[str], folder: str, key: str) -> list[str]:
+    shards = sorted(n for n in names if Path(n).suffix.lower() in SUFFIX_TYPES and not n.startswith((".", "_")))
+    if not shards:
+        raise ConfigError(f"{key}: the folder {folder} holds no {', '.join(sorted(SUFFIX_TYPES))} file; pass a "
+                          f"{RECORDS_FILE} or a folder of them")
+    types = {SUFFIX_TYPES[Path(n).suffix.lower()] for n in shards}
+    if len(types) > 1:
+        raise ConfigError(f"{key}: the folder {folder} mixes file types ({', '.join(sorted(types))}); its shards "
+                          "must be all JSON Lines, all JSON or all Parquet")
+    return shards
+
+
+def check_data_path(name: str, key: str = "data.path") -> None:
+    data_files(name, key)
 
 
 def check_paths(config: JobConfig) -> None:

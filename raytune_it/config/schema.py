@@ -103,8 +103,9 @@ class ModelSection(Section):
 class DataSection(Section):
     path: str = Field(
         "builtin:tasks",
-        description="Records in data.format: a .json (array), .jsonl or .parquet file (a local path or storage "
-        "URI, read by the driver), or 'builtin:tasks' for the project's generated instruction data (Alpaca).",
+        description="Records in data.format: a .json (array), .jsonl or .parquet file, or a folder of such shards "
+        "(one type, read in name order as one dataset), as a local path or storage URI; or 'builtin:tasks' for the "
+        "project's generated instruction data (Alpaca).",
     )
 
     format: Literal["alpaca", "messages", "sharegpt", "prompt"] = Field(

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
 from raytune_it.config.schema import DataSection
-from raytune_it.data.records import ReadReport, iter_records
+from raytune_it.data.records import ReadReport, files_name, iter_records
 from raytune_it.data.synthetic import generate, write_jsonl
 from raytune_it.data.tokenize import TokenizeStats, pack_examples, tokenize_records
 from raytune_it.errors import DataError
@@ -24,29 +24,39 @@ BUILTIN_VERSION = 1
 BATCH = 512
 
 
-def resolve_data_path(data: DataSection, path: str | None = None) -> Path:
-    """A file path for the configured data (or for ``path``, its eval file); built-in sets are generated into
-    the cache once."""
-    if path is not None and path != data.path:
-        return fetch_file(open_location(path, "data.eval_path"), "data.eval_path") if is_uri(path) \
-            else Path(path).expanduser()
-    if data.path == "builtin:tasks":
-        from filelock import FileLock
+def resolve_data_paths(data: DataSection, path: str | None = None) -> list[Path]:
+    """Local files for the configured data (or for ``path``, its eval file): the file, or a folder's shards
+    (``config.paths.data_files``); a storage file is copied into this node's cache, and built-in sets are
+    generated into the cache once."""
+    from raytune_it.config.paths import data_files
 
-        from raytune_it.cache import cache_dir
+    key = "data.eval_path" if path is not None and path != data.path else "data.path"
+    source = data.path if path is None else path
+    if source == "builtin:tasks":
+        return [_builtin_file(data)]
+    return [fetch_file(open_location(file, key), key) if is_uri(file) else Path(file).expanduser()
+            for file in data_files(source, key)]
 
-        families = data.builtin_families
-        tag = "" if families is None else "-" + hashlib.blake2b(",".join(sorted(families)).encode(),
-                                                                  digest_size=6).hexdigest()
-        target = cache_dir() / "data" / f"tasks-v{BUILTIN_VERSION}-n{data.builtin_records}-seed0{tag}.jsonl"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(target) + ".lock"):
-            if not target.exists():
-                write_jsonl(generate(data.builtin_records, seed=0, families=families), target)
-        return target
-    if is_uri(data.path):  # read on the driver only: a copy in its cache
-        return fetch_file(open_location(data.path, "data.path"), "data.path")
-    return Path(data.path).expanduser()
+
+def data_name(data: DataSection, path: str | None = None) -> str:
+    """How messages name the data: the file, or the folder and its shards."""
+    return files_name(resolve_data_paths(data, path))
+
+
+def _builtin_file(data: DataSection) -> Path:
+    from filelock import FileLock
+
+    from raytune_it.cache import cache_dir
+
+    families = data.builtin_families
+    tag = "" if families is None else "-" + hashlib.blake2b(",".join(sorted(families)).encode(),
+                                                              digest_size=6).hexdigest()
+    target = cache_dir() / "data" / f"tasks-v{BUILTIN_VERSION}-n{data.builtin_records}-seed0{tag}.jsonl"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if not target.exists():
+            write_jsonl(generate(data.builtin_records, seed=0, families=families), target)
+    return target
 
 
 def split_of(record: dict[str, Any], eval_fraction: float, seed: int) -> Split:
@@ -77,7 +87,7 @@ def iter_split_records(
     """Validated records of one split (or all with ``split=None``); ``on_record`` sees every record read.
     With ``data.eval_path`` the split is the file a record comes from; otherwise a hash of its content."""
     def read(path: str | None) -> Iterator[dict]:
-        return iter_records(resolve_data_path(data, path), data.file_type, skip_bad_records=data.skip_bad_records,
+        return iter_records(resolve_data_paths(data, path), data.file_type, skip_bad_records=data.skip_bad_records,
                             report=report, limit=data.max_records, record_format=data.format)
 
     if data.eval_path is not None:
@@ -121,7 +131,7 @@ def iter_examples(
             try:
                 examples = tokenize_records(batch, tokenizer, max_seq_len, stats, chat_template=template)
             except ValueError as exc:  # the run's template cannot render the file's conversations
-                raise DataError(f"{resolve_data_path(data)}: {exc}") from None
+                raise DataError(f"{data_name(data)}: {exc}") from None
             yield from examples
 
     yield from pack_examples(tokenized(), max_seq_len) if data.packing else tokenized()
@@ -164,7 +174,7 @@ def dataset_stats(
     examples = iter_examples(data, tokenizer, max_seq_len, None, seed, report=report, stats=stats, on_record=count)
     sequences = sum(1 for _ in examples)
     return DatasetStats(
-        path=str(resolve_data_path(data)), records=report.records, bad_records_skipped=report.bad_records,
+        path=data_name(data), records=report.records, bad_records_skipped=report.bad_records,
         train_records=split_counts["train"], eval_records=split_counts["eval"], tokens=stats.tokens,
         trained_tokens=stats.trained_tokens, mean_length=round(stats.mean_length, 2), max_length=stats.max_length,
         truncated=stats.truncated, dropped_no_response=stats.dropped_no_response, sequences=sequences,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal
+from typing import Any, Iterable, Iterator, Literal, Sequence
 
 from raytune_it.errors import DataError
 
@@ -38,8 +38,10 @@ class ReadReport:
 
 def file_type_by_name(name: str) -> FileType | None:
     """The file type a name's suffix decides, or None for ``.json`` and others (the content decides)."""
-    suffix = Path(name).suffix.lower()
-    return "jsonl" if suffix in {".jsonl", ".ndjson"} else "parquet" if suffix in {".parquet", ".pq"} else None
+    from raytune_it.config.paths import SUFFIX_TYPES
+
+    kind = SUFFIX_TYPES.get(Path(name).suffix.lower())
+    return "jsonl" if kind == "jsonl" else "parquet" if kind == "parquet" else None
 
 
 def detect_file_type(path: Path) -> FileType:
@@ -206,7 +208,7 @@ def detect_record_format(path: Path, file_type: FileType) -> str:
 
 
 def iter_records(
-    path: str | Path,
+    paths: str | Path | Sequence[str | Path],
     file_type: Literal["auto", "json", "jsonl", "parquet"] = "auto",
     *,
     skip_bad_records: bool = False,
@@ -216,18 +218,29 @@ def iter_records(
     answers_required: bool = True,
     required_field: str | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Yield validated records; raise DataError on the first bad one unless skipping. ``required_field``
-    (eval's family field) must be a non-empty string or number in every record."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    kind: FileType = detect_file_type(path) if file_type == "auto" else file_type
-    reader = {"json": _json_array, "jsonl": _jsonl, "parquet": _parquet}[kind]
+    """Yield validated records of a file, or of a folder's shards one after another (``config.paths.
+    data_files``); raise DataError on the first bad one unless skipping. ``required_field`` (eval's family
+    field) must be a non-empty string or number in every record. ``limit`` counts over all the files."""
+    files = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(path) for path in paths]
     report = report if report is not None else ReadReport()
-    yield from checked_records(reader(path), validator(record_format, answers_required),
-                               skip_bad_records=skip_bad_records, report=report, limit=limit,
-                               required_field=required_field)
-    check_some_read(str(path), report, answers_required)
+    check = validator(record_format, answers_required)
+    for path in files:
+        if not path.is_file():
+            raise DataError(f"{path}: no such file")
+        kind: FileType = detect_file_type(path) if file_type == "auto" else file_type
+        reader = {"json": _json_array, "jsonl": _jsonl, "parquet": _parquet}[kind]
+        yield from checked_records(reader(path), check, skip_bad_records=skip_bad_records, report=report,
+                                   limit=limit, required_field=required_field)
+        if limit is not None and report.records >= limit:
+            break
+    check_some_read(files_name(files), report, answers_required)
+
+
+def files_name(files: Sequence[Path]) -> str:
+    """How a message names what was read: the file, or a folder's shards."""
+    if len(files) == 1:
+        return str(files[0])
+    return f"{files[0].parent} ({len(files)} files, {files[0].name} to {files[-1].name})"
 
 
 def checked_records(raw_records: Iterable[tuple[str, Any]], check: Any, *, skip_bad_records: bool,

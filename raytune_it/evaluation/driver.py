@@ -61,7 +61,7 @@ def _adapter_config(config: JobConfig, name: str, data: dict[str, Any]) -> JobCo
 
 
 def builtin_plan(config: JobConfig, exclude: set) -> EvalPlan:
-    from raytune_it.data.pipeline import resolve_data_path
+    from raytune_it.data.pipeline import resolve_data_paths
 
     seen, unseen = seen_families(config), list(config.eval.held_out_families)
     domain = config.eval.domain_families or families_of_domain(config.eval.domain)
@@ -69,19 +69,19 @@ def builtin_plan(config: JobConfig, exclude: set) -> EvalPlan:
     adapter_data = {"general": {"path": BUILTIN_DATA, "builtin_families": seen},
                     config.eval.domain: {"path": BUILTIN_DATA, "builtin_families": domain_families}}
     # The general adapter's generated training records hold every seen family's first examples.
-    exclude = exclude | training_keys(resolve_data_path(_adapter_config(config, "general",
-                                                                        adapter_data["general"]).data))
+    exclude = exclude | training_keys(resolve_data_paths(_adapter_config(config, "general",
+                                                                         adapter_data["general"]).data))
     sets = held_out_examples(seen + unseen, config.eval.examples_per_family, exclude)
     return EvalPlan(seen, unseen, domain_families, sets, adapter_data)
 
 
 def user_plan(config: JobConfig, exclude: set, folder: Location) -> EvalPlan:
     """Eval examples and the adapters' training files from the user's records (written to ``folder``)."""
-    from raytune_it.data.pipeline import resolve_data_path
+    from raytune_it.data.pipeline import resolve_data_paths
     from raytune_it.data.records import ReadReport, iter_records
 
     section = config.eval
-    path = resolve_data_path(section.data)  # type: ignore[arg-type]  # path, file_type: as a DataSection's
+    path = resolve_data_paths(section.data)  # type: ignore[arg-type]  # path, file_type: as a DataSection's
     records = iter_records(path, section.data.file_type, skip_bad_records=section.data.skip_bad_records,
                            report=ReadReport(), record_format=section.data.format, required_field=section.family_field)
     sets, pool = user_sets(records, section.family_field, section.examples_per_family, exclude)
@@ -99,7 +99,11 @@ def user_plan(config: JobConfig, exclude: set, folder: Location) -> EvalPlan:
     adapter_data = {}
     for name, families in (("general", seen), (section.domain, domain_families)):
         target = folder / f"train-{name}.jsonl"
-        target.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for f in families for r in pool[f]))
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for f in families for r in pool[f])
+        # Rewritten only when it changes: the same file (its time kept) is the same prepared dataset, so an eval
+        # run again reuses its adapters' tokenized data and their runs, instead of refusing changed data.
+        if not target.is_file() or target.read_text() != text:
+            target.write_text(text)
         adapter_data[name] = {"path": target.uri, "format": fmt, "file_type": "jsonl", "builtin_families": None}
     return EvalPlan(seen, unseen, domain_families, sets, adapter_data)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from raytune_it.data.synthetic import FAMILIES, generate
 
@@ -31,13 +31,15 @@ def record_key(record: dict) -> tuple[str, str]:
 
 
 
-def training_keys(path: Path | None, record_format: str = "alpaca") -> set[tuple[str, str]]:
-    """The question of every training record of a file, in any file type and format the pipeline reads."""
+def training_keys(paths: Sequence[Path], record_format: str = "alpaca") -> set[tuple[str, str]]:
+    """The question of every training record of a file or a folder's shards, in any file type and format the
+    pipeline reads; the files that are gone are left out."""
     from raytune_it.data.records import iter_records
 
-    if path is None or not Path(path).is_file() or record_format == "prompt":
+    present = [path for path in paths if Path(path).is_file()]
+    if not present or record_format == "prompt":
         return set()
-    return {record_key(record) for record in iter_records(path, skip_bad_records=True,
+    return {record_key(record) for record in iter_records(present, skip_bad_records=True,
                                                           record_format=record_format)}
 
 
@@ -46,7 +48,7 @@ def model_training_keys(model: str) -> set[tuple[str, str]] | None:
     export's folder (a sweep's ``best/``) or the one above it (a run's ``export/``). None for a model
     from elsewhere, such as the base."""
     from raytune_it.config.loading import load_run_config
-    from raytune_it.data.pipeline import resolve_data_path
+    from raytune_it.data.pipeline import resolve_data_paths
     from raytune_it.errors import UserError
     from raytune_it.storage import as_location
 
@@ -57,7 +59,11 @@ def model_training_keys(model: str) -> set[tuple[str, str]] | None:
     for folder in (location, location.parent):
         if (folder / "config.yaml").is_file():
             data = load_run_config(folder / "config.yaml").data
-            return training_keys(resolve_data_path(data), data.format)
+            try:
+                files = resolve_data_paths(data)
+            except UserError:  # the run's data is gone (ConfigError and DataError are UserErrors)
+                return set()
+            return training_keys(files, data.format)
     return None
 
 

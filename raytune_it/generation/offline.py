@@ -50,12 +50,12 @@ def written_blocks(folder: Location, model: str, output_format: str) -> set[int]
 
 
 def input_blocks(config: JobConfig) -> Iterator[tuple[int, list[dict]]]:
-    """(block number, records with their ``id``) in file order; a record's own ``id`` field is kept, else
-    its position in the file."""
-    from raytune_it.data.pipeline import resolve_data_path
+    """(block number, records with their ``id``) in file order (a folder's shards one after another); a
+    record's own ``id`` field is kept, else its position in the data."""
+    from raytune_it.data.pipeline import resolve_data_paths
     from raytune_it.data.records import iter_records
 
-    records = iter_records(resolve_data_path(config.data), config.data.file_type,
+    records = iter_records(resolve_data_paths(config.data), config.data.file_type,
                            skip_bad_records=config.data.skip_bad_records, limit=config.data.max_records,
                            record_format=config.data.format, answers_required=False)
     position = 0

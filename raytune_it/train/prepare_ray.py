@@ -57,21 +57,26 @@ def _source_kind(data: Any, source: str, location: Location) -> FileType:
 
 
 def sources(config: JobConfig) -> list[tuple[str, str | None]]:
-    """Each data file and the split all its records go to (None: by content hash)."""
+    """Each data file (a folder's shards in order) and the split all its records go to (None: by content
+    hash)."""
+    from raytune_it.config.paths import data_files
+
     data = config.data
     if data.eval_path is None:
-        return [(data.path, None)]
-    return [(data.path, "train"), (data.eval_path, "eval")]
+        return [(file, None) for file in data_files(data.path)]
+    return [(file, split) for path, key, split in ((data.path, "data.path", "train"),
+                                                   (data.eval_path, "data.eval_path", "eval"))
+            for file in data_files(path, key)]
 
 
 def _open(config: JobConfig, source: str) -> tuple[Location, str]:
     """Where a process reads ``source`` and the name its records are reported under: a URI from storage
     directly, a local file (or the generated built-in set) by the path the driver path names."""
-    from raytune_it.data.pipeline import resolve_data_path
+    from raytune_it.data.pipeline import resolve_data_paths
 
     if is_uri(source):
         return open_location(source, "data.path"), source
-    resolved = resolve_data_path(config.data, source)
+    [resolved] = resolve_data_paths(config.data) if source == "builtin:tasks" else [Path(source).expanduser()]
     return local(resolved), str(resolved)
 
 
@@ -195,8 +200,9 @@ def prepare_on_ray_data(config: JobConfig, tokenizer: Any, folder: Location, tok
     import ray
 
     from raytune_it.cluster import ray_session
+    from raytune_it.config.paths import data_files
     from raytune_it.data.prompt_format import PromptFormat
-    from raytune_it.data.records import KEEP_REASONS
+    from raytune_it.data.records import KEEP_REASONS, files_name
 
     chunks = plan(config, **(chunk_sizes or {}))
     template = PromptFormat.for_run(tokenizer, config.data).chat_template
@@ -229,14 +235,16 @@ def prepare_on_ray_data(config: JobConfig, tokenizer: Any, folder: Location, tok
                 (folder / shard_name(token, split, int(row["index"]))).delete()
         raise DataError(failed["error"])
     reports: dict[str, ReadReport] = {}
-    for source, _ in sources(config):
-        report = reports[source] = ReadReport()
-        for row in (r for r in results if r["source"] == source):
+    configured = [config.data.path] + ([config.data.eval_path] if config.data.eval_path else [])
+    for path in configured:  # one report per configured path: a folder's shards count together
+        inputs = set(data_files(path))
+        report = reports[path] = ReadReport()
+        for row in (r for r in results if r["source"] in inputs):
             report.records += int(row["records"])
             report.bad_records += int(row["bad_records"])
             report.reasons += json.loads(row["reasons"])
         report.reasons = report.reasons[:KEEP_REASONS]
-        check_some_read(_open(config, source)[1], report)
+        check_some_read(files_name([Path(_open(config, file)[1]) for file in data_files(path)]), report)
     files, outcome = {}, {}
     for split in SPLITS:
         shards = [shard_name(token, split, int(row["index"])) for row in results if int(row[f"{split}_rows"])]

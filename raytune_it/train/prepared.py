@@ -86,16 +86,24 @@ def prepared_root(config: JobConfig) -> Location:
     return open_location(config.run.storage) / PREPARED_DIR
 
 
-def _file_stamp(path: str, key: str) -> dict[str, Any]:
+def _file_stamp(path: str, key: str) -> dict[str, Any] | list[dict[str, Any]]:
     """What identifies a data file's content without reading it: its place, size and modification time (an
-    object store's LastModified), as ``make`` and Ray Data's own caches do."""
+    object store's LastModified), as ``make`` and Ray Data's own caches do; for a folder, each of its shards'
+    (one added, removed or changed is other data)."""
+    from raytune_it.config.paths import data_files
+
     if path == "builtin:tasks":
         return {"path": path}
-    location = open_location(path, key)
-    info = location.filesystem.get_file_info(location.path)
-    if not info.is_file:
-        return {"path": location.uri, "missing": True}  # reading it will say so, naming the key
-    return {"path": location.uri, "size": info.size, "mtime_ns": info.mtime_ns}
+    try:
+        files = data_files(path, key)
+    except ConfigError:
+        return {"path": path, "missing": True}  # reading it will say so, naming the key
+    stamps = []
+    for file in files:
+        location = open_location(file, key)
+        info = location.filesystem.get_file_info(location.path)
+        stamps.append({"path": location.uri, "size": info.size, "mtime_ns": info.mtime_ns})
+    return stamps[0] if len(files) == 1 and files[0] == path else stamps
 
 
 def _tokenizer_digest(tokenizer: Any) -> str:
