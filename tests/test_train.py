@@ -12,7 +12,7 @@ import pytest
 from helpers import SUMMARY_KEYS, generate_text, latest_checkpoint_step, raw_metrics
 from raytune_it.config import load_config
 from raytune_it.errors import ConfigError, UserError
-from raytune_it.storage import local
+from raytune_it.storage import local, open_location
 from raytune_it.train.driver import run_dir_of, train
 
 pytestmark = pytest.mark.integration
@@ -36,7 +36,8 @@ def test_bad_inputs_fail_before_any_worker(tmp_path):
 
 
 def _common(tmp_path, *extra, steps=24):
-    """A run of ``steps`` steps that evaluates and checkpoints three times."""
+    """A run of ``steps`` steps that evaluates and checkpoints three times (in tmp_path unless ``extra`` names
+    another run.storage)."""
     return [f"run.storage={tmp_path}", f"train.max_steps={steps}", f"train.eval_every_steps={steps // 3}", *extra]
 
 
@@ -69,27 +70,35 @@ def _check_run_folder(run_dir, summary, steps=24):
 RESUMABLE = ["train.lr_schedule=constant", "train.warmup_ratio=0"]
 
 
-def _resumed_takes_the_straight_runs_steps(method, tmp_path, straight_dir, settings, steps=24, resumed_settings=()):
-    """A run stopped at its first checkpoint (a third of ``steps``) and continued to ``steps`` takes exactly
-    the steps of the run that went straight there."""
+def _resumed_takes_the_straight_runs_steps(method, tmp_path, straight_dir, settings, steps=24, resumed_settings=(),
+                                           storage=None):
+    """A run stopped at its first checkpoint (a third of ``steps``) and continued to ``steps`` by running the
+    same name again (in ``storage``, tmp_path by default) takes exactly the steps of the run that went
+    straight there. Returns both histories and the continued run's summary."""
     stop = steps // 3
-    settings = [*settings, *resumed_settings]
-    train(load_config(method, _common(tmp_path, *settings, "run.name=resumed", steps=steps)
-                      + [f"train.max_steps={stop}"]))
-    train(load_config(method, _common(tmp_path, *settings, "run.name=resumed", steps=steps)))
-    resumed, straight = raw_metrics(tmp_path / "resumed"), raw_metrics(straight_dir)
+    storage = storage or str(tmp_path)
+    settings = [*settings, *resumed_settings, f"run.storage={storage}", "run.name=resumed"]
+    train(load_config(method, _common(tmp_path, *settings, steps=steps) + [f"train.max_steps={stop}"]))
+    summary = train(load_config(method, _common(tmp_path, *settings, steps=steps)))
+    resumed, straight = raw_metrics(open_location(storage) / "resumed"), raw_metrics(straight_dir)
     assert [m["step"] for m in resumed] == list(range(1, steps + 1)) and resumed[stop]["restarts"] == 1
+    assert summary.restarts == 1, "the re-run by name continued from the first's checkpoint"
     assert resumed[stop]["loss"] < resumed[0]["loss"], "the continued run starts where the first stopped"
-    return resumed, straight
+    return resumed, straight, summary
 
 
-def test_lora_int8_two_workers_and_a_resumed_run_replays_it_exactly(local_ray, tmp_path, tiny_model_dir):
+def test_lora_int8_two_workers_and_a_resumed_run_replays_it_exactly(local_ray, tmp_path, tiny_model_dir, s3_storage,
+                                                                   empty_cwd):
     """INT8 LoRA over two workers, with LoRA dropout and length grouping; then the same run stopped at step 8
     (its first checkpoint) and continued to 24 takes exactly its steps (same shard order, micro-batch order,
     data position, adapter, optimizer and dropout RNG). Length grouping is on, so its micro-batch order must
-    replay too (the killed-worker test covers the default). The resumed run streams its training split from
-    storage (data.streaming=always) where the first held it in the object store: a split of one row group is
-    one window, so streaming gives the in-memory path's steps, to the bit, across a restart."""
+    replay too (the killed-worker test covers the default).
+
+    The resumed run lives wholly in an s3:// bucket (moto): running its name again continues from the
+    bucket's checkpoint, its export reloads from the bucket, and nothing lands on the local disk. It also
+    streams its training split from the bucket (data.streaming=always) where the first run held it in the
+    object store: a split of one row group is one window, so streaming gives the in-memory path's steps,
+    to the bit, across a restart."""
     from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -112,11 +121,16 @@ def test_lora_int8_two_workers_and_a_resumed_run_replays_it_exactly(local_ray, t
     tuned = PeftModel.from_pretrained(base, export)
     assert generate_text(tuned, AutoTokenizer.from_pretrained(export))
 
-    resumed, straight = _resumed_takes_the_straight_runs_steps("tiny-lora", tmp_path, run_dir, settings,
-                                                               resumed_settings=["data.streaming=always"])
+    resumed, straight, continued = _resumed_takes_the_straight_runs_steps(
+        "tiny-lora", tmp_path, run_dir, settings, resumed_settings=["data.streaming=always"], storage=s3_storage)
     assert summary.train_split == "object store"
-    streamed = json.loads((tmp_path / "resumed" / "summary.json").read_text())["train_split"]
-    assert streamed.startswith("streamed from storage (1 row group,"), streamed
+    assert continued.train_split.startswith("streamed from storage (1 row group,"), continued.train_split
+    assert continued.export_dir == (open_location(s3_storage) / "resumed" / "export").uri
+    from raytune_it.storage import fetch_dir
+
+    exported = fetch_dir(open_location(continued.export_dir), "export")
+    assert generate_text(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), exported),
+                         AutoTokenizer.from_pretrained(exported))
     assert [m["loss"] for m in resumed] == [m["loss"] for m in straight]
     assert [m["eval_loss"] for m in resumed if "eval_loss" in m] == [
         m["eval_loss"] for m in straight if "eval_loss" in m]
@@ -125,7 +139,7 @@ def test_lora_int8_two_workers_and_a_resumed_run_replays_it_exactly(local_ray, t
     from raytune_it.train.driver import check_schedule_kept
 
     def cosine(steps):
-        return load_config("tiny-lora", [f"run.storage={tmp_path}", "run.name=resumed", f"train.max_steps={steps}",
+        return load_config("tiny-lora", [f"run.storage={s3_storage}", "run.name=resumed", f"train.max_steps={steps}",
                                          *settings, "train.lr_schedule=cosine"])
 
     check_schedule_kept(cosine(12), cosine(12), run_dir_of(cosine(12)))
@@ -163,7 +177,7 @@ def test_zero3_full_two_workers_and_a_resume_continues_it(local_ray, tmp_path, t
     assert sum(changed) > len(changed) // 2, "the consolidated export holds the trained weights"
     assert generate_text(tuned, AutoTokenizer.from_pretrained(export))
 
-    resumed, straight = _resumed_takes_the_straight_runs_steps("tiny-full", tmp_path, run_dir, settings, steps=12)
+    resumed, straight, _ = _resumed_takes_the_straight_runs_steps("tiny-full", tmp_path, run_dir, settings, steps=12)
     assert [m["loss"] for m in resumed] == pytest.approx([m["loss"] for m in straight], rel=1e-6)
 
 
@@ -243,40 +257,21 @@ def test_splits_reach_the_workers_through_the_object_store_row_for_row(local_ray
     assert split.table().to_pylist() == rows
 
 
-def test_lora_in_a_bucket_reloads_from_it_and_a_rerun_by_name_resumes_there(local_ray, s3_storage, empty_cwd,
-                                                                             tiny_model_dir):
-    """A 2-worker INT8 LoRA run whose whole folder is in s3:// storage: its export reloads from the bucket and
-    generates, and running the same name again continues from the bucket's checkpoint."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def test_a_chat_run_counts_every_real_token_when_the_pad_token_is_eos_and_exports_its_template(local_ray, tmp_path,
+                                                                                                tiny_model_dir):
+    """messages data with a named template, on two workers, with a LLaMA-style tokenizer that ships without a
+    pad token (raytune-it pads with EOS, as transformers' recipes do):
 
-    from raytune_it.storage import fetch_dir
-
-    # A constant schedule: the re-run trains longer, which a length-dependent schedule would refuse.
-    overrides = [f"run.storage={s3_storage}", "train.eval_every_steps=4", "lora.dropout=0",
-                 "train.lr_schedule=constant"]
-    first = train(load_config("tiny-lora", [*overrides, "train.max_steps=4"]))
-    run = run_dir_of(load_config("tiny-lora", overrides))
-    assert first.export_dir == (run / "export").uri and first.export_dir.startswith("s3://")
-    export = fetch_dir(run / "export", "export")
-    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), export)
-    assert generate_text(tuned, AutoTokenizer.from_pretrained(export))
-
-    second = train(load_config("tiny-lora", [*overrides, "train.max_steps=8"]))
-    history = raw_metrics(run)
-    assert [m["step"] for m in history] == list(range(1, 9)), "steps 5-8 follow the checkpoint at step 4"
-    assert [m["restarts"] for m in history] == [0] * 4 + [1] * 4 and second.restarts == 1
-    assert history[4]["loss"] < history[0]["loss"]
-
-
-def test_tokens_count_every_real_token_when_the_pad_token_is_eos(local_ray, tmp_path, tiny_model_dir):
-    """LLaMA tokenizers ship without a pad token, and raytune-it pads with EOS, as transformers' recipes do.
-    Tokens are counted from each row's length, so every EOS still counts: the run's total is exactly the
-    lengths of the rows its steps consumed, in the epoch's order."""
+    - it trains like any run, and the export's tokenizer (what serve loads) renders chat with the template
+      the run trained with;
+    - tokens are counted from each row's length, so every EOS still counts: the run's total is exactly the
+      lengths of the rows its steps consumed, in the epoch's order."""
     import shutil
 
     import pyarrow.parquet as pq
 
+    from raytune_it.data.chat import CHAT_TEMPLATES
+    from raytune_it.models.loading import load_tokenizer
     from raytune_it.train.data import epoch_rows
     from raytune_it.train.prepared import recorded_dataset
 
@@ -285,37 +280,24 @@ def test_tokens_count_every_real_token_when_the_pad_token_is_eos(local_ray, tmp_
     tokenizer_config = json.loads((model / "tokenizer_config.json").read_text())
     tokenizer_config.pop("pad_token", None)
     (model / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
-    config = load_config("tiny-lora", [f"run.storage={tmp_path}", f"model.name_or_path={model}",
-                                       "lora.quantization=none", "scaling.num_workers=2", "train.micro_batch_size=4",
-                                       "train.max_steps=3",
-                                       "train.eval_every_steps=3"])
-    summary = train(config)
-    run_dir = tmp_path / "tiny-lora"
-    [train_file] = recorded_dataset(config, local(run_dir)).files("train")
-    lengths = [len(ids) for ids in pq.read_table(train_file.path).column("input_ids").to_pylist()]
-    consumed = [int(i) for rank in range(2) for i in epoch_rows(len(lengths), config.train.seed, 0, rank, 2)[:3 * 4]]
-    assert summary.train_tokens == sum(lengths[i] for i in consumed)
-
-
-def test_a_chat_run_trains_on_conversations_and_its_export_carries_the_template(local_ray, tmp_path):
-    """messages data with a named template: trained like any run, and the export's tokenizer (what serve
-    loads) renders chat with the template the run trained with."""
-    from raytune_it.data.chat import CHAT_TEMPLATES
-    from raytune_it.models.loading import load_tokenizer
-
     turns = [{"role": "user", "content": "Convert 2 hours to minutes."},
              {"role": "assistant", "content": "2 hours is 120 minutes."}]
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps({"messages": [dict(turns[0], content=f"Convert {n} hours to minutes."),
                                                      dict(turns[1], content=f"{n} hours is {60 * n} minutes.")]})
                             + "\n" for n in range(1, 41)))
-    config = load_config("tiny-lora", [f"run.storage={tmp_path}", f"data.path={data}", "data.format=messages",
-                                       "data.template=chatml", "lora.quantization=none", "scaling.num_workers=1",
-                                       "train.micro_batch_size=4", "train.max_steps=4", "train.eval_every_steps=4"])
+    config = load_config("tiny-lora", [f"run.storage={tmp_path}", f"model.name_or_path={model}", f"data.path={data}",
+                                       "data.format=messages", "data.template=chatml", "lora.quantization=none",
+                                       "scaling.num_workers=2", "train.micro_batch_size=4", "train.max_steps=3",
+                                       "train.eval_every_steps=3"])
     summary = train(config)
-    assert summary.steps == 4 and summary.final_eval_loss is not None
-    exported = load_tokenizer(str(tmp_path / "tiny-lora" / "export"))
-    assert exported.chat_template == CHAT_TEMPLATES["chatml"]
+    assert summary.steps == 3 and summary.final_eval_loss is not None
+    run_dir = tmp_path / "tiny-lora"
+    assert load_tokenizer(str(run_dir / "export")).chat_template == CHAT_TEMPLATES["chatml"]
+    [train_file] = recorded_dataset(config, local(run_dir)).files("train")
+    lengths = [len(ids) for ids in pq.read_table(train_file.path).column("input_ids").to_pylist()]
+    consumed = [int(i) for rank in range(2) for i in epoch_rows(len(lengths), config.train.seed, 0, rank, 2)[:3 * 4]]
+    assert summary.train_tokens == sum(lengths[i] for i in consumed)
 
 
 def test_lora_on_an_nf4_base_trains_on_the_cpu_and_exports_a_peft_adapter(local_ray, tmp_path, tiny_model_dir):
