@@ -197,7 +197,7 @@ def test_the_three_effects_come_out_of_a_users_file_with_a_family_field(tmp_path
     assert all(len(outcome["eval_set"][f]) == 3 for f in ["math", "med_bmi", "med_dose", "caps"])
     # The domain adapter eval trained learned from the file's medicine records, none of them an eval example.
     eval_folder = tmp_path / "runs" / "dolly" / "eval"
-    trained = training_keys(eval_folder / "train-medicine.jsonl")
+    trained = training_keys([eval_folder / "train-medicine.jsonl"])
     scored = {record_key(r) for examples in outcome["eval_set"].values() for r in examples}
     assert trained and not trained & scored
     assert {json.loads(line)["category"] for line in (eval_folder / "train-medicine.jsonl").read_text().splitlines()} \
