@@ -211,9 +211,10 @@ class StopScanner:
             self._stream = DecodeStream(ids=list(prompt_ids), skip_special_tokens=True)
             self._decoded = 0  # generated tokens whose text the stream has given
         else:
-            # The slow path's window over the prompt's last tokens and the answer: [prefix, read) is decoded.
-            self._window = list(prompt_ids[-self.PROMPT_CONTEXT:])
-            self._prefix, self._read = 0, len(self._window)
+            # The slow path reads a window of (the prompt's last tokens + the answer): [prefix, read) of that
+            # sequence is what it decoded last.
+            self._context = list(prompt_ids[-self.PROMPT_CONTEXT:])
+            self._prefix, self._read = 0, len(self._context)
 
     def push(self, token: int) -> None:
         """One more generated token (ignored once a stop string has ended the answer)."""
@@ -226,7 +227,6 @@ class StopScanner:
                 self._decoded = len(self.tokens)
                 self._add(piece)
         else:
-            self._window.append(token)
             self._add(self._decode_window(final=False))
 
     def update(self, tokens: list[int]) -> str:
@@ -249,13 +249,19 @@ class StopScanner:
                 self._add(self._decode_window(final=True))
         return self._take(len(self.text))
 
+    def _span(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of the prompt's last tokens followed by the answer, without joining the two."""
+        context = len(self._context)
+        return self._context[start:end] + self.tokens[max(start - context, 0):max(end - context, 0)]
+
     def _decode_window(self, final: bool) -> str:
-        before = self.tokenizer.decode(self._window[self._prefix:self._read], skip_special_tokens=True)
-        after = self.tokenizer.decode(self._window[self._prefix:], skip_special_tokens=True)
+        end = len(self._context) + len(self.tokens)
+        before = self.tokenizer.decode(self._span(self._prefix, self._read), skip_special_tokens=True)
+        after = self.tokenizer.decode(self._span(self._prefix, end), skip_special_tokens=True)
         # A trailing replacement character is a UTF-8 sequence still incomplete: wait for its next byte.
         if len(after) < len(before) or (after.endswith("\ufffd") and not final):
             return ""
-        self._prefix, self._read = self._read, len(self._window)
+        self._prefix, self._read = self._read, end
         return after[len(before):]
 
     def _add(self, new: str) -> None:
