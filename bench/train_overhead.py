@@ -54,7 +54,7 @@ def setup(args, cpus):
     overrides = [f"train.max_steps={args.steps}", f"train.micro_batch_size={args.micro_batch_size}",
                  "scaling.num_workers=1", f"scaling.cpus_per_worker={cpus}", "data.eval_fraction=0.02",
                  f"train.eval_every_steps={args.steps}", f"lora.quantization={'int8' if args.int8 else 'none'}",
-                 "deepspeed.gradient_checkpointing=false", "train.warmup_ratio=0",
+                 "deepspeed.gradient_checkpointing=false", "lora.gradient_checkpointing=false", "train.warmup_ratio=0",
                  f"scaling.use_gpu={str(args.device == 'cuda').lower()}",
                  f"train.loss_implementation={args.loss}"]
     if args.model:
@@ -70,16 +70,28 @@ def device_of(config):
 
 
 def batches(config, tokenizer, count):
-    from raytune_it.data.pipeline import iter_examples
-    from raytune_it.data.tokenize import collate
+    """The micro-batches raytune-it's one worker trains on, in its order (the prepared split in the first
+    epoch's seeded order, collated as its loop collates them), so every variant pads the same rows."""
+    import tempfile
 
-    examples = iter_examples(config.data, tokenizer, config.train.max_seq_len, "train", config.train.seed)
-    mb = config.train.micro_batch_size
-    out = []
-    while len(out) < count:
-        chunk = list(islice(examples, mb))
-        out.append(collate(chunk, tokenizer.pad_token_id))
-    return out
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raytune_it.config.loading import with_overrides
+    from raytune_it.train.data import epoch_rows, micro_batch_rows, micro_batches, row_lengths
+    from raytune_it.train.prepared import prepare
+
+    config = with_overrides(config, {"data.prepared_root": tempfile.mkdtemp(prefix="raytune-it-bench-data-")})
+    prepared, _ = prepare(config, tokenizer)
+    tables = []
+    for file in prepared.files("train"):
+        with file.open_input_file() as handle:
+            tables.append(pq.read_table(handle))
+    table = pa.concat_tables(tables)
+    order = epoch_rows(table.num_rows, config.train.seed, 0, 0, 1)
+    rows = micro_batch_rows(order, row_lengths(table), config.train.micro_batch_size, drop_last=True,
+                            group_by_length=False)
+    return list(islice(micro_batches(table, rows, tokenizer.pad_token_id), count))
 
 
 def peft_model(config):
