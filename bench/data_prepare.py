@@ -9,12 +9,19 @@ pipeline on a local Ray of that many CPUs, one actor per CPU) and times ``prepar
 root: reading, checking, templating, tokenizing, masking, the content-hash split and the Parquet shards. The
 Ray path's time includes its actors' start (the tokenizer loaded once per actor), not Ray's own start.
 The records are the built-in generated tasks (``--real`` adds a line for a real Alpaca-format file).
+
+The driver path is one process but not one core: the fast tokenizer encodes each batch of records on Rust
+threads across the machine's cores, while the actors run one thread each (one CPU per actor). So the bench
+also times the driver path with ``TOKENIZERS_PARALLELISM=false`` (``single-1thread``): the ratio of the two
+is how many cores' worth the driver path already used, and bounds what the pipeline can gain on this many
+cores.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -43,10 +50,11 @@ def one(path: str, mode: str, cpus: int, root: str) -> None:
                       "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
-def measure(path: Path, mode: str, cpus: int, scratch: Path) -> dict:
+def measure(path: Path, mode: str, cpus: int, scratch: Path, tokenizer_threads: bool = True) -> dict:
     root = tempfile.mkdtemp(dir=scratch)
+    env = dict(os.environ) if tokenizer_threads else dict(os.environ, TOKENIZERS_PARALLELISM="false")
     out = subprocess.run([sys.executable, __file__, "--one", str(path), mode, str(cpus), root],
-                         capture_output=True, text=True, check=True).stdout
+                         capture_output=True, text=True, check=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -69,6 +77,7 @@ def main() -> None:
         big = write_jsonl(generate(args.records, seed=0), scratch / "big.jsonl")
         small = write_jsonl(generate(args.small, seed=0), scratch / "small.jsonl")
         runs = {"single": measure(big, "driver", 1, scratch),
+                "single-1thread": measure(big, "driver", 1, scratch, tokenizer_threads=False),
                 "ray-data-1cpu": measure(big, "ray_data", 1, scratch),
                 "ray-data-2cpu": measure(big, "ray_data", 2, scratch)}
         small_driver = measure(small, "driver", 1, scratch)
@@ -83,6 +92,10 @@ def main() -> None:
         print(f"driver peak RSS {args.records:,} / {args.small:,} records: "
               f"{runs['single']['rss_mib'] / small_driver['rss_mib']:.2f}x "
               f"({runs['single']['rss_mib']:.0f} / {small_driver['rss_mib']:.0f} MiB)")
+        print(f"single/single-1thread: {runs['single-1thread']['seconds'] / single:.2f}x "
+              "(the cores' worth the driver path's tokenizer threads already use)")
+        one_thread = runs["single-1thread"]["seconds"]
+        print(f"ray-data-2cpu/single-1thread: {one_thread / runs['ray-data-2cpu']['seconds']:.2f}x")
         print(f"ray-data-1cpu/single: {single / runs['ray-data-1cpu']['seconds']:.2f}x")
         print(f"ray-data-2cpu/single: {single / runs['ray-data-2cpu']['seconds']:.2f}x")
 
