@@ -1,8 +1,12 @@
-"""A LLaMA-family model's shape, from its ``config.json``: the one derivation of its linear modules' sizes.
+"""What a model is made of, read without its weights: the one home of that knowledge.
 
-The planner counts parameters and LoRA's trainable ones from it, and serving checks an adapter's
-matrices against it, so both honour ``head_dim`` (a model whose heads are not hidden/heads wide, as
-some of today's are) and grouped-query attention the same way.
+- ``ModelShape``: a LLaMA-family model's shape, from its ``config.json``, the one derivation of its linear
+  modules' sizes. The planner counts parameters and LoRA's trainable ones from it, and serving checks an
+  adapter's matrices against it, so both honour ``head_dim`` (a model whose heads are not hidden/heads
+  wide, as some of today's are) and grouped-query attention the same way. It needs no transformers, so the
+  planner runs on a preset's numbers alone.
+- ``meta_model``: any architecture built on the meta device, for what only its code knows (its class and
+  module names); preflight checks ``lora.target_modules`` and the loss against it before Ray starts.
 """
 
 from __future__ import annotations
@@ -48,6 +52,19 @@ class ModelShape:
     @property
     def parameters(self) -> int:
         return self.layers * (self.linear_params_per_layer + 2 * self.hidden) + self.embedding_params + self.hidden
+
+
+def meta_model(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
+    """The model built on the meta device: its class and module names, with no weights read, even for 65B."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from raytune_it.models.loading import resolve_model_path
+
+    model_config = AutoConfig.from_pretrained(resolve_model_path(name_or_path, weights=False), revision=revision,
+                                              trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
 
 
 def shape_from_hf_dict(data: Mapping[str, Any], name: str) -> ModelShape:

@@ -6,20 +6,12 @@ from typing import Any
 
 from raytune_it.config.schema import ALL_LINEAR, JobConfig
 from raytune_it.errors import ConfigError
+from raytune_it.models import shape
 
 
 def meta_model(config: JobConfig) -> Any:
-    """The model built on the meta device: its class and module names, with no weights read, even for 65B."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from raytune_it.models.loading import resolve_model_path
-
-    model_config = AutoConfig.from_pretrained(resolve_model_path(config.model.name_or_path, weights=False),
-                                              revision=config.model.revision,
-                                              trust_remote_code=config.model.trust_remote_code)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.model.trust_remote_code)
+    model = config.model
+    return shape.meta_model(model.name_or_path, model.revision, model.trust_remote_code)
 
 
 def model_module_names(config: JobConfig, model: Any = None) -> set[str]:
