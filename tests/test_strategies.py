@@ -124,8 +124,9 @@ def test_the_planner_counts_every_projection_for_all_linear():
 @pytest.mark.parametrize("implementation", ["full", "chunked"])
 def test_the_chunked_loss_never_keeps_the_full_logits_for_the_backward(tiny_model_dir, implementation):
     """What autograd keeps for the backward pass: with the model's own loss, logits for every token of the
-    micro-batch ([tokens x vocab]); with the chunked loss, none: each chunk's logits are recomputed in the
-    backward pass, one chunk at a time. The loss and the gradients are the full loss's either way."""
+    micro-batch ([tokens x vocab]); with the chunked loss, none: each chunk's gradients are computed in its
+    forward (the fused way, as this plain head trains), so only the hidden states' and the head's gradients
+    are kept. The loss and the gradients, the head's included, are the full loss's either way."""
     from transformers import AutoModelForCausalLM
 
     from raytune_it.train.strategies.base import install_loss
@@ -159,7 +160,7 @@ def test_the_chunked_loss_never_keeps_the_full_logits_for_the_backward(tiny_mode
     if implementation == "full":
         assert largest >= tokens * vocab
     else:
-        assert largest == 0, f"logits of {largest // vocab} tokens kept: each chunk's should be recomputed"
+        assert largest == 0, f"logits of {largest // vocab} tokens kept for the backward pass"
 
 
 def test_a_loss_the_run_cannot_use_is_refused_before_ray_starts(tmp_path, tiny_model_dir):

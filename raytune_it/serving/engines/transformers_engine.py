@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import threading
 import time
@@ -34,6 +35,17 @@ from raytune_it.serving.engines.base import (
     StopScanner,
     StreamChunk,
 )
+
+
+@functools.cache
+def _kv_cache_name() -> str:
+    """The KV cache's name in a model's call and output: transformers 5.2x renamed ``past_key_values`` to
+    ``cache`` (and warns at the old name); the 5.19 that vLLM's CPU build needs has only the old one."""
+    import dataclasses
+
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
 
 
 class TransformersEngine:
@@ -247,6 +259,7 @@ class TransformersEngine:
         ids = self.prompts.ids(request)
         stop_ids, stop_strings = self.prompts.ending(request)
         scanner = StopScanner(self.tokenizer, stop_strings, ids)
+        cache_name = _kv_cache_name()
         with self._lock, torch.inference_mode(), self._select(request):
             generator = torch.Generator(device=self.device)
             generator.manual_seed(request.seed if request.seed is not None else int(time.time_ns() % 2**31))
@@ -259,8 +272,8 @@ class TransformersEngine:
                 if cancelled.is_set():
                     finish = "cancelled"
                     break
-                out = self.model(input_ids=inputs, past_key_values=past, use_cache=True)
-                past = out.past_key_values
+                out = self.model(input_ids=inputs, use_cache=True, **{cache_name: past})
+                past = getattr(out, cache_name)
                 token = self._next_token(out.logits[0, -1], request, generator)
                 if first_token_at is None:
                     first_token_at = time.perf_counter()
