@@ -163,6 +163,32 @@ def test_the_chunked_loss_never_keeps_the_full_logits_for_the_backward(tiny_mode
         assert largest == 0, f"logits of {largest // vocab} tokens kept for the backward pass"
 
 
+@pytest.mark.parametrize("head_trains", [True, False])
+def test_the_fused_chunked_loss_gives_the_full_logits_loss_and_gradients(head_trains):
+    """The fused way on its own (a head with a bias, chunks that do not divide the tokens, masked tokens, a
+    frozen or a training head): the summed cross-entropy of the full logits and its gradients, for the
+    states, the weight and the bias, to 1e-5."""
+    from torch.nn import functional
+
+    from raytune_it.train.loss import linear_cross_entropy
+
+    generator = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(24, 301, bias=True)
+    head.requires_grad_(head_trains)
+    states = torch.randn(2, 37, 24, generator=generator, requires_grad=True)
+    labels = torch.randint(0, 301, (2, 37), generator=generator)
+    labels[:, :9] = -100
+    loss = linear_cross_entropy(states, head, labels, num_items_in_batch=torch.tensor(50), chunks=5)
+    grads = torch.autograd.grad(loss, [states] + ([head.weight, head.bias] if head_trains else []))
+    targets = functional.pad(labels, (0, 1), value=-100)[..., 1:].reshape(-1)
+    expected = functional.cross_entropy(head(states).reshape(-1, 301).float(), targets, reduction="sum",
+                                        ignore_index=-100) / 50
+    want = torch.autograd.grad(expected, [states] + ([head.weight, head.bias] if head_trains else []))
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
+    for got, reference in zip(grads, want):
+        torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max()))
+
+
 def test_a_loss_the_run_cannot_use_is_refused_before_ray_starts(tmp_path, tiny_model_dir):
     """An explicit train.loss_implementation is checked against the model's class (read on the meta device)
     and the run's device and method, naming the key, before any worker loads the model."""

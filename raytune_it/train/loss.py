@@ -29,6 +29,7 @@ whatever wraps it (peft, DDP, DeepSpeed's engine), as Liger patches transformers
 
 from __future__ import annotations
 
+import functools
 import math
 import types
 from typing import Any
@@ -117,7 +118,7 @@ def linear_cross_entropy(hidden: Any, head: Any, labels: Any, num_items_in_batch
 
         total = LigerFusedLinearCrossEntropyLoss(reduction="sum")(head.weight, states, targets, head.bias)
     elif type(head) is torch.nn.Linear and not hasattr(head.weight, "ds_id"):  # ds_id: a ZeRO-3 partition
-        total = _FusedLinearCrossEntropy.apply(states, head.weight, head.bias, targets, chunks)
+        total = _fused_function().apply(states, head.weight, head.bias, targets, chunks)
     else:
         total = _recomputed_loss(states, head, targets, chunks)
     if num_items_in_batch is None:
@@ -141,7 +142,9 @@ def _recomputed_loss(states: Any, head: Any, targets: Any, chunks: int) -> Any:
                                                       torch.tensor_split(targets, chunks)))
 
 
+@functools.cache
 def _fused_function() -> Any:
+    """The autograd function, built once torch is wanted (this module imports it lazily)."""
     import torch
 
     class FusedLinearCrossEntropy(torch.autograd.Function):
@@ -203,18 +206,3 @@ def _chunk_bounds(rows: int, chunks: int) -> list[tuple[int, int]]:
             bounds.append((start, end))
         start = end
     return bounds
-
-
-class _Lazy:
-    """The autograd function, built on first use (torch is imported lazily)."""
-
-    function: Any = None
-
-    @classmethod
-    def apply(cls, *args: Any) -> Any:
-        if cls.function is None:
-            cls.function = _fused_function()
-        return cls.function.apply(*args)
-
-
-_FusedLinearCrossEntropy = _Lazy
