@@ -3,8 +3,9 @@ PyTorch + peft loop and transformers' Trainer, on the same model, data, batch
 and steps, measured in one run.
 
     python bench/train_overhead.py [--steps 200] [--warmup-steps 10] [--micro-batch-size 8]
-                                   [--cpus N [N ...]] [--int8 | --no-int8] [--repeats 3] [--account]
-                                   [--device cpu|cuda] [--model PATH] [--variants NAME ...]
+                                   [--cpus N [N ...]] [--quantization int8|nf4|none] [--recompute]
+                                   [--repeats 3] [--account] [--device cpu|cuda] [--model PATH]
+                                   [--variants NAME ...] [--peak-tflops T]
 
 It prints tokens/s for each and the ratios against the bare loop. Every variant
 times its step loop after the same ``--warmup-steps`` (data loading included;
@@ -28,12 +29,22 @@ host has cores to spare (on the CPU each Ray variant starts its own, so that the
 bare loop and Trainer run without Ray's processes beside them). ``--model``
 trains another model directory than the tiny LLaMA, and ``--variants`` picks
 variants by their short names.
+
+``--quantization`` picks the base's weights (INT8 by default, NF4 as QLoRA, or none: bf16 on a GPU) and
+``--recompute`` turns LoRA's activation recomputation on for every variant (off by default, so that the
+bare loop's own model compares like for like); every variant trains the peft model raytune-it's LoRA
+strategy builds (``lora_model``), so the loops around it are all that differ. On a GPU each variant run
+in this process (and raytune-it, from its per-step metrics) also reports its peak GPU memory, and the
+table shows the model FLOPs utilisation, MFU = 6 x parameters x tokens/s over the GPU's dense bf16 peak
+(known for H100, H200, A100 and A800, or ``--peak-tflops``), the convention that counts neither the
+recompute nor LoRA's frozen weights' skipped gradients.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -53,8 +64,9 @@ def setup(args, cpus):
 
     overrides = [f"train.max_steps={args.steps}", f"train.micro_batch_size={args.micro_batch_size}",
                  "scaling.num_workers=1", f"scaling.cpus_per_worker={cpus}", "data.eval_fraction=0.02",
-                 f"train.eval_every_steps={args.steps}", f"lora.quantization={'int8' if args.int8 else 'none'}",
-                 "deepspeed.gradient_checkpointing=false", "lora.gradient_checkpointing=false", "train.warmup_ratio=0",
+                 f"train.eval_every_steps={args.steps}", f"lora.quantization={args.quantization}",
+                 "deepspeed.gradient_checkpointing=false",
+                 f"lora.gradient_checkpointing={str(args.recompute).lower()}", "train.warmup_ratio=0",
                  f"scaling.use_gpu={str(args.device == 'cuda').lower()}",
                  f"train.loss_implementation={args.loss}"]
     if args.model:
@@ -95,20 +107,33 @@ def batches(config, tokenizer, count):
 
 
 def peft_model(config):
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-    from raytune_it.models.loading import load_causal_lm
+    """The peft model raytune-it's LoRA strategy trains (its precision, quantization and recomputation), on
+    the run's device."""
+    from raytune_it.train.strategies.lora import lora_model
 
     device = device_of(config)
-    # The precision raytune-it's LoRA strategy picks: bf16 on a GPU, fp32 activations over an INT8 base on a CPU.
-    int8 = config.lora.quantization == "int8"
-    precision = "float32" if int8 and device.type == "cpu" else "bfloat16"
-    base = load_causal_lm(config.model.name_or_path, precision=precision, int8=int8, device_map={"": device})
-    if int8:
-        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
-    return get_peft_model(base, LoraConfig(r=config.lora.rank, lora_alpha=config.lora.alpha,
-                                           lora_dropout=config.lora.dropout,
-                                           target_modules=config.lora.target_modules, task_type="CAUSAL_LM"))
+    model = lora_model(config, device)
+    return model if config.lora.quantization != "none" else model.to(device)  # bitsandbytes placed its own
+
+
+class PeakMemory:
+    """The GPU's peak allocated memory over a block (None on the CPU, where the allocator keeps no peak)."""
+
+    def __init__(self, device) -> None:
+        self.device, self.peak = device, None
+
+    def __enter__(self) -> "PeakMemory":
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated()
 
 
 class WarmClock:
@@ -134,14 +159,20 @@ class WarmClock:
 
 
 def bare_loop(config, tokenizer, steps, warmup):
+    data = batches(config, tokenizer, steps)
+    device = device_of(config)
+    with PeakMemory(device) as memory:
+        rate = _bare_steps(config, tokenizer, data, steps, warmup, device)
+    return rate, memory.peak
+
+
+def _bare_steps(config, tokenizer, data, steps, warmup, device):
     import torch
     from transformers import get_scheduler
 
     from raytune_it.train.strategies.base import adamw
 
-    data = batches(config, tokenizer, steps)
     model = peft_model(config)
-    device = device_of(config)
     params = [p for p in model.parameters() if p.requires_grad]
     # The same optimizer as raytune-it (torch's fused AdamW): the comparison is about the loop around it.
     optimizer = adamw(params, config.train.learning_rate, 0.0)
@@ -191,10 +222,12 @@ def hf_trainer(config, tokenizer, steps, warmup, folder):
         learning_rate=config.train.learning_rate, lr_scheduler_type="cosine", save_strategy="no",
         report_to=[], logging_steps=steps, use_cpu=not config.scaling.use_gpu, dataloader_num_workers=0,
         seed=config.train.seed, disable_tqdm=True, remove_unused_columns=False)
-    trainer = Trainer(model=peft_model(config), args=arguments, train_dataset=examples,
-                      data_collator=collate_counting, callbacks=[Clock()])
-    trainer.train()
-    return clock.rate(sum(batch_tokens[:steps]))
+    with PeakMemory(device_of(config)) as memory:
+        trainer = Trainer(model=peft_model(config), args=arguments, train_dataset=examples,
+                          data_collator=collate_counting, callbacks=[Clock()])
+        trainer.train()
+        rate = clock.rate(sum(batch_tokens[:steps]))
+    return rate, memory.peak
 
 
 def bare_loop_in_ray_worker(config, steps, warmup):
@@ -222,14 +255,15 @@ def bare_loop_in_ray_train_worker(config, steps, warmup, folder):
 
     def train_fn(_):
         # Train V2 keeps only checkpointed metrics in its Result: the rate comes back through a file.
-        rate_file.write_text(str(_bare_loop_task(config, steps, warmup)))
+        rate_file.write_text(json.dumps(_bare_loop_task(config, steps, warmup)))
 
     with ray_session(min_cpus=cpus):
         TorchTrainer(train_fn, scaling_config=ray.train.ScalingConfig(
             num_workers=1, use_gpu=config.scaling.use_gpu,
             resources_per_worker={"CPU": cpus, **({"GPU": 1} if config.scaling.use_gpu else {})}),
             run_config=ray.train.RunConfig(storage_path=str(folder))).fit()
-    return float(rate_file.read_text())
+    rate, peak = json.loads(rate_file.read_text())
+    return rate, peak
 
 
 def _bare_loop_task(config, steps, warmup):
@@ -248,7 +282,9 @@ def raytune_it_run(config, warmup, folder, group_by_length=False):
     # Its metrics hold every step's running totals: the rate after the warm-up steps, like the others.
     history = read_history(run_dir_of(config) / "metrics.jsonl")
     start, end = history[warmup - 1] if warmup else {"tokens": 0, "train_seconds": 0.0}, history[-1]
-    return (end["tokens"] - start["tokens"]) / (end["train_seconds"] - start["train_seconds"])
+    peaks = [step["peak_memory_bytes"] for step in history if step.get("peak_memory_bytes")]
+    return ((end["tokens"] - start["tokens"]) / (end["train_seconds"] - start["train_seconds"]),
+            max(peaks) if peaks and config.scaling.use_gpu else None)
 
 
 def account(variants: dict, cpus: int) -> dict[str, str]:
@@ -283,6 +319,7 @@ def measure(args, cpus: int) -> None:
     }
     variants = {VARIANTS[key]: run for key, run in runners.items() if key in args.variants}
     samples: dict[str, list[float]] = {name: [] for name in variants}
+    peaks: dict[str, list[int]] = {name: [] for name in variants}
     shared_ray = contextlib.nullcontext()
     if config.scaling.use_gpu and set(args.variants) & {"ray-task", "ray-train", "raytune-it", "grouped"}:
         from raytune_it.cluster import ray_session
@@ -293,29 +330,42 @@ def measure(args, cpus: int) -> None:
             # Interleaved rounds: a slow spell on this shared machine hits every variant, not one.
             for round_index in range(args.repeats):
                 for name, run in variants.items():
-                    samples[name].append(run(round_index))
+                    rate, peak = run(round_index)
+                    samples[name].append(rate)
+                    if peak:
+                        peaks[name].append(peak)
                     print(f"[{cpus} cores] round {round_index + 1}/{args.repeats} {name}: "
                           f"{samples[name][-1]:,.0f} tokens/s", flush=True)
             accounts = account(variants, cpus) if args.account else {}
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     results = {name: statistics.median(rates) for name, rates in samples.items()}
-    print_results(args, cpus, config, results, samples, accounts)
+    print_results(args, cpus, config, results, samples, accounts, {name: max(p) for name, p in peaks.items() if p})
 
 
-def print_results(args, cpus, config, results, samples, accounts) -> None:
+def print_results(args, cpus, config, results, samples, accounts, peaks) -> None:
     base = results.get(VARIANTS["bare"])
     spare = (os.cpu_count() or cpus) - cpus
     where = (f"one GPU ({_gpu_name()}), {cpus} CPU(s) for the worker" if config.scaling.use_gpu else
              f"one worker on {cpus} of {os.cpu_count()} cores ({spare} left to Ray's own processes)")
-    print(f"\nLoRA ({'INT8' if args.int8 else 'bf16'} base), {Path(config.model.name_or_path).name}, "
+    base_weights = {"int8": "INT8", "nf4": "NF4", "none": "bf16" if config.scaling.use_gpu else "fp32"}
+    print(f"\nLoRA ({base_weights[args.quantization]} base{', recomputed activations' if args.recompute else ''}), "
+          f"{Path(config.model.name_or_path).name}, "
           f"{args.steps} steps x {args.micro_batch_size} sequences (timed after {args.warmup_steps}), {where}, "
           f"median of {args.repeats} interleaved rounds")
-    print(f"{'':<30}{'tokens/s':>10}{'vs bare loop':>14}   all rounds")
+    peak_flops = _peak_flops(args) if config.scaling.use_gpu else None
+    parameters = _parameters(config.model.name_or_path)
+    print(f"{'':<30}{'tokens/s':>10}{'vs bare loop':>14}{'peak GiB':>10}{'MFU':>7}   all rounds")
     for name, rate in results.items():
         rounds = ", ".join(f"{r:,.0f}" for r in samples[name])
         ratio = f"{rate / base:>13.2f}x" if base else f"{'-':>14}"
-        print(f"{name:<30}{rate:>10,.0f}{ratio}   {rounds}")
+        peak = f"{peaks[name] / 2**30:>10.2f}" if name in peaks else f"{'-':>10}"
+        mfu = f"{6 * parameters * rate / peak_flops:>7.1%}" if peak_flops else f"{'-':>7}"
+        print(f"{name:<30}{rate:>10,.0f}{ratio}{peak}{mfu}   {rounds}")
+    if config.scaling.use_gpu:
+        print(f"MFU: 6 x {parameters / 1e9:.2f}B parameters x tokens/s over "
+              + (f"{peak_flops / 1e12:,.0f} TFLOPS (dense bf16)" if peak_flops else
+                 "an unknown peak (pass --peak-tflops)"))
     ratios = [  # (numerator, denominator, what the ratio shows), printed where both were measured
         ("raytune-it", "trainer", "raytune-it / Trainer"),
         ("grouped", "trainer", "raytune-it with data.group_by_length=true / Trainer"),
@@ -330,6 +380,26 @@ def print_results(args, cpus, config, results, samples, accounts) -> None:
                   f" ({meaning})")
     for name, table in accounts.items():
         print(f"\nprocesses while '{name}' trained (one extra, untimed run):\n{table}")
+
+
+#: Dense bf16 tensor-core peaks (TFLOPS) by the name torch reports, most specific first.
+BF16_PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("H800", 989.0), ("A100", 312.0),
+                    ("A800", 312.0)]
+
+
+def _peak_flops(args) -> float | None:
+    if args.peak_tflops:
+        return args.peak_tflops * 1e12
+    name = _gpu_name()
+    return next((tflops * 1e12 for key, tflops in BF16_PEAK_TFLOPS if key in name), None)
+
+
+def _parameters(name_or_path: str) -> int:
+    """The model's parameters, from its config.json (raytune-it's one derivation of a model's shape)."""
+    from raytune_it.models.loading import resolve_model_path
+    from raytune_it.models.shape import shape_from_hf_config
+
+    return shape_from_hf_config(resolve_model_path(name_or_path, weights=False)).parameters
 
 
 def _gpu_name() -> str:
@@ -351,7 +421,16 @@ def main() -> None:
                         help="raytune-it's train.loss_implementation: 'full' (the default here) is the bare loop's own "
                         "loss, so the two compare like for like; 'chunked' shows what the loss that never builds the "
                         "full logits costs in time")
-    parser.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True, help="INT8 base weights")
+    parser.add_argument("--quantization", choices=["int8", "nf4", "none"], default=None,
+                        help="the base's weights: INT8 (the default), NF4 (QLoRA) or none (bf16 on a GPU, fp32 on "
+                             "the CPU); lora.quantization for raytune-it")
+    parser.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True,
+                        help="shorthand: --int8 is --quantization int8, --no-int8 is --quantization none")
+    parser.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=False,
+                        help="recompute activations in the backward pass for every variant (LoRA's gradient "
+                             "checkpointing, raytune-it's default; off here by default)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the GPU's dense bf16 peak for MFU, where its name is not in the built-in table")
     parser.add_argument("--cpus", type=int, nargs="+", default=None,
                         help="cores each variant computes on (torch threads; the Ray worker's CPUs); several "
                              f"values measure each setting in turn (default on the CPU: {max(1, cores - 1)} and "
@@ -375,6 +454,8 @@ def main() -> None:
         parser.error(f"--warmup-steps must be at least 0 and below --steps ({args.steps})")
     if args.account and not {"bare", "ray-train", "raytune-it"} <= set(args.variants):
         parser.error("--account needs the variants bare, ray-train and raytune-it")
+    if args.quantization is None:
+        args.quantization = "int8" if args.int8 else "none"
     if args.cpus is None:
         args.cpus = [min(4, cores)] if args.device == "cuda" else sorted({max(1, cores - 1), cores})
     for cpus in args.cpus:
