@@ -101,3 +101,22 @@ def test_the_choice_of_path_is_refused_before_reading_where_it_cannot_hold(tmp_p
     assert not use_ray_data(_config(tmp_path, records)), "auto: a small file is tokenized on the driver"
     assert use_ray_data(_config(tmp_path, records, "data.preparation=ray_data"))
     assert not use_ray_data(_config(tmp_path, array))
+
+
+def test_the_chunks_are_even_and_a_multiple_of_the_actors(tmp_path, records, monkeypatch):
+    """The pool ends together: as many chunks as a multiple of the actors, at least CHUNKS_PER_ACTOR each,
+    of one size (each ends at a line end, so they differ by less than a line), none a short remainder; also
+    where the data is more than CHUNKS_PER_ACTOR chunks of the largest size per actor."""
+    from raytune_it.data import chunks as chunking
+    from raytune_it.train import prepare_ray
+
+    monkeypatch.setattr(prepare_ray, "MIN_CHUNK_BYTES", 1)  # the 300-record file is far below the real floors
+    config = _config(tmp_path, records)
+    data = records.read_bytes()
+    longest_line = max(len(line) for line in data.splitlines(keepends=True))
+    for largest, actors, expected in ((len(data), 2, 8), (len(data), 3, 12), (len(data) // 9, 2, 10)):
+        monkeypatch.setattr(chunking, "CHUNK_BYTES", largest)
+        chunks = prepare_ray.plan(config, chunk_bytes=prepare_ray.balanced_chunk_bytes(config, actors))
+        assert len(chunks) == expected, (largest, actors)
+        sizes = [chunk.end - chunk.start for chunk in chunks]
+        assert max(sizes) - min(sizes) < len(chunks) * longest_line, sizes

@@ -44,6 +44,11 @@ from raytune_it.train.data import BLOCK_ROWS, write_examples
 
 #: Below this much data the driver tokenizes faster than actors start.
 RAY_DATA_MIN_BYTES = 64 << 20
+#: At least this many chunks per actor where the data allows, all of a size and as many as a multiple of the
+#: actors, so that the pool ends together: with a chunk or two each, or a short remainder last, one actor's
+#: last chunk runs alone while the others idle. No chunk smaller than ``MIN_CHUNK_BYTES``.
+CHUNKS_PER_ACTOR = 4
+MIN_CHUNK_BYTES = 1 << 20
 BATCH = 512
 SPLITS = ("train", "eval")
 
@@ -80,6 +85,10 @@ def _open(config: JobConfig, source: str) -> tuple[Location, str]:
     return local(resolved), str(resolved)
 
 
+def _size(location: Location) -> int:
+    return location.filesystem.get_file_info(location.path).size or 0
+
+
 def use_ray_data(config: JobConfig) -> bool:
     """Whether this config's data is prepared on Ray Data (``data.preparation``); a choice that cannot hold
     is refused before anything is read, naming the key."""
@@ -90,7 +99,7 @@ def use_ray_data(config: JobConfig) -> bool:
     for source, _ in sources(config):
         location, _name = _open(config, source)
         kinds.append(_source_kind(data, source, location))
-        size += location.filesystem.get_file_info(location.path).size or 0
+        size += _size(location)
     problem = ("data.max_records is set (the first N records need the whole file in order)" if data.max_records
                else None if all(kind in CHUNKED for kind in kinds) else
                "the data is a JSON array, which is parsed from its start")
@@ -98,6 +107,17 @@ def use_ray_data(config: JobConfig) -> bool:
         raise ConfigError(f"data.preparation=ray_data: {problem}. Write the records as JSON Lines or Parquet, or "
                           "set data.preparation=driver (allowed: auto, driver, ray_data).")
     return problem is None and (data.preparation == "ray_data" or size >= RAY_DATA_MIN_BYTES)
+
+
+def balanced_chunk_bytes(config: JobConfig, actors: int) -> int:
+    """Chunk bytes for ``actors``: ``CHUNK_BYTES`` at most, cut so that the data makes a multiple of
+    ``actors`` chunks of one size, at least ``CHUNKS_PER_ACTOR`` each (of one file; a folder's shards are
+    cut each on their own)."""
+    from raytune_it.data.chunks import CHUNK_BYTES
+
+    total = sum(_size(_open(config, source)[0]) for source, _ in sources(config))
+    chunks = actors * max(CHUNKS_PER_ACTOR, -(-total // (CHUNK_BYTES * actors)))
+    return max(MIN_CHUNK_BYTES, -(-total // chunks))
 
 
 def plan(config: JobConfig, **sizes: int) -> list[Chunk]:
@@ -153,16 +173,22 @@ def prepare_chunk(config: JobConfig, tokenizer: Any, template: str | None, chunk
 
 
 class ChunkPreparer:
-    """A Ray Data actor: the tokenizer loaded once, then one chunk per call (``map_batches(batch_size=1)``)."""
+    """A Ray Data actor: the tokenizer once, then one chunk per call (``map_batches(batch_size=1)``).
 
-    def __init__(self, config: dict, template: str | None, folder: str, token: str) -> None:
+    The driver's tokenizer comes pickled (unpickling it imports a fraction of what loading it does, which
+    takes seconds of each actor's start); one from the model's own code (``trust_remote_code``) is loaded
+    by each actor, as its class is importable only where transformers has written that code."""
+
+    def __init__(self, config: dict, template: str | None, folder: str, token: str, tokenizer: Any = None) -> None:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one CPU per actor: no Rust threads on top
-        from raytune_it.models.loading import load_tokenizer
-
         self.config = JobConfig.model_validate(config)
         model = self.config.model
-        self.tokenizer = load_tokenizer(model.name_or_path, revision=model.revision,
-                                        trust_remote_code=model.trust_remote_code)
+        if tokenizer is None:
+            from raytune_it.models.loading import load_tokenizer
+
+            tokenizer = load_tokenizer(model.name_or_path, revision=model.revision,
+                                       trust_remote_code=model.trust_remote_code)
+        self.tokenizer = tokenizer
         self.template, self.folder, self.token = template, open_location(folder, "data.prepared_root"), token
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
@@ -204,7 +230,6 @@ def prepare_on_ray_data(config: JobConfig, tokenizer: Any, folder: Location, tok
     from raytune_it.data.prompt_format import PromptFormat
     from raytune_it.data.records import KEEP_REASONS, files_name
 
-    chunks = plan(config, **(chunk_sizes or {}))
     template = PromptFormat.for_run(tokenizer, config.data).chat_template
     results: list[dict] = []
     with ray_session():
@@ -212,6 +237,7 @@ def prepare_on_ray_data(config: JobConfig, tokenizer: Any, folder: Location, tok
         context.enable_progress_bars = False  # the caller shows records read
         context.print_on_execution_start = False
         actors = config.data.preparation_actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        chunks = plan(config, **(chunk_sizes or {"chunk_bytes": balanced_chunk_bytes(config, actors)}))
         # One block per chunk, made on the driver: a repartition would need task CPUs that the actors hold,
         # and on a 1-CPU cluster it would wait for them forever.
         items = ray.data.from_items([{"chunk": json.dumps(asdict(chunk))} for chunk in chunks],
@@ -220,7 +246,8 @@ def prepare_on_ray_data(config: JobConfig, tokenizer: Any, folder: Location, tok
             ChunkPreparer, batch_size=1, num_cpus=1,
             compute=ray.data.ActorPoolStrategy(size=min(actors, len(chunks))),
             fn_constructor_kwargs={"config": config.to_dict(include_secrets=False), "template": template,
-                                   "folder": folder.uri, "token": token})
+                                   "folder": folder.uri, "token": token,
+                                   "tokenizer": None if config.model.trust_remote_code else tokenizer})
         read = 0
         for row in dataset.iter_rows():
             results.append(dict(row))
