@@ -1,7 +1,7 @@
 """Tokenizing a dataset: the single-process driver path against the Ray Data pipeline on 1 and 2 CPUs, and
 the driver's peak memory as the dataset grows, in one run.
 
-    python bench/data_prepare.py [--records 400000] [--small 100000] [--real FILE]
+    python bench/data_prepare.py [--records 400000] [--small 100000] [--rounds 3] [--real FILE]
 
 Each figure is a fresh Python process (``--one``), so that its peak RSS (``ru_maxrss``) is that path's alone:
 it builds the ``tiny-lora`` config on the data file with ``data.preparation=driver`` or ``ray_data`` (the
@@ -9,6 +9,8 @@ pipeline on a local Ray of that many CPUs, one actor per CPU) and times ``prepar
 root: reading, checking, templating, tokenizing, masking, the content-hash split and the Parquet shards. The
 Ray path's time includes its actors' start (the tokenizer loaded once per actor), not Ray's own start.
 The records are the built-in generated tasks (``--real`` adds a line for a real Alpaca-format file).
+Rounds run every path once each, interleaved, so that a slow spell of a shared machine hits them all; each
+figure is the median of its rounds.
 
 The driver path is one process but not one core: the fast tokenizer encodes each batch of records on Rust
 threads across the machine's cores, while the actors run one thread each (one CPU per actor). So the bench
@@ -23,6 +25,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -62,6 +65,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=400_000, help="generated records for the speed figures")
     parser.add_argument("--small", type=int, default=100_000, help="the smaller set for the driver RSS ratio")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
     parser.add_argument("--real", type=Path, help="a real Alpaca-format file, timed on both paths as well")
     parser.add_argument("--one", nargs=4, metavar=("FILE", "MODE", "CPUS", "ROOT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -76,10 +80,17 @@ def main() -> None:
         scratch = Path(scratch_name)
         big = write_jsonl(generate(args.records, seed=0), scratch / "big.jsonl")
         small = write_jsonl(generate(args.small, seed=0), scratch / "small.jsonl")
-        runs = {"single": measure(big, "driver", 1, scratch),
-                "single-1thread": measure(big, "driver", 1, scratch, tokenizer_threads=False),
-                "ray-data-1cpu": measure(big, "ray_data", 1, scratch),
-                "ray-data-2cpu": measure(big, "ray_data", 2, scratch)}
+        paths = {"single": lambda: measure(big, "driver", 1, scratch),
+                 "single-1thread": lambda: measure(big, "driver", 1, scratch, tokenizer_threads=False),
+                 "ray-data-1cpu": lambda: measure(big, "ray_data", 1, scratch),
+                 "ray-data-2cpu": lambda: measure(big, "ray_data", 2, scratch)}
+        rounds: dict[str, list[dict]] = {name: [] for name in paths}
+        for index in range(args.rounds):
+            for name, run in paths.items():
+                rounds[name].append(run())
+                print(f"round {index + 1}/{args.rounds} {name}: {rounds[name][-1]['seconds']:.1f} s", flush=True)
+        runs = {name: {key: statistics.median(run[key] for run in items) for key in ("records", "seconds", "rss_mib")}
+                for name, items in rounds.items()}
         small_driver = measure(small, "driver", 1, scratch)
         for name, run in runs.items():
             print(f"{name:>14}: {run['records']:,} records in {run['seconds']:.1f} s, "
