@@ -74,6 +74,9 @@ class Answerer:
 
     def __init__(self, serve_config: ServeSection, data: Any, batch_size: int | None,
                  models: Sequence[ModelEntry]) -> None:
+        from raytune_it.quiet import quiet_library_noise
+
+        quiet_library_noise()  # eval's driver and each generate actor load models: once per process
         self.serve_config, self.data, self.batch_size = serve_config, data, batch_size
         self.adapters = adapter_needs(models)
         self.runner = EngineThread()

@@ -93,9 +93,6 @@ class GenerateActor:
     def __init__(self, config: dict, output: str) -> None:
         from raytune_it.generation.answers import Answerer, Sampling, resolve_models
         from raytune_it.storage import as_location
-        from raytune_it.train.loop import quiet_worker_logs
-
-        quiet_worker_logs()
 
         self.config = job = JobConfig.model_validate(config)
         serve = job.serve.model_copy(update={"use_gpu": job.generate.use_gpu})

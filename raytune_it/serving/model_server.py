@@ -72,7 +72,10 @@ class LoadedAdapter:
 class ModelServer:
     def __init__(self, serve_config: ServeSection, fine_tuned_root: str | None = None) -> None:
         from raytune_it.models.loading import resolve_model_path
+        from raytune_it.quiet import quiet_library_noise
         from raytune_it.serving.engines import create_engine
+
+        quiet_library_noise()  # once per replica, before the engine imports the libraries
 
         base_path = resolve_model_path(serve_config.base_model, "serve.base_model")
         self.base_name = base_model_name(serve_config)

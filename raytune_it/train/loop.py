@@ -113,21 +113,17 @@ def quiet_worker_logs() -> None:
     """Keep the driver's console to progress, the summary and real errors.
 
     Every worker's lines reach the driver (``log_to_driver``): per-step INFO lines
-    from Ray Train, a per-call bitsandbytes notice, transformers' weight-loading
-    bars, the FutureWarnings that peft's and DDP's calls of transformers'
-    renamed checkpointing methods raise, and those DeepSpeed's calls of
-    torch.distributed's old collective names raise at every step, would repeat
-    for every worker and every restart. Warnings and errors still come through, and Ray keeps each worker's
-    full log in its session folder.
+    from Ray Train, the libraries' once-per-process notices (``quiet.quiet_library_noise``),
+    and the FutureWarnings that DeepSpeed's calls of torch.distributed's old collective
+    names raise at every step, would repeat for every worker and every restart. Warnings
+    and errors still come through, and Ray keeps each worker's full log in its session
+    folder.
     """
     import warnings
 
-    from transformers.utils import logging as transformers_logging
+    from raytune_it.quiet import quiet_library_noise
 
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    transformers_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning,
-                            message=r"`(gradient_checkpointing_enable|is_gradient_checkpointing)` is deprecated")
+    quiet_library_noise()
     # DeepSpeed's ZeRO-3 calls torch.distributed's old collective names at every step.
     warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.distributed\.\w+` is deprecated")
     try:  # Ray Train names some loggers by file path
