@@ -110,9 +110,9 @@ def use_ray_data(config: JobConfig) -> bool:
 
 
 def balanced_chunk_bytes(config: JobConfig, actors: int) -> int:
-    """Chunk bytes for ``actors``: ``CHUNK_BYTES`` at most, cut so that the data makes a multiple of
-    ``actors`` chunks of one size, at least ``CHUNKS_PER_ACTOR`` each (of one file; a folder's shards are
-    cut each on their own)."""
+    """JSON Lines chunk bytes for ``actors``: ``CHUNK_BYTES`` at most, cut so that the data makes a multiple
+    of ``actors`` chunks of one size, at least ``CHUNKS_PER_ACTOR`` each (a folder's shards are cut each on
+    their own, at this size; Parquet is cut by row groups)."""
     from raytune_it.data.chunks import CHUNK_BYTES
 
     total = sum(_size(_open(config, source)[0]) for source, _ in sources(config))
