@@ -10,6 +10,9 @@ Prints examples/s for each and the ratios, ending with ``batched/batch-1: N.NNx`
 
     python bench/eval_throughput.py                  # main environment: batch-1 and batched
     .venv-vllm/bin/python bench/eval_throughput.py   # all three
+
+On a GPU (``--device cuda``, bf16) with another base (``--model PATH``, such as ``bench/random_llama.py``'s
+7B shape), it scores that base alone: the tiny adapter does not fit another model's shapes.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import importlib.util
 import time
 
 
-def batch_one(records, models, max_new_tokens):
+def batch_one(records, models, max_new_tokens, base="tiny-llama", device="cpu"):
     """The old harness: a model and tokenizer per model, one greedy ``generate`` per example."""
     from pathlib import Path
 
@@ -32,14 +35,14 @@ def batch_one(records, models, max_new_tokens):
     answers = {}
     for name, path in models.items():
         folder = resolve_model_path(path)
-        tokenizer = load_tokenizer("tiny-llama")
-        model = load_causal_lm("tiny-llama")
+        tokenizer = load_tokenizer(base)
+        model = load_causal_lm(base, precision="bfloat16" if device == "cuda" else "float32")
         if (Path(folder) / "adapter_config.json").is_file():
             model = PeftModel.from_pretrained(model, folder)
-        model.eval()
+        model.to(device).eval()
         answers[name] = []
         for record in records:
-            inputs = tokenizer(render_prompt(record), return_tensors="pt")
+            inputs = tokenizer(render_prompt(record), return_tensors="pt").to(device)
             with torch.no_grad():
                 out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
@@ -47,12 +50,13 @@ def batch_one(records, models, max_new_tokens):
     return answers
 
 
-def engine_path(records, models, max_new_tokens, engine, batch):
+def engine_path(records, models, max_new_tokens, engine, batch, base="tiny-llama", device="cpu"):
     from raytune_it.config import load_config
     from raytune_it.generation.answers import Answerer, Sampling, resolve_models
 
-    config = load_config("tiny-lora", [f"serve.engine={engine}", "serve.max_model_len=512"])  # eval's defaults
-    entries = resolve_models("tiny-llama", models, "bench")
+    config = load_config("tiny-lora", [f"serve.engine={engine}", "serve.max_model_len=512",  # eval's defaults
+                                       f"serve.use_gpu={str(device == 'cuda').lower()}"])
+    entries = resolve_models(base, models, "bench")
     answerer = Answerer(config.serve, config.data, batch, entries)
     answers = {}
     try:
@@ -72,6 +76,10 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=40, help="eval.max_new_tokens")
     parser.add_argument("--batch", type=int, default=None,
                         help="eval.batch_size for the engine paths (default: each engine's own, as eval's)")
+    parser.add_argument("--model", default=None,
+                        help="score this base model (a folder) alone instead of tiny-llama and a tiny adapter")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="where every path runs: the CPU, or one GPU (bf16)")
     args = parser.parse_args()
 
     import sys
@@ -83,19 +91,24 @@ def main() -> None:
     from helpers import train_tiny_adapter  # noqa: E402 - a real adapter, as eval scores one
 
     records = list(generate(args.examples, seed=1_000_003))
-    adapter = train_tiny_adapter(Path(tempfile.mkdtemp()) / "adapter", ["dosage", "bmi"], steps=4)
-    models = {"base": "tiny-llama", "adapter": str(adapter)}
+    base = args.model or "tiny-llama"
+    if args.model:
+        models = {"base": base}
+    else:
+        adapter = train_tiny_adapter(Path(tempfile.mkdtemp()) / "adapter", ["dosage", "bmi"], steps=4)
+        models = {"base": base, "adapter": str(adapter)}
     examples = len(records) * len(models)
+    where = {"base": base, "device": args.device}
 
     started = time.perf_counter()
-    batch_one(records, models, args.max_new_tokens)
+    batch_one(records, models, args.max_new_tokens, **where)
     base_seconds = time.perf_counter() - started
     rates = {"batch-1": examples / base_seconds}
-    _, seconds = engine_path(records, models, args.max_new_tokens, "transformers", args.batch)
+    _, seconds = engine_path(records, models, args.max_new_tokens, "transformers", args.batch, **where)
     rates["batched"] = examples / seconds
     vllm_reason = None
     if importlib.util.find_spec("vllm") is not None:
-        _, seconds = engine_path(records, models, args.max_new_tokens, "vllm", args.batch)
+        _, seconds = engine_path(records, models, args.max_new_tokens, "vllm", args.batch, **where)
         rates["vllm"] = examples / seconds
     else:
         vllm_reason = "vLLM is not installed here: run this script with .venv-vllm/bin/python"

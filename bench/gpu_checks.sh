@@ -61,7 +61,7 @@ check generate-rate 90 bash -c "python3 bench/serve_rate.py --in-process-only --
 # (tokens/s, peak GPU memory, MFU); full tuning with ZeRO-3 on one GPU (the 0.85B model: 7B's 16 bytes a
 # parameter do not fit one GPU without offload); NF4 training through `raytune-it train`, its losses finite
 # and falling. Too long for one 15-minute lease with the checks above: pick with ONLY, for example
-#   ONLY="random-llama-7b lora-7b-bf16 lora-7b-nf4 nf4-gpu vllm-7b-decode" bash bench/gpu_checks.sh
+#   ONLY="random-llama-7b lora-7b-bf16 lora-7b-nf4 nf4-gpu vllm-7b-decode eval-7b" bash bench/gpu_checks.sh
 check random-llama-7b 240 python3 bench/random_llama.py "$WORK/llama-7b" --hidden 4096 --layers 32 --intermediate 11008 --heads 32
 LORA7B="--device cuda --model $WORK/llama-7b --recompute --variants bare trainer raytune-it --steps 30 --warmup-steps 5 --repeats 1 --micro-batch-size 4 --loss auto"
 check lora-7b-bf16 300 python3 bench/train_overhead.py $LORA7B --quantization none
@@ -74,6 +74,8 @@ s = json.load(open('$WORK/nf4/summary.json'))
 first, last = s['initial_train_loss'], s['final_train_loss']
 print('NF4 on CUDA: train loss', first, '->', last, '| eval', s['final_eval_loss'], '| peak GiB', s['peak_memory_bytes'] / 2**30)
 sys.exit(0 if math.isfinite(first) and math.isfinite(last) and last < first else 1)\""
+# Eval at the 7B shape (#24): batch-1 transformers against the batched engine and vLLM (where installed).
+check eval-7b 420 python3 bench/eval_throughput.py --model "$WORK/llama-7b" --device cuda --examples 32
 # vLLM on the GPU (where the vllm extra is installed): the 7B-shaped random LLaMA in bf16 at batch 1,
 # against the bound of reading every weight once per token (BANDWIDTH_TBS: H100 SXM 3.35, H200 4.8).
 if python3 -c "import vllm" 2>/dev/null; then
