@@ -43,6 +43,7 @@ recompute nor LoRA's frozen weights' skipped gradients.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import json
 import os
@@ -56,6 +57,11 @@ from pathlib import Path
 VARIANTS = {"bare": "bare PyTorch + peft loop", "trainer": "transformers Trainer",
             "ray-task": "bare loop in a Ray task", "ray-train": "bare loop in Ray Train",
             "raytune-it": "raytune-it (Ray Train)", "grouped": "raytune-it, length groups"}
+
+
+#: Where the bare loops' prepared split lives for the whole benchmark (this process and its Ray workers).
+PREPARED = tempfile.mkdtemp(prefix="raytune-it-bench-data-")
+atexit.register(shutil.rmtree, PREPARED, ignore_errors=True)
 
 
 def setup(args, cpus):
@@ -83,9 +89,8 @@ def device_of(config):
 
 def batches(config, tokenizer, count):
     """The micro-batches raytune-it's one worker trains on, in its order (the prepared split in the first
-    epoch's seeded order, collated as its loop collates them), so every variant pads the same rows."""
-    import tempfile
-
+    epoch's seeded order, collated as its loop collates them), so every variant pads the same rows. Prepared
+    once into ``PREPARED`` (later rounds find it by its key and tokenize nothing), removed at exit."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -93,7 +98,7 @@ def batches(config, tokenizer, count):
     from raytune_it.train.data import epoch_rows, micro_batch_rows, micro_batches, row_lengths
     from raytune_it.train.prepared import prepare
 
-    config = with_overrides(config, {"data.prepared_root": tempfile.mkdtemp(prefix="raytune-it-bench-data-")})
+    config = with_overrides(config, {"data.prepared_root": PREPARED})
     prepared, _ = prepare(config, tokenizer)
     tables = []
     for file in prepared.files("train"):

@@ -116,7 +116,7 @@ def test_the_chunks_are_even_and_a_multiple_of_the_actors(tmp_path, records, mon
     longest_line = max(len(line) for line in data.splitlines(keepends=True))
     for largest, actors, expected in ((len(data), 2, 8), (len(data), 3, 12), (len(data) // 9, 2, 10)):
         monkeypatch.setattr(chunking, "CHUNK_BYTES", largest)
-        chunks = prepare_ray.plan(config, chunk_bytes=prepare_ray.balanced_chunk_bytes(config, actors))
+        chunks = prepare_ray.plan(config, actors)
         assert len(chunks) == expected, (largest, actors)
         sizes = [chunk.end - chunk.start for chunk in chunks]
         assert max(sizes) - min(sizes) < len(chunks) * longest_line, sizes

@@ -41,7 +41,7 @@ def file_type_by_name(name: str) -> FileType | None:
     from raytune_it.config.paths import SUFFIX_TYPES
 
     kind = SUFFIX_TYPES.get(Path(name).suffix.lower())
-    return "jsonl" if kind == "jsonl" else "parquet" if kind == "parquet" else None
+    return kind if kind in ("jsonl", "parquet") else None  # type: ignore[return-value]
 
 
 def detect_file_type(path: Path) -> FileType:

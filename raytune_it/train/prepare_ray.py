@@ -109,22 +109,24 @@ def use_ray_data(config: JobConfig) -> bool:
     return problem is None and (data.preparation == "ray_data" or size >= RAY_DATA_MIN_BYTES)
 
 
-def balanced_chunk_bytes(config: JobConfig, actors: int) -> int:
-    """JSON Lines chunk bytes for ``actors``: ``CHUNK_BYTES`` at most, cut so that the data makes a multiple
-    of ``actors`` chunks of one size, at least ``CHUNKS_PER_ACTOR`` each (a folder's shards are cut each on
-    their own, at this size; Parquet is cut by row groups)."""
+def balanced_chunk_bytes(total_bytes: int, actors: int) -> int:
+    """JSON Lines chunk bytes for ``actors``: ``CHUNK_BYTES`` at most, cut so that ``total_bytes`` makes a
+    multiple of ``actors`` chunks of one size, at least ``CHUNKS_PER_ACTOR`` each (a folder's shards are cut
+    each on their own, at this size; Parquet is cut by row groups)."""
     from raytune_it.data.chunks import CHUNK_BYTES
 
-    total = sum(_size(_open(config, source)[0]) for source, _ in sources(config))
-    chunks = actors * max(CHUNKS_PER_ACTOR, -(-total // (CHUNK_BYTES * actors)))
-    return max(MIN_CHUNK_BYTES, -(-total // chunks))
+    chunks = actors * max(CHUNKS_PER_ACTOR, -(-total_bytes // (CHUNK_BYTES * actors)))
+    return max(MIN_CHUNK_BYTES, -(-total_bytes // chunks))
 
 
-def plan(config: JobConfig, **sizes: int) -> list[Chunk]:
-    """Every chunk of every data file, numbered in file order."""
+def plan(config: JobConfig, actors: int | None = None, **sizes: int) -> list[Chunk]:
+    """Every chunk of every data file, numbered in file order: cut evenly for ``actors`` where it is given
+    and ``sizes`` are not (``balanced_chunk_bytes``), else at ``sizes`` (the defaults: ``data/chunks.py``)."""
+    files = [(source, split, _open(config, source)[0]) for source, split in sources(config)]
+    if actors is not None and not sizes:
+        sizes = {"chunk_bytes": balanced_chunk_bytes(sum(_size(location) for *_, location in files), actors)}
     chunks: list[Chunk] = []
-    for source, split in sources(config):
-        location, _ = _open(config, source)
+    for source, split, location in files:
         chunks += plan_chunks(source, location, _source_kind(config.data, source, location), len(chunks), split,
                               **sizes)
     return chunks
@@ -237,7 +239,7 @@ def prepare_on_ray_data(config: JobConfig, tokenizer: Any, folder: Location, tok
         context.enable_progress_bars = False  # the caller shows records read
         context.print_on_execution_start = False
         actors = config.data.preparation_actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
-        chunks = plan(config, **(chunk_sizes or {"chunk_bytes": balanced_chunk_bytes(config, actors)}))
+        chunks = plan(config, actors, **(chunk_sizes or {}))
         # One block per chunk, made on the driver: a repartition would need task CPUs that the actors hold,
         # and on a 1-CPU cluster it would wait for them forever.
         items = ray.data.from_items([{"chunk": json.dumps(asdict(chunk))} for chunk in chunks],
