@@ -81,7 +81,8 @@ def _resumed_takes_the_straight_runs_steps(method, tmp_path, straight_dir, setti
     train(load_config(method, _common(tmp_path, *settings, steps=steps) + [f"train.max_steps={stop}"]))
     summary = train(load_config(method, _common(tmp_path, *settings, steps=steps)))
     resumed, straight = raw_metrics(open_location(storage) / "resumed"), raw_metrics(straight_dir)
-    assert [m["step"] for m in resumed] == list(range(1, steps + 1)) and resumed[stop]["restarts"] == 1
+    assert [m["step"] for m in resumed] == list(range(1, steps + 1)), "the steps after the checkpoint follow it"
+    assert [m["restarts"] for m in resumed] == [0] * stop + [1] * (steps - stop)
     assert summary.restarts == 1, "the re-run by name continued from the first's checkpoint"
     assert resumed[stop]["loss"] < resumed[0]["loss"], "the continued run starts where the first stopped"
     return resumed, straight, summary
