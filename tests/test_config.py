@@ -125,6 +125,12 @@ def test_malformed_override_and_yaml_file(tmp_path):
         load_config(str(bad))
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(str(tmp_path / "missing.yaml"))
+    deep = tmp_path / "deep.yaml"  # nesting that recurses past Python's limit in the YAML parser
+    deep.write_text("model: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError, match="deep.yaml: its mappings and lists nest hundreds of levels deep"):
+        load_config(str(deep))
+    with pytest.raises(ConfigError, match="override data.path: .* nest hundreds of levels deep"):
+        load_config("tiny-lora", ["data.path=" + "[" * 5000])
 
 
 def test_yaml_file_round_trip_through_config_yaml(tmp_path):

@@ -1,3 +1,4 @@
+import io
 import json
 from itertools import islice
 
@@ -190,6 +191,9 @@ def test_records_stream_rather_than_load_whole(tmp_path):
         (b'{"instruction": "x", "input": "", "output": "caf\xe9"}', "invalid UTF-8"),
         (b'{"instruction": "x", "input": "", "output": ', "invalid JSON"),
         (b'["not", "an", "object"]', "expected an object"),
+        # nesting past the interpreter's recursion limit, and past MAX_NESTING below it
+        (b"[" * 100_000 + b"]" * 100_000, "objects and arrays nest deeper than 64 levels"),
+        (dict(GOOD, extra=json.loads("[" * 65 + "]" * 65)), "objects and arrays nest deeper than 64 levels"),
     ],
 )
 def test_bad_jsonl_record_names_file_and_line(tmp_path, bad, reason):
@@ -212,6 +216,26 @@ def test_bad_json_array_record_and_invalid_utf8(tmp_path):
     broken.write_bytes(b'[{"instruction": "a", "input": "", "output": "b"}, {"instruction": "\xff", "output": "c"}]')
     with pytest.raises(DataError, match=r"utf8.json: record 2: the file is not valid JSON \(.*UTF8"):
         list(iter_records(broken))
+
+
+def test_a_json_array_is_read_item_by_item_as_ijson_builds_items_and_deep_ones_are_bad_records(tmp_path):
+    import ijson
+
+    from raytune_it.data.records import _array_items
+
+    document = b'[1, "x", null, {"a": [1, {"b": null, "c": 2.5}], "d": {}}, [], {}, [[[]]], {"k": "v"}]'
+    assert list(_array_items(ijson.basic_parse(io.BytesIO(document), use_float=True))) == \
+        list(ijson.items(io.BytesIO(document), "item", use_float=True))
+    path = tmp_path / "deep.json"  # 64 levels in a record pass; 65 and 100,000 are bad records, read past
+    path.write_text("[" + ",".join([json.dumps(dict(GOOD, extra=json.loads("[" * 63 + "]" * 63))),
+                                    json.dumps(dict(GOOD, extra=json.loads("[" * 64 + "]" * 64))),
+                                    "[" * 100_000 + "]" * 100_000, json.dumps(GOOD)]) + "]")
+    with pytest.raises(DataError, match=r"deep.json: record 2: objects and arrays nest deeper than 64 levels"):
+        list(iter_records(path))
+    report = ReadReport()
+    kept = list(iter_records(path, skip_bad_records=True, report=report))
+    assert [len(r) for r in kept] == [4, 3] and report.bad_records == 2
+    assert [reason.split(":")[1] for reason in report.reasons] == [" record 2", " record 3"]
 
 
 def test_bad_parquet_record_and_corrupt_file(tmp_path):

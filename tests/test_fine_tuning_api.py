@@ -141,6 +141,17 @@ def test_what_a_client_gets_wrong_is_refused_by_name(app, tmp_path):
                    + json.dumps({"messages": [{"role": "user", "content": "only a question"}]}) + "\n")
     status, body = error_of(lambda: client.files.create(file=bad.open("rb"), purpose="fine-tune"))
     assert status == 400 and body["message"].startswith("bad.jsonl:2:") and "assistant" in body["message"]
+    deep = tmp_path / "deep.json"  # a JSON array whose second record nests 9,000 levels (under the size limit)
+    deep.write_text("[" + json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant",
+                                                                                        "content": "yo"}]})
+                    + "," + "[" * 9_000 + "]" * 9_000 + "]")
+    status, body = error_of(lambda: client.files.create(file=deep.open("rb"), purpose="fine-tune"))
+    assert status == 400 and body["message"].startswith("deep.json: record 2:") and "nest deeper" in body["message"]
+    import httpx
+
+    listed = httpx.get(f"{app.url}/v1/files", params={"limit": "ten"},
+                       headers={"Authorization": f"Bearer {app.default_key}"})
+    assert (listed.status_code, listed.json()["error"]["param"]) == (400, "limit"), listed.text
     big = conversations(tmp_path / "big.jsonl", count=400)  # over serve.max_file_bytes
     status, body = error_of(lambda: client.files.create(file=big.open("rb"), purpose="fine-tune"))
     assert status == 413 and body["code"] == "file_too_large"

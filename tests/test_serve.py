@@ -178,6 +178,11 @@ def test_openai_client_unchanged(endpoint):
         ({"json": {"model": "tiny-llama", "prompt": "hi", "best_of": 4}}, 400, "unsupported_parameter"),
         ({"json": {"model": "tiny-llama", "prompt": "hi", "frobnicate": True}}, 400, "invalid_request"),
         ({"content": b'{"model": "tiny-llama", "prompt": "a\\ud800b"}'}, 400, "invalid_request"),
+        # nested past the interpreter's recursion limit, and past MAX_NESTING below it
+        ({"content": b'{"model": "tiny-llama", "prompt": "hi", "user": ' + b"[" * 5000 + b"]" * 5000 + b"}"},
+         400, "invalid_request"),
+        ({"json": {"model": "tiny-llama", "prompt": "hi", "metadata": json.loads("[" * 100 + "]" * 100)}},
+         400, "invalid_request"),
     ],
 )
 def test_bad_input_gets_a_json_4xx_and_the_replica_keeps_serving(endpoint, request_kwargs, status, code):

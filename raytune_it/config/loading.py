@@ -58,10 +58,7 @@ def _read_source(source: str) -> tuple[dict[str, Any], str]:
                               "or pass the path of a YAML file.")
         text = (resources.files("raytune_it.config") / "presets" / f"{source}.yaml").read_text(encoding="utf-8")
         label = f"preset {source}"
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{label}: not valid YAML: {exc}") from None
+    data = parse_yaml(text, label) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{label}: the top level must be a mapping of sections, got {type(data).__name__}")
     return data, label
@@ -73,11 +70,20 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not sep or not _KEY.match(key):
         raise ConfigError(f"override {text!r} is not of the form section.key=value (for example lora.rank=32)")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML: {exc}") from None
+    value = parse_yaml(raw, f"override {key}: value {raw[:80]!r}") if raw.strip() else ""
     return key.split("."), value
+
+
+def parse_yaml(text: str, label: str) -> Any:
+    """YAML from a user (a config file, an override's value), or a ConfigError that names ``label``: for
+    text that is not YAML, and for nesting so deep that the parser recurses past Python's limit."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{label}: not valid YAML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{label}: its mappings and lists nest hundreds of levels deep; a config nests "
+                          "a few") from None
 
 
 def apply_override(data: dict[str, Any], path: Sequence[str] | str, value: Any) -> None:
@@ -199,10 +205,7 @@ def load_run_config(path: "str | Path | Location") -> JobConfig:
     if location.is_local:
         data, label = _read_source(location.path)
     else:
-        try:
-            data, label = yaml.safe_load(location.read_text()) or {}, location.uri
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{location.uri}: not valid YAML: {exc}") from None
+        data, label = parse_yaml(location.read_text(), location.uri) or {}, location.uri
     return validate(data, label)
 
 

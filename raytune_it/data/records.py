@@ -20,6 +20,10 @@ FileType = Literal["json", "jsonl", "parquet"]
 REQUIRED_TEXT = ("instruction", "output")
 #: How many skipped-record reasons are kept for display; the count is exact.
 KEEP_REASONS = 20
+#: How deep a record's objects and arrays may nest. A conversation with tool schemas nests about 10 levels;
+#: past this a record is bad, so that no record costs more than its size to read or recurses through
+#: what reads it later (json.dumps, templates).
+MAX_NESTING = 64
 
 
 @dataclass
@@ -58,7 +62,7 @@ def detect_file_type(path: Path) -> FileType:
             try:
                 json.loads(first_line)
                 return "jsonl"
-            except ValueError:
+            except (ValueError, RecursionError):
                 pass
         return "json"
     raise DataError(f"{path}: cannot tell the file type from the name; use .json, .jsonl or .parquet, "
@@ -114,9 +118,36 @@ def jsonl_lines(lines: Iterable[bytes], name: str, first_line: int) -> Iterator[
             yield where, ValueError(f"invalid UTF-8 at byte {exc.start} of the line")
             continue
         try:
-            yield where, json.loads(text)
+            record = json.loads(text)
         except json.JSONDecodeError as exc:
             yield where, ValueError(f"invalid JSON: {exc.msg} at column {exc.colno}")
+            continue
+        except RecursionError:  # past the interpreter's own limit, about 1,000 levels
+            yield where, too_deep()
+            continue
+        # A line with fewer brackets than the limit cannot nest past it: the walk is for the rare rest.
+        if line.count(b"[") + line.count(b"{") > MAX_NESTING and nesting(record) > MAX_NESTING:
+            yield where, too_deep()
+            continue
+        yield where, record
+
+
+def nesting(value: Any) -> int:
+    """How deep ``value``'s objects and arrays nest (a flat record is 1; a scalar 0), walked without
+    recursion and given up just past ``MAX_NESTING``."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, level)
+            if deepest > MAX_NESTING:
+                break
+            stack.extend((child, level + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def too_deep() -> ValueError:
+    return ValueError(f"objects and arrays nest deeper than {MAX_NESTING} levels; no record format needs that")
 
 
 def _json_array(path: Path) -> Iterator[tuple[str, Any]]:
@@ -133,7 +164,7 @@ def _json_array(path: Path) -> Iterator[tuple[str, Any]]:
             raise DataError(f"{path}: a .json file must be one array of records ([{{...}}, {{...}}]), but it is "
                             f"{what}. Put the records in an array, or write one record per line as .jsonl.")
         try:
-            for index, item in enumerate(ijson.items(handle, "item", use_float=True), start=1):
+            for index, item in enumerate(_array_items(ijson.basic_parse(handle, use_float=True)), start=1):
                 yield f"{path}: record {index}", item
         except ijson.JSONError as exc:
             detail = exc.args[0].decode("utf-8", "replace") if isinstance(exc.args[0], bytes) else str(exc)
@@ -141,6 +172,41 @@ def _json_array(path: Path) -> Iterator[tuple[str, Any]]:
             raise DataError(f"{path}: record {index + 1}: the file is not valid JSON ({detail}). "
                             f"The {index} records before it were read; fix or truncate the file there. "
                             "A JSON file must be one array of objects; use .jsonl for one object per line.") from None
+
+
+_OPEN, _CLOSE = ("start_map", "start_array"), ("end_map", "end_array")
+
+
+def _array_items(events: Iterator[tuple[str, Any]]) -> Iterator[Any]:
+    """The items of a top-level JSON array from ijson's ``basic_parse`` events, each item built as
+    ``ijson.items`` builds it, or ``too_deep()`` for one that nests past ``MAX_NESTING`` (its events are
+    passed over, not built).
+
+    Not ``ijson.items``: its events carry the path from the root (``item.item.item...``), which grows with
+    the depth, so an upload of a few MB of ``[[[[...`` would take the replica minutes. Here each event costs
+    the same at any depth, and the reader goes on to the next record."""
+    from ijson.common import ObjectBuilder
+
+    depth, builder, skipping = 0, None, False
+    for event, value in events:
+        if event in _OPEN:
+            depth += 1
+            if depth == 1:  # the array itself
+                continue
+            skipping = skipping or depth > MAX_NESTING + 1
+        elif event in _CLOSE:
+            depth -= 1
+            if depth == 0:  # the array's end (the parser still checks that nothing follows)
+                continue
+        elif depth == 1:  # a scalar item
+            yield value
+            continue
+        if not skipping:
+            builder = builder or ObjectBuilder()
+            builder.event(event, value)
+        if depth == 1:  # the item's own object or array closed
+            yield too_deep() if skipping else builder.value  # type: ignore[union-attr]
+            builder, skipping = None, False
 
 
 def _first_character(handle: Any) -> bytes:

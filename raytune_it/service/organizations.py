@@ -14,8 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
+from raytune_it.config.loading import parse_yaml
 from raytune_it.errors import ConfigError
 
 DEFAULT_ORGANIZATION = "default"
@@ -74,11 +73,11 @@ def load_organizations(api_key: str | None, keys_file: str | None) -> Organizati
     if keys_file:
         path = Path(keys_file).expanduser()
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise ConfigError(f"serve.api_keys_file: cannot read {keys_file}: {exc.strerror}") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"serve.api_keys_file: {keys_file} is not valid YAML: {exc}") from None
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
+            raise ConfigError(f"serve.api_keys_file: cannot read {keys_file}: {reason}") from None
+        data = parse_yaml(text, f"serve.api_keys_file: {keys_file}")
         if not isinstance(data, dict) or not data:
             raise ConfigError(f"serve.api_keys_file: {keys_file} must map organization names to keys, e.g. "
                               "'acme: [sha256:<hex>]'")

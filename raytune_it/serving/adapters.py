@@ -97,7 +97,7 @@ def check_adapter(name: str, folder: Path, base_config: dict, max_rank: int | No
         raise _bad(name, problem)
     try:
         config = json.loads((folder / CONFIG).read_text())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise _bad(name, f"has an unreadable {CONFIG}: {exc}") from None
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         kind = config.get("peft_type") if isinstance(config, dict) else None

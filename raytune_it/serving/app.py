@@ -26,6 +26,7 @@ import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
@@ -34,6 +35,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raytune_it.config.schema import JobConfig, ServeSection
+from raytune_it.data.records import MAX_NESTING, nesting
 from raytune_it.errors import request_problem
 from raytune_it.hardware import SERVER_TYPES
 from raytune_it.service.errors import ApiError
@@ -68,6 +70,16 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     return response
 
 
+@api.exception_handler(RequestValidationError)
+async def _bad_parameter(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """A query or path parameter of the wrong type (``?limit=abc``) is a 400 in OpenAI's shape, not FastAPI's
+    422 ``{"detail": [...]}``."""
+    problem = exc.errors()[0]
+    location = [str(part) for part in problem.get("loc", ())]
+    param = location[-1] if location else None
+    return error(400, f"{param}: {problem.get('msg', 'invalid value')}", "invalid_request", param)
+
+
 @api.exception_handler(Exception)
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     logging.getLogger("ray.serve").exception("unhandled error on %s", request.url.path)
@@ -76,6 +88,10 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 def unauthorized() -> JSONResponse:
     return error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "invalid_api_key")
+
+
+def too_deep() -> JSONResponse:
+    return error(400, f"the body's objects and arrays nest deeper than {MAX_NESTING} levels", "invalid_request")
 
 
 def overloaded() -> EngineError:
@@ -134,6 +150,10 @@ class OpenAIServer:
             data = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             return error(400, f"the body is not valid JSON: {exc}", "invalid_json")
+        except RecursionError:  # past the interpreter's own limit, about 1,000 levels
+            return too_deep()
+        if raw.count(b"[") + raw.count(b"{") > MAX_NESTING and nesting(data) > MAX_NESTING:
+            return too_deep()
         if not isinstance(data, dict):
             return error(400, "the body must be a JSON object", "invalid_request")
         if schema is None:  # the caller validates (its errors name the field too)
