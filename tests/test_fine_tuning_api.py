@@ -149,9 +149,17 @@ def test_what_a_client_gets_wrong_is_refused_by_name(app, tmp_path):
     assert status == 400 and body["message"].startswith("deep.json: record 2:") and "nest deeper" in body["message"]
     import httpx
 
-    listed = httpx.get(f"{app.url}/v1/files", params={"limit": "ten"},
-                       headers={"Authorization": f"Bearer {app.default_key}"})
-    assert (listed.status_code, listed.json()["error"]["param"]) == (400, "limit"), listed.text
+    headers = {"Authorization": f"Bearer {app.default_key}"}
+    for params in ({"limit": "ten"}, {"order": "sideways"}):  # FastAPI's own 422, answered as OpenAI's 400
+        listed = httpx.get(f"{app.url}/v1/files", params=params, headers=headers)
+        assert (listed.status_code, listed.json()["error"]["param"]) == (400, *params), listed.text
+    torn = httpx.post(f"{app.url}/v1/files", content=b"not a form",
+                      headers={**headers, "content-type": "multipart/form-data; boundary=xyz"})
+    assert torn.status_code == 400 and "not valid multipart" in torn.json()["error"]["message"], torn.text
+    csv = tmp_path / "train.csv"
+    csv.write_text("instruction,output\nhi,yo\n")
+    status, body = error_of(lambda: client.files.create(file=csv.open("rb"), purpose="fine-tune"))
+    assert status == 400 and body["message"].startswith("train.csv: the name must end in .json, .jsonl"), body
     big = conversations(tmp_path / "big.jsonl", count=400)  # over serve.max_file_bytes
     status, body = error_of(lambda: client.files.create(file=big.open("rb"), purpose="fine-tune"))
     assert status == 413 and body["code"] == "file_too_large"
@@ -163,6 +171,9 @@ def test_what_a_client_gets_wrong_is_refused_by_name(app, tmp_path):
         status, body = error_of(lambda key=key, value=value: client.fine_tuning.jobs.create(
             model="tiny-llama", training_file=good.id, extra_body={"raytune_it": {key: value}}))
         assert (status, body["code"], body["param"]) == (400, "forbidden_override", f"raytune_it.{key}"), body
+    status, body = error_of(lambda: client.fine_tuning.jobs.create(  # train's preflight, at creation
+        model="tiny-llama", training_file=good.id, extra_body={"raytune_it": {"lora.rank": 10**9}}))
+    assert (status, body["code"]) == (400, "invalid_hyperparameters") and "lora.rank=1000000000" in body["message"]
     status, body = error_of(lambda: client.fine_tuning.jobs.create(
         model="tiny-llama", training_file=good.id, hyperparameters={"n_epochs": "three"}))
     assert (status, body["param"]) == (400, "hyperparameters.n_epochs") and "'auto' or" in body["message"], body

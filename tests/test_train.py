@@ -28,6 +28,11 @@ def test_bad_inputs_fail_before_any_worker(tmp_path):
         train(load_config("tiny-lora", [f"run.storage={tmp_path}", "model.name_or_path=/no/such/model"]))
     with pytest.raises(ConfigError, match=r"lora.target_modules: the model has no module named 'query_key'.*q_proj"):
         train(load_config("tiny-lora", [f"run.storage={tmp_path}", "lora.target_modules=[q_proj,query_key]"]))
+    # tiny-llama's q_proj is 256 x 256 and its MLP 256 x 688: 256 is the largest rank any of them can use
+    with pytest.raises(ConfigError, match=r"lora.rank=1000000000: .* \(q_proj: 256\).* at most 256"):
+        train(load_config("tiny-lora", [f"run.storage={tmp_path}", "lora.rank=1000000000"]))
+    with pytest.raises(ConfigError, match=r"lora.rank=257: .* \(down_proj: 256\)"):
+        train(load_config("tiny-lora", [f"run.storage={tmp_path}", "lora.rank=257", "lora.target_modules=[down_proj]"]))
     with pytest.raises(ConfigError, match="sequences per step, but the training split has only"):
         train(load_config("tiny-lora", [f"run.storage={tmp_path}", "data.builtin_records=20",
                                         "train.micro_batch_size=64"]))

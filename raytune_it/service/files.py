@@ -44,6 +44,7 @@ class Upload:
 
 async def receive_upload(chunks: AsyncIterator[bytes], content_type: str, limit: int, spool: Path) -> Upload:
     """Parse a ``multipart/form-data`` stream, writing the part named ``file`` to ``spool``."""
+    from python_multipart.exceptions import FormParserError
     from python_multipart.multipart import MultipartParser, parse_options_header
 
     kind, options = parse_options_header(content_type)
@@ -90,14 +91,18 @@ async def receive_upload(chunks: AsyncIterator[bytes], content_type: str, limit:
         "on_header_end": on_header_end, "on_headers_finished": on_headers_finished, "on_part_data": on_part_data,
         "on_part_end": on_part_end})
     with spool.open("wb") as sink:
-        async for chunk in chunks:
-            parser.write(chunk)
-            if upload.size > limit:
-                raise too_large(limit)
-            if pending:
-                await asyncio.to_thread(sink.writelines, list(pending))
-                pending.clear()
-        parser.finalize()
+        try:
+            async for chunk in chunks:
+                parser.write(chunk)
+                if upload.size > limit:
+                    raise too_large(limit)
+                if pending:
+                    await asyncio.to_thread(sink.writelines, list(pending))
+                    pending.clear()
+            parser.finalize()
+        except FormParserError as exc:  # a body that is not the multipart its header says
+            raise ApiError(400, f"the upload is not valid multipart/form-data ({exc}); send the fields 'file' "
+                                "and 'purpose' as a form", "invalid_request") from None
     if upload.filename is None:
         raise ApiError(400, "the upload has no 'file' part", "invalid_request", "file")
     return upload
@@ -106,8 +111,12 @@ async def receive_upload(chunks: AsyncIterator[bytes], content_type: str, limit:
 def check_records(path: Path, filename: str) -> dict[str, Any]:
     """The file's type, record format and record count, each record validated as training reads it; a bad
     record is a 400 naming the uploaded file's line."""
+    from raytune_it.config.paths import SUFFIX_TYPES
     from raytune_it.data.records import detect_file_type, detect_record_format, iter_records
 
+    if Path(filename).suffix.lower() not in SUFFIX_TYPES:
+        raise ApiError(400, f"{filename}: the name must end in {', '.join(SUFFIX_TYPES)}, which tells the file's "
+                            "type (JSON Lines, a JSON array or Parquet)", "invalid_file", "file")
     try:
         file_type = detect_file_type(path)
         record_format = detect_record_format(path, file_type)

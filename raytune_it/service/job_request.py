@@ -162,11 +162,25 @@ def build_job_config(template: JobConfig, request: JobRequest, *, base_model: st
     if problem:
         raise ApiError(400, f"batch_size {chosen.batch_size}: {problem}", "invalid_hyperparameters",
                        "hyperparameters.batch_size")
+    _preflight(config)
     train = config.train
     resolved = {"n_epochs": train.epochs,
                 "batch_size": train.micro_batch_size * train.gradient_accumulation_steps * config.scaling.num_workers,
                 "learning_rate_multiplier": round(train.learning_rate / template.train.learning_rate, 6)}
     return config, resolved
+
+
+def _preflight(config: JobConfig) -> None:
+    """The checks ``raytune-it train`` makes before Ray starts (a LoRA rank the model can use, modules it
+    has), made at creation, so a job that would fail at once is a 400 and never queues."""
+    from raytune_it.train.preflight import preflight
+
+    try:
+        preflight(config)
+    except ConfigError as exc:
+        raise ApiError(400, str(exc), "invalid_hyperparameters", "raytune_it") from None
+    except Exception:  # noqa: BLE001 - a model this process cannot shape: the job's own preflight says why
+        return
 
 
 def planned_seconds(config: JobConfig, records: int) -> float | None:

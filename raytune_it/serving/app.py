@@ -23,7 +23,7 @@ import logging
 import statistics
 import time
 import uuid
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -424,7 +424,7 @@ class OpenAIServer:
 
     @api.get("/v1/files")
     async def list_files(self, request: Request, purpose: str | None = None, after: str | None = None,
-                         limit: int = 20, order: str = "desc") -> Response:
+                         limit: int = 20, order: Literal["asc", "desc"] = "desc") -> Response:
         return await self._call(request, "/v1/files", "list_files", purpose, after, limit, order)
 
     @api.get("/v1/files/{file_id}")

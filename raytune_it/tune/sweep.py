@@ -122,7 +122,8 @@ def sweep(config: JobConfig, *, console: Any = None) -> SweepOutcome:
     folder = run_dir_of(config)
     check_writable(folder.parent)
     trials = expand_trials(config)
-    preflight(trials[0].config)
+    for trial in trials:  # each trial's own values (a rank, a method), against one meta model
+        preflight(trial.config)
     mark_infeasible(trials, memory_budget_bytes(config))
     save_config(config, folder)
     runnable = [t for t in trials if t.skipped_reason is None]
