@@ -93,3 +93,34 @@ def test_data_generate_writes_deterministic_jsonl(tmp_path):
     assert a.read_text() == b.read_text() and len(a.read_text().splitlines()) == 50
     bad = run("data", "generate", str(a), "--families", "nope")
     assert bad.returncode == 2 and "unknown nope" in bad.stderr
+
+
+def test_every_command_refuses_storage_it_cannot_write_before_any_work(tmp_path):
+    """Not a traceback from a mkdir, nor a Ray Data actor's failed block, nor an error after training eval's
+    adapters: each names the key, before Ray starts."""
+    import io
+
+    import pytest
+    import ray
+    from rich.console import Console
+
+    from raytune_it.errors import ConfigError
+    from raytune_it.evaluation.driver import evaluate
+    from raytune_it.generation.offline import generate
+    from raytune_it.models.loading import load_tokenizer
+    from raytune_it.train.prepared import prepare
+
+    (tmp_path / "a-file").write_text("")
+    unwritable = tmp_path / "a-file" / "under-it"
+    records = tmp_path / "one.jsonl"
+    records.write_text(json.dumps({"instruction": "a", "input": "", "output": "b"}) + "\n")
+    config = load_config("tiny-lora", [f"data.path={records}", f"data.prepared_root={unwritable}"])
+    with pytest.raises(ConfigError, match=f"data.prepared_root: cannot create '{unwritable}'"):
+        prepare(config, load_tokenizer(config.model.name_or_path))
+    for command in (generate, evaluate):
+        shown = io.StringIO()
+        with pytest.raises(ConfigError, match=f"run.storage: cannot create '{unwritable}"):
+            command(load_config("tiny-lora", [f"data.path={records}", f"run.storage={unwritable}"]),
+                    console=Console(file=shown))
+        assert shown.getvalue() == "", "nothing was started (eval trained its general adapter first)"
+    assert not ray.is_initialized()

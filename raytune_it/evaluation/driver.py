@@ -130,10 +130,12 @@ def evaluate(config: JobConfig, console: Any = None, models: dict[str, str] | No
     from rich.progress import Progress
 
     from raytune_it.generation.answers import Answerer, resolve_models
+    from raytune_it.storage import check_writable
     from raytune_it.train.driver import run_dir_of
 
     console = console or Console()
     folder = folder or run_dir_of(config) / "eval"
+    check_writable(folder)  # unreachable, missing bucket, no permission: now, not after training adapters
     given = dict(config.eval.models, **(models or {}))
     # No model is scored on an example it was tuned on: the examples of every evaluated model's training
     # data are left out, so every model is scored on the same unseen examples.

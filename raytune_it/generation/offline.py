@@ -147,11 +147,13 @@ def generate(config: JobConfig, console: Any = None) -> GenerateSummary:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from raytune_it.cluster import ray_session
+    from raytune_it.storage import check_writable
     from raytune_it.train.driver import run_dir_of
 
     console = console or Console()
     models = generation_models(config)
     output = run_dir_of(config) / "generations"
+    check_writable(output)  # now, not as every actor's first block fails
     section = config.generate
     done = {name: written_blocks(output, name, section.output_format) for name in models}
     work: list[dict[str, Any]] = []

@@ -33,7 +33,7 @@ from raytune_it.data.pipeline import iter_examples
 from raytune_it.data.records import ReadReport
 from raytune_it.data.tokenize import TokenizeStats
 from raytune_it.errors import ConfigError
-from raytune_it.storage import Location, open_location
+from raytune_it.storage import Location, check_writable, open_location
 from raytune_it.train.data import put_split, write_examples
 
 #: Bump when tokenization changes the rows made from the same inputs: earlier preparations are then not reused.
@@ -233,6 +233,7 @@ def prepare(config: JobConfig, tokenizer: Any, on_records: Callable[[int], None]
     folder = prepared_root(config) / key
     if (folder / STATS_FILE).is_file():
         return PreparedData.load(folder), True
+    check_writable(prepared_root(config), "data.prepared_root" if config.data.prepared_root else "run.storage")
     return _write(config, tokenizer, folder, key, inputs, on_records), False
 
 
