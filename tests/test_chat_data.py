@@ -219,3 +219,16 @@ def test_tools_on_a_template_without_tool_support_are_refused_naming_the_fix(tmp
     chatml = load_config("tiny-lora", [f"data.path={path}", "data.format=messages", "data.eval_fraction=0",
                                        "data.template=chatml"])
     assert len(list(iter_examples(chatml.data, tokenizer, 2048, "train", 0))) == 1
+
+
+def test_trained_token_spans_are_the_tokens_that_start_inside_each_answer():
+    """Token starts that grow along the text give one range per answer (bisection); any other order falls
+    back to testing each token, with the same result as that test over every token."""
+    from raytune_it.data.prompt_format import _token_spans
+
+    begins, answers = [0, 2, 5, 9, 12, 15], [(2, 6), (12, 20)]
+    assert _token_spans(begins, answers) == [(1, 3), (4, 6)]
+    assert _token_spans(begins, [(3, 4)]) == [(2, 2)], "no token starts inside: an empty range"
+    shuffled = [0, 5, 2, 9, 15, 12]
+    trained = {i for span in _token_spans(shuffled, answers) for i in range(*span)}
+    assert trained == {i for i, begin in enumerate(shuffled) if any(s <= begin < e for s, e in answers)}

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import json
+from bisect import bisect_left
 from typing import Any, Mapping, Sequence
 
 from raytune_it.data.chat import (
@@ -77,20 +78,23 @@ class PromptFormat:
 
     # --- training -----------------------------------------------------------------------------
 
-    def training_ids(self, records: Sequence[Mapping[str, Any]]) -> tuple[list[list[int]], list[list[bool]]]:
-        """Each record's text ids (without BOS and EOS) and which of them are trained: the answer of an
-        Alpaca record, every assistant turn of a conversation (``chat.trained_spans``)."""
+    def training_ids(self, records: Sequence[Mapping[str, Any]]) -> tuple[list[list[int]], list[TokenSpans]]:
+        """Each record's text ids (without BOS and EOS) and the spans of them that are trained: the answer of
+        an Alpaca record, every assistant turn of a conversation (``chat.trained_spans``)."""
         if self.chat_template is None and all("messages" not in r for r in records):
             prompts = [render_prompt(r) for r in records]
             texts = [prompt + r["output"] for prompt, r in zip(prompts, records)]
             ids, prompt_lengths = joined_ids(self.tokenizer, prompts, texts)
-            return ids, [[False] * length + [True] * (len(text_ids) - length)
-                         for text_ids, length in zip(ids, prompt_lengths)]
+            return ids, [[(length, len(text_ids))] for text_ids, length in zip(ids, prompt_lengths)]
         return conversation_ids(self.tokenizer, self.chat_template or CHAT_TEMPLATES["alpaca"], records)
+
+    @functools.cached_property
+    def _bos_id(self) -> int | None:
+        return self.tokenizer.bos_token_id  # looked up once: transformers resolves it on every access
 
     def bos(self, text_ids: list[int]) -> list[int]:
         """BOS to put before ``text_ids``: none when the tokenizer has no BOS or the text starts with it."""
-        bos = self.tokenizer.bos_token_id
+        bos = self._bos_id
         return [] if bos is None or text_ids[:1] == [bos] else [bos]
 
     # --- generation ---------------------------------------------------------------------------
@@ -197,29 +201,44 @@ def saved_format(folder: str) -> str | None:
     return None
 
 
+#: Token index ranges ``[start, end)`` of a text's ids that are trained, in order.
+TokenSpans = list[tuple[int, int]]
+
+
 def conversation_ids(tokenizer: Any, chat_template: str,
-                     records: Sequence[Mapping[str, Any]]) -> tuple[list[list[int]], list[list[bool]]]:
-    """Each conversation's token ids (the rendered text, tokenized as one) and which of them are trained:
-    the tokens that start inside an assistant turn's span (``chat.trained_spans``)."""
+                     records: Sequence[Mapping[str, Any]]) -> tuple[list[list[int]], list[TokenSpans]]:
+    """Each conversation's token ids (the rendered text, tokenized as one) and the spans of them that are
+    trained: the tokens that start inside an assistant turn's characters (``chat.trained_spans``)."""
     rendered = [trained_spans(tokenizer, chat_template, r["messages"], r.get("tools")) if "messages" in r
                 else trained_spans(tokenizer, chat_template, alpaca_messages(r)) for r in records]
     texts = [text for text, _ in rendered]
     if getattr(tokenizer, "is_fast", False):
         encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-        masks = [[any(start <= begin < end for start, end in spans) for begin, _ in offsets]
-                 for (_, spans), offsets in zip(rendered, encoded["offset_mapping"])]
-        return encoded["input_ids"], masks
-    ids, masks = [], []  # a slow tokenizer has no offsets: each span is tokenized on its own
+        return encoded["input_ids"], [_token_spans([begin for begin, _ in offsets], spans)
+                                      for (_, spans), offsets in zip(rendered, encoded["offset_mapping"])]
+    ids, token_spans = [], []  # a slow tokenizer has no offsets: each span is tokenized on its own
     for text, spans in rendered:
         cuts = sorted({0, len(text), *(edge for span in spans for edge in span)})
-        text_ids, mask = [], []
+        text_ids: list[int] = []
+        trained: TokenSpans = []
         for begin, end in zip(cuts, cuts[1:]):
             piece = tokenizer(text[begin:end], add_special_tokens=False)["input_ids"]
+            if any(start <= begin < stop for start, stop in spans):
+                trained.append((len(text_ids), len(text_ids) + len(piece)))
             text_ids += piece
-            mask += [any(start <= begin < stop for start, stop in spans)] * len(piece)
         ids.append(text_ids)
-        masks.append(mask)
-    return ids, masks
+        token_spans.append(trained)
+    return ids, token_spans
+
+
+def _token_spans(begins: list[int], spans: Sequence[tuple[int, int]]) -> TokenSpans:
+    """The tokens that start inside each character span ``[start, end)``, as token index ranges. Token starts
+    only grow along a text, so each span's tokens are one range, found by bisection; where they do not (no
+    tokenizer known here does that), each token is tested on its own."""
+    if begins == sorted(begins):
+        return [(bisect_left(begins, start), bisect_left(begins, end)) for start, end in spans]
+    trained = [index for index, begin in enumerate(begins) if any(start <= begin < end for start, end in spans)]
+    return [(index, index + 1) for index in trained]
 
 
 def joined_ids(tokenizer: Any, prompts: Sequence[str], texts: Sequence[str]) -> tuple[list[list[int]], list[int]]:

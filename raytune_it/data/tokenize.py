@@ -59,16 +59,17 @@ def tokenize_records(
     and train every assistant turn (``data.chat``)."""
     prompt_format = PromptFormat(tokenizer, chat_template)
     eos = [tokenizer.eos_token_id]
-    ids, trained_masks = prompt_format.training_ids(records)
+    ids, trained_spans = prompt_format.training_ids(records)
     out = []
-    for text_ids, trained_mask in zip(ids, trained_masks):
+    for text_ids, spans in zip(ids, trained_spans):
         prefix = prompt_format.bos(text_ids)  # a template that writes BOS itself has it already
         input_ids = prefix + text_ids + eos
-        labels = [IGNORE_INDEX] * len(prefix) + [token if trained else IGNORE_INDEX
-                                              for token, trained in zip(text_ids, trained_mask)] + eos
+        labels = [IGNORE_INDEX] * (len(prefix) + len(text_ids)) + eos
+        for start, end in spans:  # list slices, not a Python step per token
+            labels[len(prefix) + start:len(prefix) + end] = text_ids[start:end]
         truncated = len(input_ids) > max_seq_len
         input_ids, labels = input_ids[:max_seq_len], labels[:max_seq_len]
-        trained = sum(1 for label in labels if label != IGNORE_INDEX)
+        trained = len(labels) - labels.count(IGNORE_INDEX)
         if trained == 0:
             if stats is not None:
                 stats.dropped_no_response += 1
