@@ -14,6 +14,8 @@ in ``masking_utils``), so no token attends across an example boundary.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -46,6 +48,24 @@ class TokenizeStats:
         self.truncated += int(truncated)
 
 
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off for one batch.
+
+    Tokenizing a batch makes thousands of new lists and dicts, so the collector runs every few hundred of
+    them, and its full passes walk the process's few hundred thousand long-lived objects (transformers,
+    torch) to find nothing: tokenizing makes no reference cycles. That was a sixth of a chunk's time, on
+    both preparation paths. Reference counting still frees everything, and the collector, back on after
+    the batch, still collects what cycles other code makes."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def tokenize_records(
     records: Sequence[Mapping[str, Any]],
     tokenizer: Any,
@@ -57,6 +77,12 @@ def tokenize_records(
     by the run's prompt format (``prompt_format.PromptFormat``): Alpaca records without a ``chat_template``
     get the Alpaca prompt; conversations, and Alpaca records with a template, are rendered with the template
     and train every assistant turn (``data.chat``)."""
+    with collector_paused():
+        return _tokenize(records, tokenizer, max_seq_len, stats, chat_template)
+
+
+def _tokenize(records: Sequence[Mapping[str, Any]], tokenizer: Any, max_seq_len: int, stats: TokenizeStats | None,
+              chat_template: str | None) -> list[dict[str, list[int]]]:
     prompt_format = PromptFormat(tokenizer, chat_template)
     eos = [tokenizer.eos_token_id]
     ids, trained_spans = prompt_format.training_ids(records)

@@ -23,23 +23,64 @@ BLOCK_ROWS = 4096
 
 
 def write_examples(examples: Iterator[dict], target: Location, packed: bool) -> int:
-    """Write tokenized examples to one Parquet file in row groups of ``BLOCK_ROWS``, the blocks
-    ``put_split`` puts in the object store; the number of rows written. The one layout of a prepared split,
-    whoever tokenized it (the driver, a Ray Data actor, the packing pass)."""
+    """Write tokenized examples to one Parquet file (``ExampleWriter``), even with none; the rows written."""
     from itertools import islice
 
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    columns = ["input_ids", "labels"] + (["position_ids"] if packed else [])
-    schema = pa.schema([(name, pa.list_(pa.int32())) for name in columns])
-    rows = 0
-    # On an object store the file appears only when the writer closes (one multipart upload).
-    with target.open_output_stream() as sink, pq.ParquetWriter(sink, schema) as writer:
+    writer = ExampleWriter(target, packed)
+    writer.open()
+    try:
         while chunk := list(islice(examples, BLOCK_ROWS)):
-            writer.write_table(pa.Table.from_pylist(chunk, schema=schema))
-            rows += len(chunk)
-    return rows
+            writer.write(chunk)
+    finally:
+        writer.close()
+    return writer.rows
+
+
+class ExampleWriter:
+    """Tokenized examples into one Parquet file, fed a batch at a time, in row groups of ``BLOCK_ROWS``: the
+    blocks ``put_split`` puts in the object store. The one layout of a prepared split, whoever tokenized it
+    (the driver, a Ray Data actor, the packing pass). The file is opened at the first row (or by ``open``),
+    so a split a chunk has no rows of leaves no file; on an object store it appears only at ``close`` (one
+    multipart upload). At most a row group is held, so a writer's memory does not grow with its file."""
+
+    def __init__(self, target: Location, packed: bool) -> None:
+        import pyarrow as pa
+
+        columns = ["input_ids", "labels"] + (["position_ids"] if packed else [])
+        self.schema = pa.schema([(name, pa.list_(pa.int32())) for name in columns])
+        self.target, self.rows = target, 0
+        self._pending: list[dict] = []
+        self._sink: Any = None
+        self._writer: Any = None
+
+    def open(self) -> None:
+        import pyarrow.parquet as pq
+
+        if self._writer is None:
+            self._sink = self.target.open_output_stream()
+            self._writer = pq.ParquetWriter(self._sink, self.schema)
+
+    def write(self, examples: list[dict]) -> None:
+        self._pending += examples
+        while len(self._pending) >= BLOCK_ROWS:
+            self._flush(self._pending[:BLOCK_ROWS])
+            del self._pending[:BLOCK_ROWS]
+
+    def close(self) -> None:
+        if self._pending:
+            self._flush(self._pending)
+            self._pending = []
+        if self._writer is not None:
+            self._writer.close()
+            self._sink.close()
+            self._writer = self._sink = None
+
+    def _flush(self, rows: list[dict]) -> None:
+        import pyarrow as pa
+
+        self.open()
+        self._writer.write_table(pa.Table.from_pylist(rows, schema=self.schema))
+        self.rows += len(rows)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict
+from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -40,7 +41,7 @@ from raytune_it.data.records import (
 from raytune_it.data.tokenize import TokenizeStats, pack_examples, tokenize_records
 from raytune_it.errors import ConfigError, DataError
 from raytune_it.storage import Location, is_uri, local, open_location
-from raytune_it.train.data import BLOCK_ROWS, write_examples
+from raytune_it.train.data import BLOCK_ROWS, ExampleWriter, write_examples
 
 #: Below this much data the driver tokenizes faster than actors start.
 RAY_DATA_MIN_BYTES = 64 << 20
@@ -145,32 +146,31 @@ def prepare_chunk(config: JobConfig, tokenizer: Any, template: str | None, chunk
     location, name = _open(config, chunk.source)
     report = ReadReport()
     out: dict[str, Any] = {"index": chunk.index, "source": chunk.source, "error": "", "stats": "{}"}
+    records = checked_records(chunk_records(chunk, location, name), validator(data.format),
+                              skip_bad_records=data.skip_bad_records, report=report)
+    stats = {split: TokenizeStats() for split in SPLITS}
+    writers = {split: ExampleWriter(folder / shard_name(token, split, chunk.index), packed=False)
+               for split in SPLITS}
+    # A batch at a time, as the driver path streams: an actor holds a batch and a row group, not its chunk.
     try:
-        records = list(checked_records(chunk_records(chunk, location, name), validator(data.format),
-                                       skip_bad_records=data.skip_bad_records, report=report))
-        by_split: dict[str, list[dict]] = {split: [] for split in SPLITS}
-        for record in records:
-            by_split[chunk.split or split_of(record, data.eval_fraction, config.train.seed)].append(record)
-        stats, rows = {}, {}
-        for split, items in by_split.items():
-            stats[split] = TokenizeStats()
-            examples: list[dict] = []
-            for start in range(0, len(items), BATCH):
+        while batch := list(islice(records, BATCH)):
+            by_split: dict[str, list[dict]] = {split: [] for split in SPLITS}
+            for record in batch:
+                by_split[chunk.split or split_of(record, data.eval_fraction, config.train.seed)].append(record)
+            for split, items in by_split.items():
                 try:
-                    examples += tokenize_records(items[start:start + BATCH], tokenizer, config.train.max_seq_len,
-                                                 stats[split], chat_template=template)
+                    writers[split].write(tokenize_records(items, tokenizer, config.train.max_seq_len, stats[split],
+                                                          chat_template=template) if items else [])
                 except ValueError as exc:  # the run's template cannot render the file's conversations
                     raise DataError(f"{name}: {exc}") from None
-            rows[split] = len(examples)
-            if examples:
-                write_examples(iter(examples), folder / shard_name(token, split, chunk.index), packed=False)
         out["stats"] = json.dumps({split: asdict(value) for split, value in stats.items()})
-        out.update({f"{split}_rows": rows[split] for split in SPLITS})
     except DataError as exc:
-        out["error"] = str(exc)
+        out["error"] = str(exc)  # the driver deletes every shard of a failed preparation, this chunk's too
+    finally:
+        for writer in writers.values():
+            writer.close()
+    out.update({f"{split}_rows": writers[split].rows for split in SPLITS})
     out.update(records=report.records, bad_records=report.bad_records, reasons=json.dumps(report.reasons))
-    out.setdefault("train_rows", 0)
-    out.setdefault("eval_rows", 0)
     return out
 
 
