@@ -90,7 +90,7 @@ def unauthorized() -> JSONResponse:
     return error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "invalid_api_key")
 
 
-def too_deep() -> JSONResponse:
+def too_deep_body() -> JSONResponse:
     return error(400, f"the body's objects and arrays nest deeper than {MAX_NESTING} levels", "invalid_request")
 
 
@@ -151,9 +151,9 @@ class OpenAIServer:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             return error(400, f"the body is not valid JSON: {exc}", "invalid_json")
         except RecursionError:  # past the interpreter's own limit, about 1,000 levels
-            return too_deep()
+            return too_deep_body()
         if raw.count(b"[") + raw.count(b"{") > MAX_NESTING and nesting(data) > MAX_NESTING:
-            return too_deep()
+            return too_deep_body()
         if not isinstance(data, dict):
             return error(400, "the body must be a JSON object", "invalid_request")
         if schema is None:  # the caller validates (its errors name the field too)
