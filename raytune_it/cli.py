@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from raytune_it.errors import UserError
 from raytune_it.hardware import SERVER_TYPES
@@ -227,6 +227,21 @@ def cmd_model_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse type for a count or a size: a number above zero, or argparse's usage error naming the flag
+    (not a ZeroDivisionError from the planner, or a plan for -1 records)."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value > 0 or value != value or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"{text!r}: give a number above 0")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="raytune-it",
@@ -270,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Deterministic, seeded Alpaca records from task families in the "
                           "medicine, law, finance and general domains.")
     gen.add_argument("output", help="the JSONL file to write")
-    gen.add_argument("--records", type=int, default=2000, help="how many records (default: 2000)")
+    gen.add_argument("--records", type=positive(int), default=2000, help="how many records (default: 2000)")
     gen.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     gen.add_argument("--families", help="comma-separated task families to include (default: all)")
     gen.set_defaults(func=cmd_data_generate)
@@ -311,11 +326,13 @@ def build_parser() -> argparse.ArgumentParser:
         "generation rate seen by the client and reported by the server, and errors.")
     bench_serve.add_argument("--url", default="http://127.0.0.1:8000", help="endpoint base URL (default: %(default)s)")
     bench_serve.add_argument("--model", required=True, help="model or adapter name to query")
-    bench_serve.add_argument("-n", type=int, default=20, help="number of requests (default: %(default)s)")
-    bench_serve.add_argument("--max-tokens", type=int, default=64, help="max_tokens per request (default: %(default)s)")
+    bench_serve.add_argument("-n", type=positive(int), default=20, help="number of requests (default: %(default)s)")
+    bench_serve.add_argument("--max-tokens", type=positive(int), default=64,
+                             help="max_tokens per request (default: %(default)s)")
     bench_serve.add_argument("--prompt", default="### Instruction:\nConvert 5 kilometers to meters.\n\n### Response:\n",
                              help="prompt text")
-    bench_serve.add_argument("--concurrency", type=int, default=1, help="requests in flight (default: 1, batch size 1)")
+    bench_serve.add_argument("--concurrency", type=positive(int), default=1,
+                             help="requests in flight (default: 1, batch size 1)")
     bench_serve.add_argument("--api-key", default=None, help="API key, if the endpoint has one")
     bench_serve.add_argument("--json", action="store_true", help="print JSON")
     bench_serve.set_defaults(func=cmd_bench_serve)
@@ -380,17 +397,18 @@ def build_parser() -> argparse.ArgumentParser:
                       "config's, else full")
     plan.add_argument("--server-type", choices=sorted(SERVER_TYPES),
                       help="the GPU server to plan for; default: the config's, else a800-80g")
-    plan.add_argument("--seq-len", type=int, help="max sequence length in tokens (default 512, or the config's)")
-    plan.add_argument("--records", type=int, help="training records (default 52,002: Alpaca)")
-    plan.add_argument("--mean-tokens", type=float, help="mean tokens per record after the prompt template (default "
-                      "200, an Alpaca estimate)")
+    plan.add_argument("--seq-len", type=positive(int),
+                      help="max sequence length in tokens (default 512, or the config's)")
+    plan.add_argument("--records", type=positive(int), help="training records (default 52,002: Alpaca)")
+    plan.add_argument("--mean-tokens", type=positive(float),
+                      help="mean tokens per record after the prompt template (default 200, an Alpaca estimate)")
     plan.add_argument("--data", help="a dataset (.json/.jsonl/.parquet) to measure records and mean tokens from, "
                       "with the training pipeline")
     plan.add_argument("--tokenizer", help="model directory whose tokenizer counts --data tokens (default: the "
                       "model's)")
-    plan.add_argument("--epochs", type=float, help="passes over the data (default 3)")
-    plan.add_argument("--global-batch", type=int, help="sequences per optimizer step across all GPUs (default 32, "
-                      "or the config's micro batch x accumulation x workers)")
+    plan.add_argument("--epochs", type=positive(float), help="passes over the data (default 3)")
+    plan.add_argument("--global-batch", type=positive(int), help="sequences per optimizer step across all GPUs "
+                      "(default 32, or the config's micro batch x accumulation x workers)")
     plan.add_argument("--lora-targets", type=lambda text: [name.strip() for name in text.split(",") if name.strip()],
                       metavar="MODULES", help="LoRA's target modules, comma-separated, such as "
                       "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj (default: attention's four, or the "

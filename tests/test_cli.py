@@ -124,3 +124,29 @@ def test_every_command_refuses_storage_it_cannot_write_before_any_work(tmp_path)
                     console=Console(file=shown))
         assert shown.getvalue() == "", "nothing was started (eval trained its general adapter first)"
     assert not ray.is_initialized()
+
+
+def test_bench_serve_against_no_endpoint_is_one_clear_error():
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on once closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = run("bench-serve", "--url", f"http://127.0.0.1:{port}", "--model", "tiny-llama", "-n", "2")
+    assert result.returncode == 2 and "cannot reach the endpoint" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_every_count_flag_refuses_zero_negative_and_nan_by_name(capsys):
+    import pytest
+
+    from raytune_it.cli import main
+
+    for words in (["plan", "7B", "--seq-len", "0"], ["plan", "7B", "--records", "-1"],
+                  ["plan", "7B", "--epochs", "nan"], ["plan", "7B", "--global-batch", "0"],
+                  ["bench-serve", "--model", "m", "--concurrency", "0"],
+                  ["data", "generate", "out.jsonl", "--records", "0"]):
+        with pytest.raises(SystemExit) as exited:
+            main(words)
+        assert exited.value.code == 2
+        assert f"argument {words[-2]}: '{words[-1]}': give a number above 0" in capsys.readouterr().err, words

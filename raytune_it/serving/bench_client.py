@@ -19,6 +19,16 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def one_request(client: Any, url: str, model: str, prompt: str, max_tokens: int) -> dict:
+    """One streamed completion's numbers, or ``{"error": ...}`` for an error answer or a lost connection."""
+    import httpx
+
+    try:
+        return _timed_request(client, url, model, prompt, max_tokens)
+    except httpx.TransportError as exc:  # the endpoint went away mid-run: counted, the run goes on
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def _timed_request(client: Any, url: str, model: str, prompt: str, max_tokens: int) -> dict:
     started = time.perf_counter()
     first = None
     usage: dict = {}
@@ -48,9 +58,16 @@ def bench(url: str, model: str, n: int, prompt: str, max_tokens: int, concurrenc
           api_key: str | None = None) -> dict:
     import httpx
 
+    from raytune_it.errors import UserError
+
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    started = time.perf_counter()
     with httpx.Client(headers=headers, timeout=600, limits=httpx.Limits(max_connections=concurrency + 4)) as client:
+        try:  # an endpoint that is not there is one error, not n tracebacks or n failed requests
+            client.get(f"{url.rstrip('/')}/v1/models", timeout=30)
+        except httpx.TransportError as exc:
+            raise UserError(f"--url {url}: cannot reach the endpoint ({type(exc).__name__}: {exc}). Start it with "
+                            "'raytune-it serve CONFIG', or pass its address with --url.") from None
+        started = time.perf_counter()
         with ThreadPoolExecutor(max_workers=concurrency) as pool:
             results = list(pool.map(lambda _: one_request(client, url.rstrip("/"), model, prompt, max_tokens),
                                     range(n)))
