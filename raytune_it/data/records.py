@@ -125,11 +125,13 @@ def jsonl_lines(lines: Iterable[bytes], name: str, first_line: int) -> Iterator[
         except RecursionError:  # past the interpreter's own limit, about 1,000 levels
             yield where, too_deep()
             continue
-        # A line with fewer brackets than the limit cannot nest past it: the walk is for the rare rest.
-        if line.count(b"[") + line.count(b"{") > MAX_NESTING and nesting(record) > MAX_NESTING:
-            yield where, too_deep()
-            continue
-        yield where, record
+        yield where, too_deep() if nests_too_deep(line, record) else record
+
+
+def nests_too_deep(raw: bytes, value: Any) -> bool:
+    """Whether ``value``, parsed from ``raw``, nests past ``MAX_NESTING``. JSON with fewer brackets than the
+    limit cannot, so the walk is only for the rare rest: ordinary records cost two byte counts."""
+    return raw.count(b"[") + raw.count(b"{") > MAX_NESTING and nesting(value) > MAX_NESTING
 
 
 def nesting(value: Any) -> int:

@@ -35,7 +35,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raytune_it.config.schema import JobConfig, ServeSection
-from raytune_it.data.records import MAX_NESTING, nesting
+from raytune_it.data.records import MAX_NESTING, nests_too_deep
 from raytune_it.errors import request_problem
 from raytune_it.hardware import SERVER_TYPES
 from raytune_it.service.errors import ApiError
@@ -152,7 +152,7 @@ class OpenAIServer:
             return error(400, f"the body is not valid JSON: {exc}", "invalid_json")
         except RecursionError:  # past the interpreter's own limit, about 1,000 levels
             return too_deep_body()
-        if raw.count(b"[") + raw.count(b"{") > MAX_NESTING and nesting(data) > MAX_NESTING:
+        if nests_too_deep(raw, data):
             return too_deep_body()
         if not isinstance(data, dict):
             return error(400, "the body must be a JSON object", "invalid_request")
