@@ -67,15 +67,31 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_data_generate(args: argparse.Namespace) -> int:
+    from raytune_it.config.paths import SUFFIX_TYPES
     from raytune_it.data.synthetic import FAMILIES, generate, write_jsonl
+    from raytune_it.storage import as_location, redact_uri, storage_cause
 
-    families = args.families.split(",") if args.families else None
-    known = {f.name for f in FAMILIES}
-    unknown = sorted(set(families or ()) - known)
-    if unknown:
-        raise UserError(f"--families: unknown {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    path = write_jsonl(generate(args.records, seed=args.seed, families=families), args.output)
-    print(f"wrote {args.records} records to {path}")
+    families = None
+    if args.families is not None:
+        families = [name.strip() for name in args.families.split(",") if name.strip()]
+        known = sorted(f.name for f in FAMILIES)
+        unknown = sorted(set(families) - set(known))
+        if unknown or not families:
+            problem = f"unknown {', '.join(unknown)}" if unknown else "names no family"
+            raise UserError(f"--families: {problem}; known: {', '.join(known)}")
+    output = as_location(args.output, key="output")
+    jsonl = sorted(suffix for suffix, kind in SUFFIX_TYPES.items() if kind == "jsonl")
+    if not output.name.lower().endswith(tuple(jsonl)) or args.output.endswith("/"):
+        raise UserError(f"output: {redact_uri(args.output)!r} is not a JSON Lines file name; end it with "
+                        f"{' or '.join(jsonl)} so that data.path reads it back")
+    try:
+        if output.exists() and not output.is_file():
+            raise UserError(f"output: {redact_uri(output.uri)} is a folder; name the file to write inside it")
+        write_jsonl(generate(args.records, seed=args.seed, families=families), output)
+    except OSError as exc:
+        cause = exc.strerror if output.is_local and exc.strerror else storage_cause(exc)
+        raise UserError(f"output: cannot write {redact_uri(output.uri)}: {cause}") from None
+    print(f"wrote {args.records} records to {redact_uri(output.uri)}")
     return 0
 
 
@@ -284,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = data.add_parser("generate", help="write the project's generated instruction data to a JSONL file",
                           description="Deterministic, seeded Alpaca records from task families in the "
                           "medicine, law, finance and general domains.")
-    gen.add_argument("output", help="the JSONL file to write")
+    gen.add_argument("output", help="the .jsonl file to write: a local path or a storage URI (s3://bucket/tasks.jsonl)")
     gen.add_argument("--records", type=positive(int), default=2000, help="how many records (default: 2000)")
     gen.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     gen.add_argument("--families", help="comma-separated task families to include (default: all)")

@@ -28,9 +28,10 @@ import re
 import shutil
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 from urllib.parse import urlsplit
 
 from raytune_it.errors import ConfigError, UserError
@@ -182,15 +183,26 @@ class Location:
     def mkdir(self) -> None:
         self.filesystem.create_dir(self.path, recursive=True)
 
-    def write_bytes(self, data: bytes) -> None:
-        """Whole or not at all: a local file is renamed into place; an object store's PUT is atomic."""
-        if self.is_local:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            staging = f"{self.path}.partial-{uuid.uuid4().hex[:8]}"
-            Path(staging).write_bytes(data)
-            os.replace(staging, self.path)
+    @contextmanager
+    def writer(self) -> Iterator[Any]:
+        """A binary stream that lands whole or not at all: a local file is written beside the target and
+        renamed into place (and removed if writing fails); an object store's upload lands on close."""
+        if not self.is_local:
+            with self.filesystem.open_output_stream(self.path) as handle:
+                yield handle
             return
-        with self.filesystem.open_output_stream(self.path) as handle:
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        staging = f"{self.path}.partial-{uuid.uuid4().hex[:8]}"
+        try:
+            with open(staging, "wb") as handle:
+                yield handle
+            os.replace(staging, self.path)
+        finally:
+            if os.path.exists(staging):
+                os.remove(staging)
+
+    def write_bytes(self, data: bytes) -> None:
+        with self.writer() as handle:
             handle.write(data)
 
     def write_text(self, text: str) -> None:

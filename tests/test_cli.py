@@ -95,6 +95,30 @@ def test_data_generate_writes_deterministic_jsonl(tmp_path):
     assert bad.returncode == 2 and "unknown nope" in bad.stderr
 
 
+def test_data_generate_refuses_an_output_it_cannot_write_and_leaves_nothing_behind(tmp_path, capsys):
+    """A folder, a name data.path cannot read back, a parent that is a file, an empty family list: one
+    error each, not a traceback from a rename, and no staging file left beside the target."""
+    from raytune_it.cli import main
+
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "folder.jsonl").mkdir()
+    cases = {
+        str(tmp_path): "is not a JSON Lines file name",
+        str(tmp_path / "tasks.txt"): "end it with .jsonl or .ndjson",
+        str(tmp_path / "folder.jsonl"): "is a folder",
+        str(tmp_path / "a-file" / "x.jsonl"): "output: cannot write",
+    }
+    for output, message in cases.items():
+        assert main(["data", "generate", output, "--records", "3"]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["data", "generate", str(tmp_path / "x.jsonl"), "--families", ","]) == 2
+    assert "--families: names no family" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "folder.jsonl"]
+    assert main(["data", "generate", f"file://{tmp_path}/ok.jsonl", "--records", "3", "--families", "bmi, dosage"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "ok.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and {row["family"] for row in rows} <= {"bmi", "dosage"}
+
+
 def test_every_command_refuses_storage_it_cannot_write_before_any_work(tmp_path):
     """Not a traceback from a mkdir, nor a Ray Data actor's failed block, nor an error after training eval's
     adapters: each names the key, before Ray starts."""

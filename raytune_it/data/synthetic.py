@@ -13,9 +13,12 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from raytune_it.builtins import BUILTIN_FAMILIES
+
+if TYPE_CHECKING:
+    from raytune_it.storage import Location
 
 Example = tuple[str, str, str]  # instruction, input, output
 
@@ -151,13 +154,12 @@ def generate(num_records: int, seed: int = 0, families: Iterable[str] | None = N
                "family": family.name, "domain": family.domain}
 
 
-def write_jsonl(records: Iterable[dict[str, str]], path: str | Path) -> Path:
-    """Write records as JSONL atomically (a temp file renamed into place)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + f".tmp{random.getrandbits(32):08x}")
-    with tmp.open("w", encoding="utf-8") as handle:
+def write_jsonl(records: Iterable[dict[str, str]], target: "str | Path | Location") -> "Location":
+    """Write records as JSON Lines to a local path or storage URI, whole or not at all."""
+    from raytune_it.storage import as_location
+
+    location = as_location(target, key="output")
+    with location.writer() as handle:
         for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-    return path
+            handle.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+    return location
