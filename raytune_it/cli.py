@@ -452,7 +452,17 @@ def build_parser() -> argparse.ArgumentParser:
     model = sub.add_parser("model", help="base models").add_subparsers(dest="action", metavar="ACTION", required=True)
     tiny = model.add_parser("tiny", help="build the built-in tiny-llama (once) and print its directory")
     tiny.set_defaults(func=cmd_model_tiny)
+    _name_each_command_parser(parser)
     return parser
+
+
+def _name_each_command_parser(parser: argparse.ArgumentParser) -> None:
+    """Give each command's namespace its own parser, so that a flag it does not know is reported with that
+    command's usage ('raytune-it data generate: error: ...'), not the top level's."""
+    for action in parser._subparsers._group_actions if parser._subparsers else ():
+        for command in action.choices.values():
+            command.set_defaults(command_parser=command)
+            _name_each_command_parser(command)
 
 
 #: What a secret on the command line is replaced with in ``sys.argv`` once parsed.
@@ -476,7 +486,9 @@ def redacted_argv(argv: Sequence[str]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if argv is None:
         sys.argv[:] = redacted_argv(sys.argv)
     func: Callable[[argparse.Namespace], int] = args.func

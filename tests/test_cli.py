@@ -174,3 +174,16 @@ def test_every_count_flag_refuses_zero_negative_and_nan_by_name(capsys):
             main(words)
         assert exited.value.code == 2
         assert f"argument {words[-2]}: '{words[-1]}': give a number above 0" in capsys.readouterr().err, words
+
+
+def test_an_unknown_flag_is_reported_by_the_command_it_was_given_to(capsys):
+    import pytest
+
+    from raytune_it.cli import main
+
+    for argv, prog in ((["data", "generate", "x.jsonl", "-o", "y"], "raytune-it data generate"),
+                       (["plan", "7B", "--bogus"], "raytune-it plan")):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and f"usage: {prog} " in err and f"{prog}: error: unrecognized arguments" in err
