@@ -84,6 +84,10 @@ def test_survey_preset_names_the_values_the_user_must_supply():
                             "lora.quantization=none"),
         ("lora.quantization=nf8", "lora.quantization: got 'nf8'; input should be 'int8', 'nf4' or 'none'"),
         ("train.learning_rate=.nan", "train.learning_rate: got nan"),
+        # A rule across sections names its keys, not the whole config.
+        ("generate.max_new_tokens=4096", "\n  generate.max_new_tokens=4096 leaves no room for a prompt in "
+                                         "serve.max_model_len=2048; set generate.max_new_tokens below 2048"),
+        ("eval.max_new_tokens=2048", "\n  eval.max_new_tokens=2048 leaves no room"),
     ],
 )
 def test_bad_values_name_key_value_and_allowed(override, needle):

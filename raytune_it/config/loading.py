@@ -163,6 +163,8 @@ def _describe(error: Any) -> str:
         return f"{key}: unknown key.{did_you_mean} Allowed in {section}: {allowed_text}"
     from raytune_it.storage import redact_uri
 
+    if not loc:  # a rule across sections: its message names its keys, and the input is the whole config
+        return error["msg"].removeprefix("Value error, ")
     return f"{key}: got {redact_uri(repr(error.get('input')))}; {error['msg'][0].lower()}{error['msg'][1:]}"
 
 

@@ -655,6 +655,17 @@ class JobConfig(Section):
     e2e: EndToEndSection = Field(default_factory=EndToEndSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
 
+    @model_validator(mode="after")
+    def _completions_fit_the_context(self) -> "JobConfig":
+        # Else every row of 'generate' or every answer of 'eval' would fail alone, after Ray had started.
+        limit = self.serve.max_model_len
+        for key, value in (("generate.max_new_tokens", self.generate.max_new_tokens),
+                           ("eval.max_new_tokens", self.eval.max_new_tokens)):
+            if value >= limit:
+                raise ValueError(f"{key}={value} leaves no room for a prompt in serve.max_model_len={limit}; set "
+                                 f"{key} below {limit} (or raise serve.max_model_len, up to the model's context)")
+        return self
+
     @property
     def gradient_checkpointing(self) -> bool:
         """Whether this job recomputes activations: the setting of its method's own section."""
