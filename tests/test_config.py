@@ -110,7 +110,7 @@ def test_missing_paths_are_rejected(tmp_path):
         load_config("tiny-lora", ["data.path=/no/such/alpaca.json"])
     with pytest.raises(ConfigError, match=r"model.name_or_path: '/no/such/llama' does not exist"):
         load_config("tiny-lora", ["model.name_or_path=/no/such/llama"])
-    with pytest.raises(ConfigError, match="without config.json"):
+    with pytest.raises(ConfigError, match=r"is not a Hugging Face model folder .*: it has no config.json"):
         load_config("tiny-lora", [f"model.name_or_path={tmp_path}"])
     with pytest.raises(ConfigError, match="unknown built-in dataset"):
         load_config("tiny-lora", ["data.path=builtin:nope"])
@@ -198,3 +198,39 @@ def test_with_overrides_is_the_one_way_to_derive_a_config():
         base, {"train.max_steps": 8, "lora.rank": 4})
     with pytest.raises(ConfigError, match=r"lora.rank: got 0"):
         with_overrides(base, {"lora.rank": 0}, "a trial")
+
+
+def test_a_model_folder_that_cannot_load_is_refused_before_ray_naming_what_it_lacks(tmp_path, tiny_model_dir):
+    """Not a tokenizer error from a Ray Data actor or a replica: each broken copy of a real model folder is
+    refused by load_config, for the base model and for generate's and eval's models."""
+    import re
+    import shutil
+
+    def broken(name, drop=(), config=None):
+        folder = tmp_path / name
+        shutil.copytree(tiny_model_dir, folder)
+        for file in drop:
+            (folder / file).unlink()
+        if config is not None:
+            (folder / "config.json").write_text(config)
+        return folder
+
+    cases = {
+        broken("no-weights", drop=["model.safetensors"]): "no *.safetensors weights",
+        broken("no-tokenizer", drop=["tokenizer.json", "tokenizer_config.json"]): "no tokenizer files",
+        broken("bad-json", config="{"): "config.json that is not valid JSON",
+        broken("no-type", config="{}"): "config.json without a model_type",
+    }
+    for folder, problem in cases.items():
+        for key in ("model.name_or_path", "generate.models.x", "eval.models.x"):
+            override = f"{key}={folder}" if key.startswith("model") else f"{key.rsplit('.', 1)[0]}={{x: {folder}}}"
+            with pytest.raises(ConfigError, match=f"{key}: '{folder}' .*{re.escape(problem)}"):
+                load_config("tiny-lora", [override])
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="is a peft adapter folder, not a model"):
+        load_config("tiny-lora", [f"model.name_or_path={adapter}"])
+    with pytest.raises(ConfigError, match="has no adapter_model.safetensors"):
+        load_config("tiny-lora", [f"generate.models={{x: {adapter}}}"])
+    load_config("tiny-lora", [f"model.name_or_path={tiny_model_dir}"])

@@ -13,6 +13,7 @@ from pathlib import Path
 from raytune_it.builtins import TINY_MODEL_NAMES
 from raytune_it.config.schema import JobConfig
 from raytune_it.errors import ConfigError
+from raytune_it.models.folders import model_folder_problem
 from raytune_it.storage import is_uri, storage_cause
 
 BUILTIN_MODELS = TINY_MODEL_NAMES
@@ -26,7 +27,8 @@ def looks_like_hub_id(name: str) -> bool:
 
 
 def check_model_path(name: str, key: str = "model.name_or_path", *, adapter_ok: bool = False) -> None:
-    """A model directory (or, with ``adapter_ok``, a peft adapter directory) that exists, locally or in storage."""
+    """A model directory (or, with ``adapter_ok``, a peft adapter directory) that exists, locally or in storage,
+    and holds what loading it needs."""
     if name in BUILTIN_MODELS:
         return
     if is_uri(name):
@@ -34,11 +36,10 @@ def check_model_path(name: str, key: str = "model.name_or_path", *, adapter_ok: 
         return
     path = Path(os.path.expanduser(name))
     if path.is_dir():
-        if adapter_ok and (path / "adapter_config.json").is_file():
-            return
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"{key}: {name!r} is a directory without config.json; "
-                              "point it at a Hugging Face model directory (config.json, *.safetensors, tokenizer)")
+        files = {child.name for child in path.iterdir()}
+        problem = model_folder_problem(files, lambda file: (path / file).read_bytes(), adapter_ok=adapter_ok)
+        if problem:
+            raise ConfigError(f"{key}: {name!r} {problem}")
         return
     if path.exists():
         raise ConfigError(f"{key}: {name!r} is a file; point it at a Hugging Face model directory")
@@ -49,21 +50,20 @@ def check_model_path(name: str, key: str = "model.name_or_path", *, adapter_ok: 
 
 
 def check_stored_model(uri: str, key: str, *, adapter_ok: bool = False) -> None:
-    """A model (or adapter) folder in storage, checked by listing it: nothing is downloaded on the driver."""
+    """A model (or adapter) folder in storage, checked by listing it and reading its config.json: the weights
+    are not downloaded on the driver."""
     from raytune_it.storage import open_location, redact_uri
 
     try:
-        files = open_location(uri, key).files()
+        folder = open_location(uri, key)
+        files = folder.files()
     except OSError as exc:
         raise ConfigError(f"{key}: cannot list {redact_uri(uri)}: {storage_cause(exc)}") from None
     if not files:
         raise ConfigError(f"{key}: {redact_uri(uri)} does not exist or is empty")
-    if adapter_ok and "adapter_config.json" in files:
-        return
-    if "config.json" not in files or not any(name.endswith(".safetensors") for name in files):
-        wanted = "a Hugging Face model folder (config.json, *.safetensors)" + (
-            " or a peft adapter folder (adapter_config.json)" if adapter_ok else "")
-        raise ConfigError(f"{key}: {redact_uri(uri)} is not {wanted}; it holds {', '.join(sorted(files)[:8])}")
+    problem = model_folder_problem(files, lambda file: (folder / file).read_bytes(), adapter_ok=adapter_ok)
+    if problem:
+        raise ConfigError(f"{key}: {redact_uri(uri)} {problem}")
 
 
 #: A data file's type by its suffix: the one home of this rule (``data.records.file_type_by_name`` reads it). A

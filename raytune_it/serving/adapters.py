@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from raytune_it.config.schema import SAFE_NAME
+from raytune_it.models.folders import ADAPTER_CONFIG as CONFIG
+from raytune_it.models.folders import ADAPTER_WEIGHTS as WEIGHTS
+from raytune_it.models.folders import adapter_problem
 from raytune_it.models.shape import shape_from_hf_dict
 from raytune_it.service.names import parse_fine_tuned
 from raytune_it.serving.engines.base import EngineError
@@ -33,18 +36,6 @@ from raytune_it.storage import (
 )
 
 ADAPTER_NAME = SAFE_NAME  # the names a config may give adapters: one rule for config and HTTP
-CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
-
-
-def adapter_problem(files: set[str] | dict[str, int]) -> str | None:
-    if CONFIG not in files:
-        return f"is not a peft adapter directory (no {CONFIG})"
-    if WEIGHTS not in files:
-        return (f"has no {WEIGHTS}; only safetensors weights are loaded (a pickled "
-                "adapter_model.bin is never unpickled)")
-    return None
-
-
 def check_adapter_dir(name: str, path: str) -> None:
     """On the driver, before any replica starts: the adapter folder exists, locally or in storage
     (listed, not downloaded), and holds safetensors weights."""
