@@ -220,3 +220,9 @@ def test_eval_on_a_users_file_names_what_is_wrong(tmp_path):
                                        f"run.storage={tmp_path}"])
     with pytest.raises(DataError, match=f"{data}:2: field 'category' \\(eval.family_field\\) is missing"):
         evaluate(config)
+    # the key that skips a bad record of eval's file is eval.data's, not training's
+    with pytest.raises(DataError, match="or set eval.data.skip_bad_records=true"):
+        evaluate(config)
+    data.write_text("")
+    with pytest.raises(DataError, match=f"{data}: the file holds no records; there is nothing to evaluate"):
+        evaluate(config)

@@ -285,10 +285,14 @@ def iter_records(
     record_format: str = "alpaca",
     answers_required: bool = True,
     required_field: str | None = None,
+    section: str = "data",
+    purpose: str | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Yield validated records of a file, or of a folder's shards one after another (``config.paths.
     data_files``); raise DataError on the first bad one unless skipping. ``required_field`` (eval's family
-    field) must be a non-empty string or number in every record. ``limit`` counts over all the files."""
+    field) must be a non-empty string or number in every record. ``limit`` counts over all the files.
+    ``section`` is the config section the file came from (``data``, ``eval.data``), so that a message names
+    the key its reader can set; ``purpose`` is what the records are for, in words."""
     files = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(path) for path in paths]
     report = report if report is not None else ReadReport()
     check = validator(record_format, answers_required)
@@ -298,10 +302,11 @@ def iter_records(
         kind: FileType = detect_file_type(path) if file_type == "auto" else file_type
         reader = {"json": _json_array, "jsonl": _jsonl, "parquet": _parquet}[kind]
         yield from checked_records(reader(path), check, skip_bad_records=skip_bad_records, report=report,
-                                   limit=limit, required_field=required_field)
+                                   limit=limit, required_field=required_field, section=section)
         if limit is not None and report.records >= limit:
             break
-    check_some_read(files_name(files), report, answers_required)
+    check_some_read(files_name(files), report, purpose or ("train on" if answers_required else "generate from"),
+                    section)
 
 
 def files_name(files: Sequence[Path]) -> str:
@@ -312,8 +317,8 @@ def files_name(files: Sequence[Path]) -> str:
 
 
 def checked_records(raw_records: Iterable[tuple[str, Any]], check: Any, *, skip_bad_records: bool,
-                    report: ReadReport, limit: int | None = None,
-                    required_field: str | None = None) -> Iterator[dict[str, Any]]:
+                    report: ReadReport, limit: int | None = None, required_field: str | None = None,
+                    section: str = "data") -> Iterator[dict[str, Any]]:
     """The records that pass ``check`` (``validator``); the first bad one raises DataError naming where it is,
     unless skipping, when it is counted in ``report``. The one rule for a whole file and for a chunk of it."""
     for where, raw in raw_records:
@@ -328,7 +333,7 @@ def checked_records(raw_records: Iterable[tuple[str, Any]], check: Any, *, skip_
                 record[required_field] = str(value)
         except ValueError as exc:
             if not skip_bad_records:
-                raise DataError(f"{where}: {exc}. Fix the record, or set data.skip_bad_records=true "
+                raise DataError(f"{where}: {exc}. Fix the record, or set {section}.skip_bad_records=true "
                                 "to skip and count bad records.") from None
             report.skip(f"{where}: {exc}")
             continue
@@ -338,12 +343,11 @@ def checked_records(raw_records: Iterable[tuple[str, Any]], check: Any, *, skip_
             return
 
 
-def check_some_read(name: str, report: ReadReport, answers_required: bool = True) -> None:
+def check_some_read(name: str, report: ReadReport, purpose: str = "train on", section: str = "data") -> None:
     """A file that gave no record at all is an error: there is nothing to train on or generate from."""
     if report.records == 0:
         if report.bad_records:
             raise DataError(f"{name}: no usable record: all {report.bad_records} were bad and skipped "
-                            f"(data.skip_bad_records=true), the first: {report.reasons[0]}. "
+                            f"({section}.skip_bad_records=true), the first: {report.reasons[0]}. "
                             "Fix the records; there is nothing to read.")
-        raise DataError(f"{name}: the file holds no records; there is nothing to "
-                        f"{'train on' if answers_required else 'generate from'}.")
+        raise DataError(f"{name}: the file holds no records; there is nothing to {purpose}.")

@@ -83,7 +83,8 @@ def user_plan(config: JobConfig, exclude: set, folder: Location) -> EvalPlan:
     section = config.eval
     path = resolve_data_paths(section.data)  # type: ignore[arg-type]  # path, file_type: as a DataSection's
     records = iter_records(path, section.data.file_type, skip_bad_records=section.data.skip_bad_records,
-                           report=ReadReport(), record_format=section.data.format, required_field=section.family_field)
+                           report=ReadReport(), record_format=section.data.format, required_field=section.family_field,
+                           section="eval.data", purpose="evaluate")
     sets, pool = user_sets(records, section.family_field, section.examples_per_family, exclude)
     missing = [f for f in [*section.held_out_families, *(section.domain_families or [])] if f not in sets]
     if missing:
