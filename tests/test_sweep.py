@@ -32,6 +32,10 @@ from raytune_it.tune.sweep import mark_infeasible, sweep
         ({"run.name": ["a", "b"]}, "'run.name' cannot be swept"),
         ({"train.learning_rate": {"lognormal": [1, 2]}}, "unknown distribution 'lognormal'"),
         ({"train.learning_rate": {"loguniform": [0, 1e-3]}}, "loguniform bounds must be > 0"),
+        # a swept path is checked as load_config checks the base's, not read by a traceback in preflight
+        ({"model.name_or_path": ["tiny-llama", "/etc"]},
+         "trial 1 (model.name_or_path=/etc) is not a valid config: model.name_or_path: '/etc' is not a Hugging"),
+        ({"data.path": ["/no/such.jsonl"]}, "trial 0 (data.path=/no/such.jsonl) is not a valid config: data.path"),
     ],
 )
 def test_bad_search_space_fails_naming_the_key(space, needle):

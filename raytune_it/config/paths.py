@@ -119,13 +119,28 @@ def check_data_path(name: str, key: str = "data.path") -> None:
     data_files(name, key)
 
 
-def check_paths(config: JobConfig) -> None:
-    check_model_path(config.model.name_or_path)
-    check_data_path(config.data.path)
+def path_settings(config: JobConfig) -> list[tuple[str, str, str]]:
+    """(key, value, kind) of every setting that names a model ('model', 'model or adapter') or data ('data'):
+    the one list of what :func:`check_paths` checks."""
+    settings = [("model.name_or_path", config.model.name_or_path, "model"), ("data.path", config.data.path, "data")]
     if config.data.eval_path is not None:
-        check_data_path(config.data.eval_path, "data.eval_path")
-    for name, path in config.eval.models.items():
-        check_model_path(path, f"eval.models.{name}", adapter_ok=True)
-    check_data_path(config.eval.data.path, "eval.data.path")
-    for name, path in config.generate.models.items():
-        check_model_path(path, f"generate.models.{name}", adapter_ok=True)
+        settings.append(("data.eval_path", config.data.eval_path, "data"))
+    settings += [(f"eval.models.{name}", path, "model or adapter") for name, path in config.eval.models.items()]
+    settings.append(("eval.data.path", config.eval.data.path, "data"))
+    settings += [(f"generate.models.{name}", path, "model or adapter") for name, path in config.generate.models.items()]
+    return settings
+
+
+def check_paths(config: JobConfig, already_checked: set[tuple[str, str, str]] | None = None) -> None:
+    """Every model and data path the config names exists and can load; ``already_checked`` (a sweep's, over its
+    trials) skips settings checked before, and gains the ones checked now."""
+    for setting in path_settings(config):
+        if already_checked is not None and setting in already_checked:
+            continue
+        key, value, kind = setting
+        if kind == "data":
+            check_data_path(value, key)
+        else:
+            check_model_path(value, key, adapter_ok=kind == "model or adapter")
+        if already_checked is not None:
+            already_checked.add(setting)

@@ -19,6 +19,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from raytune_it.config.loading import config_value, with_overrides
+from raytune_it.config.paths import check_paths, path_settings
 from raytune_it.config.schema import JobConfig
 from raytune_it.errors import ConfigError
 
@@ -121,9 +122,11 @@ def expand_trials(base: JobConfig) -> list[Trial]:
         rng = random.Random(tune.seed)
         combos = [{path: _draw(rng, spec) for path, spec in specs.items()} for _ in range(tune.num_samples)]
     trials = []
+    checked = set(path_settings(base))  # load_config checked the base's; a swept model or data path is new
     for index, params in enumerate(combos):
         try:
             config = with_overrides(base, {"tune": {}, **params}, f"trial {index}")
+            check_paths(config, checked)
         except ConfigError as exc:
             raise ConfigError(f"tune.search_space: trial {index} ({_label(params)}) is not a valid config: "
                               f"{exc}") from None
