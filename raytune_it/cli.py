@@ -459,7 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _name_each_command_parser(parser: argparse.ArgumentParser) -> None:
     """Give each command's namespace its own parser, so that a flag it does not know is reported with that
     command's usage ('raytune-it data generate: error: ...'), not the top level's."""
-    for action in parser._subparsers._group_actions if parser._subparsers else ():
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
         for command in action.choices.values():
             command.set_defaults(command_parser=command)
             _name_each_command_parser(command)
