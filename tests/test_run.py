@@ -8,6 +8,7 @@ disk (the run's working directory stays empty).
 
 import io
 import json
+import re
 import subprocess
 import sys
 
@@ -110,3 +111,33 @@ def test_report_command_regenerates_an_identical_report_from_the_bucket(finished
     missing = subprocess.run([sys.executable, "-m", "raytune_it", "report", (run_dir / "sweep").uri],
                              capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "not a finished 'raytune-it run' folder" in missing.stderr
+
+
+def test_a_damaged_run_file_is_named_not_a_traceback(finished_run, tmp_path):
+    """A report rebuilt from a folder whose files were edited, truncated or half-copied names the file and
+    what it lacks, and writes nothing."""
+    import pytest
+
+    from raytune_it.endtoend.report import write_report
+    from raytune_it.errors import UserError
+
+    run_dir, _, _ = finished_run
+    for name in run_dir.files():
+        if name.endswith((".json", ".csv", ".png")):
+            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name).write_bytes((run_dir / name).read_bytes())
+    cases = [("serve.json", "{", "serve.json: not valid JSON"),
+             ("eval/eval.json", "[]", "eval/eval.json: holds an array, not the JSON object"),
+             ("stats.json", '{"a": 1}', "stats.json: no 'records', which the report needs"),
+             ("plan.json", '{"this_run": null}', "a file of the run holds a value the report cannot use"),
+             ("sweep/results.csv", "x,y\n1,2\n", "results.csv: no 'trial' column"),
+             ("sweep/best/best.json", '{"trial": 99}', "trial-099/summary.json: missing")]
+    for name, damage, message in cases:
+        original = (tmp_path / name).read_bytes()
+        (tmp_path / name).write_text(damage)
+        with pytest.raises(UserError, match=re.escape(message)) as caught:
+            write_report(str(tmp_path))
+        assert "run 'raytune-it run' again" in str(caught.value) and not (tmp_path / "report.md").exists()
+        (tmp_path / name).write_bytes(original)
+    write_report(str(tmp_path))
+    assert (tmp_path / "report.md").read_text() == (run_dir / "report.md").read_text()

@@ -30,8 +30,39 @@ REQUIRED = ("stats.json", "plan.json", "sweep/results.csv", "sweep/best/best.jso
             "serve.json", "eval/eval.json", "stages.json")
 
 
+DAMAGED = "the run folder was changed, or written by another version of raytune-it: run 'raytune-it run' again"
+
+
+class _FileObject(dict):
+    """A JSON object of a run file that, asked for a key it lacks, names the file and the key."""
+
+    source = ""
+
+    def __missing__(self, key: str) -> Any:
+        raise UserError(f"{self.source}: no {key!r}, which the report needs; {DAMAGED}")
+
+
 def _load(run_dir: Location, name: str) -> Any:
-    return json.loads((run_dir / name).read_text())
+    file = run_dir / name
+    source = file.uri
+
+    def as_object(pairs: list[tuple[str, Any]]) -> _FileObject:
+        value = _FileObject(pairs)
+        value.source = source
+        return value
+
+    try:
+        value = json.loads(file.read_text(), object_pairs_hook=as_object)
+    except FileNotFoundError:
+        raise UserError(f"{source}: missing; {DAMAGED}") from None
+    except OSError as exc:
+        raise UserError(f"{source}: cannot read it ({exc.strerror or exc}); {DAMAGED}") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise UserError(f"{source}: not valid JSON ({exc}); {DAMAGED}") from None
+    if not isinstance(value, dict):
+        kind = {list: "an array", str: "a string", type(None): "null"}.get(type(value), "a number")
+        raise UserError(f"{source}: holds {kind}, not the JSON object the report needs; {DAMAGED}")
+    return value
 
 
 def collect(run_dir: Location) -> dict[str, Any]:
@@ -39,14 +70,12 @@ def collect(run_dir: Location) -> dict[str, Any]:
     if missing:
         raise UserError(f"{run_dir.uri}: not a finished 'raytune-it run' folder (missing {', '.join(missing)}); "
                         "run 'raytune-it run' first, or point at its run.storage/run.name")
-    import pandas as pd
-
     best = _load(run_dir, "sweep/best/best.json")
     return {
         "run_dir": run_dir,
         "stats": _load(run_dir, "stats.json"),
         "plan": _load(run_dir, "plan.json"),
-        "sweep": pd.read_csv(io.StringIO((run_dir / "sweep" / "results.csv").read_text())),
+        "sweep": _load_csv(run_dir / "sweep" / "results.csv"),
         "best": best,
         "lora": _load(trial_dir(run_dir / "sweep", best["trial"]), "summary.json"),
         "full": _load(run_dir, "full/summary.json"),
@@ -55,6 +84,18 @@ def collect(run_dir: Location) -> dict[str, Any]:
         "stages": _load(run_dir, "stages.json"),
         "plots": [name for name in (run_dir / "sweep").listdir() if name.endswith(".png")],
     }
+
+
+def _load_csv(file: Location) -> Any:
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(io.StringIO(file.read_text()))
+    except (OSError, ValueError) as exc:  # pandas' ParserError and EmptyDataError are ValueErrors
+        raise UserError(f"{file.uri}: not a readable CSV table ({exc}); {DAMAGED}") from None
+    if "trial" not in frame.columns:
+        raise UserError(f"{file.uri}: no 'trial' column, which the report needs; {DAMAGED}")
+    return frame
 
 
 def table8_rows(data: dict[str, Any]) -> list[list[str]]:
@@ -188,7 +229,12 @@ def write_report(run_dir: "str | Location") -> tuple[Location, Location]:
     """Render both files from the run folder's files, local or in storage, into the same folder."""
     run_dir = as_location(run_dir, "RUN_DIR")
     data = collect(run_dir)
+    try:
+        texts = render_markdown(data), render_html(data)
+    except (TypeError, ValueError, IndexError, AttributeError) as exc:  # a value of the wrong kind in a file
+        raise UserError(f"{run_dir.uri}: a file of the run holds a value the report cannot use "
+                        f"({type(exc).__name__}: {exc}); {DAMAGED}") from None
     markdown, page = run_dir / "report.md", run_dir / "report.html"
-    markdown.write_text(render_markdown(data))
-    page.write_text(render_html(data))
+    markdown.write_text(texts[0])
+    page.write_text(texts[1])
     return markdown, page
