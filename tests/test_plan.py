@@ -128,7 +128,9 @@ def test_calibration_replaces_the_assumed_throughput(tmp_path, where, request):
 def test_bad_input_says_what_to_pass(tmp_path):
     unknown = _cli("no-such-thing", check=False)
     assert unknown.returncode == 2 and "plan takes a parameter count such as 7B" in unknown.stderr
-    no_tokenizer = _cli("7B", "--data", str(tmp_path / "x.jsonl"), check=False)
+    records = tmp_path / "x.jsonl"
+    records.write_text(json.dumps({"instruction": "a", "input": "", "output": "b"}) + "\n")
+    no_tokenizer = _cli("7B", "--data", str(records), check=False)
     assert no_tokenizer.returncode == 2 and "pass --tokenizer" in no_tokenizer.stderr
     no_run = _cli("7B", "--calibrate", str(tmp_path), check=False)
     assert no_run.returncode == 2 and "no summary.json" in no_run.stderr
@@ -215,3 +217,20 @@ def test_the_chunked_loss_is_the_batch_a_llama3_lora_plan_gains_on_a_3090():
     assert full.memory_gib["logits"] * GIB == pytest.approx(full.per_device_batch_size * 512 * shape.vocab * 10,
                                                              rel=1e-3)
     assert logits_bytes(8 * 512, shape.vocab, 256) == 256 * shape.vocab * 10
+
+
+def test_a_tokenizer_or_data_flag_that_cannot_load_is_named_not_a_traceback(tmp_path, capsys):
+    from raytune_it.cli import main
+
+    records = tmp_path / "x.jsonl"
+    records.write_text(json.dumps({"instruction": "a", "input": "", "output": "b"}) + "\n")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "tokenizer.json").write_text("{")
+    cases = {("--tokenizer", str(tmp_path)): "--tokenizer: '{}' holds no tokenizer".format(tmp_path),
+             ("--tokenizer", "/no/such/model"): "--tokenizer: '/no/such/model' does not exist",
+             ("--tokenizer", str(tmp_path / "broken")): "broken: cannot load its tokenizer",
+             ("--tokenizer", "tiny-llama", "--data", "/no/such.jsonl"): "--data: '/no/such.jsonl' does not exist"}
+    for flags, message in cases.items():
+        data = () if "--data" in flags else ("--data", str(records))
+        assert main(["plan", "7B", *flags, *data]) == 2
+        assert message in capsys.readouterr().err

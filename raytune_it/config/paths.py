@@ -13,7 +13,7 @@ from pathlib import Path
 from raytune_it.builtins import TINY_MODEL_NAMES
 from raytune_it.config.schema import JobConfig
 from raytune_it.errors import ConfigError
-from raytune_it.models.folders import model_folder_problem
+from raytune_it.models.folders import TOKENIZER_FILES, model_folder_problem
 from raytune_it.storage import is_uri, storage_cause
 
 BUILTIN_MODELS = TINY_MODEL_NAMES
@@ -47,6 +47,23 @@ def check_model_path(name: str, key: str = "model.name_or_path", *, adapter_ok: 
         return
     raise ConfigError(f"{key}: {name!r} does not exist. Allowed: a local Hugging Face model directory, "
                       f"a hub id such as org/model, or one of {', '.join(BUILTIN_MODELS)}")
+
+
+def check_tokenizer_path(name: str, key: str) -> None:
+    """A tokenizer source: a built-in model, a hub id or storage URI, or a local folder with tokenizer files."""
+    if name in BUILTIN_MODELS or is_uri(name):
+        return
+    path = Path(os.path.expanduser(name))
+    if path.is_dir():
+        if not any((path / file).is_file() for file in TOKENIZER_FILES):
+            raise ConfigError(f"{key}: {name!r} holds no tokenizer ({', '.join(TOKENIZER_FILES)}); point it at the "
+                              "model directory the tokenizer was saved in")
+        return
+    if path.exists():
+        raise ConfigError(f"{key}: {name!r} is a file; point it at the model directory the tokenizer was saved in")
+    if not looks_like_hub_id(name):
+        raise ConfigError(f"{key}: {name!r} does not exist. Allowed: a local model directory, a hub id such as "
+                          f"org/model, or one of {', '.join(BUILTIN_MODELS)}")
 
 
 def check_stored_model(uri: str, key: str, *, adapter_ok: bool = False) -> None:

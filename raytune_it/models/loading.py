@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
+from raytune_it.errors import UserError
 from raytune_it.models.tiny import TINY_FAMILIES, ensure_tiny_model
 
 Precision = Literal["float32", "bfloat16", "float16"]
@@ -35,9 +36,12 @@ def resolve_model_path(name_or_path: str, key: str = "model.name_or_path", *, we
 def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(
-        resolve_model_path(name_or_path, weights=False), revision=revision, trust_remote_code=trust_remote_code
-    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            resolve_model_path(name_or_path, weights=False), revision=revision, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as exc:  # no such hub repo or no hub; files transformers cannot read
+        raise UserError(f"{name_or_path}: cannot load its tokenizer: {str(exc).strip().splitlines()[0]}") from None
     if tokenizer.pad_token_id is None:
         # LLaMA tokenizers ship without a pad token; padding is masked out of the loss anyway.
         tokenizer.pad_token = tokenizer.eos_token

@@ -72,9 +72,14 @@ def resolve_workload(
         except ConfigError as exc:
             raise ConfigError(f"{exc}\n(plan takes a parameter count such as 7B, a model directory with config.json, "
                               "or a job config: a preset name or YAML path)") from None
+    from raytune_it.config.paths import check_data_path, check_tokenizer_path
     from raytune_it.config.schema import DataSection
 
     fields: dict[str, Any] = {}
+    if data is not None:
+        check_data_path(data, "--data")
+    if tokenizer is not None:
+        check_tokenizer_path(tokenizer, "--tokenizer")
     data_section = DataSection(path=data, eval_fraction=0.0) if data is not None else None
     if config is not None:
         workload = workload_from_config(config, server_type=server_type)
