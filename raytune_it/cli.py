@@ -391,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
         "messages, sharegpt or prompt records; JSON, JSONL or Parquet; a path or storage URI) with an actor pool "
         "of engine replicas (generate.num_actors, serve.engine), and write one row per input and model (id, "
         "prompt, completion, token counts, finish_reason) to run.storage/run.name/generations/<model>/, a file per "
-        "block of generate.block_rows rows. A re-run skips the blocks already written. Example: raytune-it "
+        "block of generate.block_rows rows. A re-run of the same job skips the blocks already written; a changed "
+        "one is refused, naming what changed. Example: raytune-it "
         "generate tiny-lora data.path=prompts.jsonl data.format=prompt 'generate.models={adapter: runs/x/export}'")
     _add_config_args(generation)
     generation.set_defaults(func=cmd_generate)

@@ -151,6 +151,19 @@ def test_generate_writes_a_row_per_input_to_a_bucket_on_two_actors_and_resumes(t
     assert (second.blocks_skipped, second.rows_written) == (5, 4)
     assert block_file(output, "base", 0, "jsonl").read_text() == kept
     assert [r["id"] for r in read("medicine")] == list(range(10))
+    # A changed job is not a resumed one: refused before Ray starts, naming what changed, and nothing is lost.
+    from raytune_it.config.loading import with_overrides
+    from raytune_it.errors import UserError
+
+    data.write_text(data.read_text())  # the same records, written again: still the same job
+    assert generate(config).blocks_skipped == 6
+    for change, named in ((["generate.temperature=0.7"], "generate.temperature changed"),
+                          ([f"data.path={tmp_path / 'other.jsonl'}"], "data.records changed"),
+                          (["generate.block_rows=5"], "generate.block_rows changed")):
+        (tmp_path / "other.jsonl").write_text(data.read_text().replace("Instruction", "Task"))
+        with pytest.raises(UserError, match=f"holds 3 block\\(s\\) of another job: {named}"):
+            generate(with_overrides(config, change))
+    assert block_file(output, "base", 0, "jsonl").read_text() == kept
 
 
 def test_generate_names_a_bad_input_record_by_file_and_line(tmp_path):

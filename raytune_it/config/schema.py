@@ -571,7 +571,7 @@ class GenerateSection(Section):
     seed: Int = Field(0, description="Sampling seed.")
     output_format: Literal["jsonl", "parquet"] = Field("jsonl", description="Files written per block.")
     block_rows: PositiveInt = Field(256, description="Input rows per output file: the unit of progress and of "
-                                    "resume (a re-run skips blocks already written).")
+                                    "resume (a re-run of the same job skips blocks already written).")
     batch_size: PositiveInt | None = Field(
         None, description="Prompts per engine call; default: the engine's own (transformers: 16, padded into one "
         "batch; vLLM: as many as its scheduler runs at once, 128 by default).")

@@ -9,7 +9,7 @@ and writes the block's file itself, atomically, to
 ``run.storage/run.name/generations/<model>/block-<n>.<jsonl|parquet>``: one row per input with ``id``,
 ``model``, ``prompt``, ``completion``, ``prompt_tokens``, ``completion_tokens``, ``finish_reason`` and
 ``error``. A re-run lists the files already there and skips their blocks, so an interrupted job loses at
-most the blocks in flight.
+most the blocks in flight; a re-run of a changed job is refused (``generation.resume``).
 
 Why not ``ray.data.llm``'s vLLM processor: it needs vLLM in the driver's environment (the CPU build pins
 ``transformers<5.20``, so it lives in ``.venv-vllm`` only), it has no transformers engine for machines
@@ -20,6 +20,7 @@ runs, so generation, eval and serving answer alike.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import time
@@ -147,6 +148,7 @@ def generate(config: JobConfig, console: Any = None) -> GenerateSummary:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from raytune_it.cluster import ray_session
+    from raytune_it.generation.resume import check_same_job, job_inputs
     from raytune_it.storage import check_writable
     from raytune_it.train.driver import run_dir_of
 
@@ -158,12 +160,17 @@ def generate(config: JobConfig, console: Any = None) -> GenerateSummary:
     done = {name: written_blocks(output, name, section.output_format) for name in models}
     work: list[dict[str, Any]] = []
     input_rows, blocks = 0, 0
+    digest = hashlib.blake2b(digest_size=16)
     for block, records in input_blocks(config):  # read and checked before Ray starts
         blocks += 1
         input_rows += len(records)
         payload = json.dumps(records, ensure_ascii=False)
+        for record in records:  # record by record: the same data cut into other blocks has the same digest
+            digest.update(json.dumps(record, ensure_ascii=False).encode() + b"\0")
         work += [{"block": block, "model": name, "records": payload, "rows": len(records)}
                  for name in models if block not in done[name]]
+    for name, path in models.items():  # refused now if the blocks there are another job's
+        check_same_job(output / name, job_inputs(config, path, digest.hexdigest()), len(done[name]))
     skipped = blocks * len(models) - len(work)
     if skipped:
         console.print(f"generate: {skipped} of {blocks * len(models)} blocks already written in {output.uri}; "

@@ -31,6 +31,7 @@ from typing import Any, Callable, Literal
 from raytune_it.config.schema import DataSection, JobConfig
 from raytune_it.data.pipeline import iter_examples
 from raytune_it.data.records import ReadReport
+from raytune_it.data.stamps import data_stamp
 from raytune_it.data.tokenize import TokenizeStats
 from raytune_it.errors import ConfigError
 from raytune_it.storage import Location, check_writable, open_location
@@ -86,26 +87,6 @@ def prepared_root(config: JobConfig) -> Location:
     return open_location(config.run.storage) / PREPARED_DIR
 
 
-def _file_stamp(path: str, key: str) -> dict[str, Any] | list[dict[str, Any]]:
-    """What identifies a data file's content without reading it: its place, size and modification time (an
-    object store's LastModified), as ``make`` and Ray Data's own caches do; for a folder, each of its shards'
-    (one added, removed or changed is other data)."""
-    from raytune_it.config.paths import data_files
-
-    if path == "builtin:tasks":
-        return {"path": path}
-    try:
-        files = data_files(path, key)
-    except ConfigError:
-        return {"path": path, "missing": True}  # reading it will say so, naming the key
-    stamps = []
-    for file in files:
-        location = open_location(file, key)
-        info = location.filesystem.get_file_info(location.path)
-        stamps.append({"path": location.uri, "size": info.size, "mtime_ns": info.mtime_ns})
-    return stamps[0] if len(files) == 1 and files[0] == path else stamps
-
-
 def _tokenizer_digest(tokenizer: Any) -> str:
     """Every file the tokenizer saves (vocabulary, merges, special tokens, BOS/EOS rules, chat template)."""
     digest = hashlib.blake2b(type(tokenizer).__name__.encode(), digest_size=16)
@@ -125,8 +106,8 @@ def dataset_inputs(config: JobConfig, tokenizer: Any) -> dict[str, Any]:
     inputs: dict[str, Any] = {
         "version": PREPARED_VERSION, "format": data.format, "file_type": data.file_type,
         "skip_bad_records": data.skip_bad_records, "max_records": data.max_records,
-        "train_file": _file_stamp(data.path, "data.path"),
-        "eval_file": _file_stamp(data.eval_path, "data.eval_path") if data.eval_path else None,
+        "train_file": data_stamp(data.path, "data.path"),
+        "eval_file": data_stamp(data.eval_path, "data.eval_path") if data.eval_path else None,
         "template": data.template, "chat_template": PromptFormat.for_run(tokenizer, data).chat_template,
         "tokenizer": _tokenizer_digest(tokenizer), "max_seq_len": config.train.max_seq_len,
         "packing": data.packing,
