@@ -8,7 +8,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).parents[1] / "raytune_it"
 #: What config/ may use: the modules below it, which import no part of raytune-it above them.
 BELOW_CONFIG = {"raytune_it.builtins", "raytune_it.cache", "raytune_it.errors", "raytune_it.hardware",
-                "raytune_it.storage"}
+                "raytune_it.models.folders", "raytune_it.storage"}
 
 
 def _import_graph() -> dict[str, set[str]]:
