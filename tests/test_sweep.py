@@ -76,6 +76,22 @@ def test_combinations_that_cannot_fit_are_skipped_with_the_reason():
 
 # --- real sweeps ---------------------------------------------------------------------------
 
+def test_a_sweep_rerun_with_another_search_is_refused_before_ray(tmp_path):
+    """A re-run resumes: with another search space, trial 1 would be other values and the results table would
+    label the old trials' losses with the new values."""
+    from raytune_it.config.loading import save_config, with_overrides
+    from raytune_it.train.driver import check_resume_compatible, run_dir_of
+
+    first = load_config("tiny-sweep", [f"run.storage={tmp_path}"])
+    save_config(first, run_dir_of(first))
+    changed = with_overrides(first, ['tune.search_space={"lora.rank": [2, 32]}'])
+    with pytest.raises(ConfigError, match="sweep 'tiny-sweep' already exists .* with a different config "
+                                          r"\(tune.search_space"):
+        sweep(changed, console=Console(file=io.StringIO()))
+    # how many trials run at once is not what a trial is: that may change on a resume
+    check_resume_compatible(with_overrides(first, ["tune.max_concurrent_trials=1"]), run_dir_of(first), sweep=True)
+
+
 @pytest.mark.integration
 def test_two_by_two_sweep_writes_results_plots_and_best(local_ray, tmp_path, tiny_model_dir):
     from peft import PeftModel

@@ -37,19 +37,29 @@ def run_dir_of(config: JobConfig) -> Location:
     return open_location(config.run.storage) / config.run.name
 
 
-def check_resume_compatible(config: JobConfig, run_dir: Location) -> None:
+#: What else a resumed sweep may change: how many trials run at once. Its search (space, kind, samples, seed,
+#: memory budget) decides which trial number is which values, and its scheduler which trials are stopped.
+SWEEP_RESUMABLE_CHANGES = {"tune.max_concurrent_trials"}
+
+
+def check_resume_compatible(config: JobConfig, run_dir: Location, *, sweep: bool = False) -> None:
+    """Refuse a re-run of a run's (or, with ``sweep``, a sweep's) name whose config changed what it trains: a
+    re-run resumes, and would mix two jobs in one folder."""
     previous_path = run_dir / "config.yaml"
     if not previous_path.is_file():
         return
     previous = load_run_config(previous_path)
     before, now = flatten(previous.to_dict()), flatten(config.to_dict())
+    ignored = ("serve.", "tracking.") if sweep else ("tune.", "serve.", "tracking.")
+    allowed = RESUMABLE_CHANGES | SWEEP_RESUMABLE_CHANGES if sweep else RESUMABLE_CHANGES
     changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k)
-                     and k not in RESUMABLE_CHANGES and not k.startswith(("tune.", "serve.", "tracking.")))
+                     and k not in allowed and not k.startswith(ignored))
     if changed:
         raise ConfigError(
-            f"run {config.run.name!r} already exists in {run_dir.parent.uri} with a different config "
-            f"({', '.join(f'{k}: {before.get(k)!r} -> {now.get(k)!r}' for k in changed)}). "
-            "Re-running a name resumes it; choose another run.name for a new run.")
+            f"{'sweep' if sweep else 'run'} {config.run.name!r} already exists in {run_dir.parent.uri} with a "
+            f"different config ({', '.join(f'{k}: {before.get(k)!r} -> {now.get(k)!r}' for k in changed)}). "
+            "Re-running a name resumes it; choose another run.name for a new "
+            f"{'sweep' if sweep else 'run'}.")
     check_schedule_kept(previous, config, run_dir)
 
 

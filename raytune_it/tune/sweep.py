@@ -114,13 +114,14 @@ def sweep(config: JobConfig, *, console: Any = None) -> SweepOutcome:
     from rich.console import Console
 
     from raytune_it.cluster import ray_session
-    from raytune_it.train.driver import run_dir_of
+    from raytune_it.train.driver import check_resume_compatible, run_dir_of
     from raytune_it.train.preflight import preflight
     from raytune_it.tune.results import collect_rows, write_outputs
 
     console = console or Console()
     folder = run_dir_of(config)
     check_writable(folder.parent)
+    check_resume_compatible(config, folder, sweep=True)  # else a re-run would label old trials with new values
     trials = expand_trials(config)
     for trial in trials:  # each trial's own values (a rank, a method), against one meta model
         preflight(trial.config)
