@@ -141,3 +141,21 @@ def test_a_damaged_run_file_is_named_not_a_traceback(finished_run, tmp_path):
         (tmp_path / name).write_bytes(original)
     write_report(str(tmp_path))
     assert (tmp_path / "report.md").read_text() == (run_dir / "report.md").read_text()
+
+
+def test_a_rerun_that_changes_a_stage_is_refused_before_any_stage_runs(finished_run):
+    """A re-run of the name resumes every stage: one whose job changed (here the full-tuning stage's batch) is
+    named before Ray starts, not after the sweep has been resumed and the stats redone."""
+    from rich.console import Console
+
+    from raytune_it.config import load_config
+    from raytune_it.endtoend.stages import run_all
+    from raytune_it.errors import ConfigError
+
+    run_dir, _, _ = finished_run
+    storage = run_dir.uri.replace("/tiny-run", "", 1)
+    changed = [*MINIMAL[:-1], "e2e.full_overrides=[method=full, scaling.num_workers=2, train.micro_batch_size=1]"]
+    stages_before = (run_dir / "stages.json").read_text()
+    with pytest.raises(ConfigError, match=r"run 'full' already exists .* \(train.micro_batch_size: 2 -> 1\)"):
+        run_all(load_config("tiny-run", [f"run.storage={storage}", *changed]), console=Console(file=io.StringIO()))
+    assert (run_dir / "stages.json").read_text() == stages_before

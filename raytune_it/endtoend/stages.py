@@ -109,7 +109,7 @@ def run_all(config: JobConfig, console: Any = None) -> Location:
     from raytune_it.endtoend.report import write_report
     from raytune_it.evaluation.driver import evaluate
     from raytune_it.storage import check_writable
-    from raytune_it.train.driver import run_dir_of, train
+    from raytune_it.train.driver import check_resume_compatible, run_dir_of, train
     from raytune_it.train.preflight import preflight
     from raytune_it.tune.sweep import sweep
 
@@ -119,6 +119,9 @@ def run_all(config: JobConfig, console: Any = None) -> Location:
     configs = stage_configs(config, run_dir)
     for job in configs.values():  # every stage's config is checked before anything starts
         preflight(job)
+    # and a re-run resumes each stage: one whose config changed is refused now, not after the stages before it
+    check_resume_compatible(configs["sweep"], run_dir_of(configs["sweep"]), sweep=True)
+    check_resume_compatible(configs["full"], run_dir_of(configs["full"]))
     save_config(config, run_dir)
     times: dict[str, float] = {}
     started = time.perf_counter()

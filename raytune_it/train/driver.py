@@ -50,7 +50,8 @@ def check_resume_compatible(config: JobConfig, run_dir: Location, *, sweep: bool
         return
     previous = load_run_config(previous_path)
     before, now = flatten(previous.to_dict()), flatten(config.to_dict())
-    ignored = ("serve.", "tracking.") if sweep else ("tune.", "serve.", "tracking.")
+    # Sections a training run never reads: how it is served, tracked, evaluated, generated from or staged.
+    ignored = ("serve.", "tracking.", "eval.", "generate.", "e2e.") + (() if sweep else ("tune.",))
     allowed = RESUMABLE_CHANGES | SWEEP_RESUMABLE_CHANGES if sweep else RESUMABLE_CHANGES
     changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k)
                      and k not in allowed and not k.startswith(ignored))
