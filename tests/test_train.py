@@ -242,6 +242,10 @@ def test_rerun_with_a_different_config_is_refused(tmp_path):
     save_config(first, run_dir_of(first))
     check_resume_compatible(load_config("tiny-lora", [f"run.storage={tmp_path}", "train.max_steps=99"]),
                             run_dir_of(first))
+    # sections training never reads may differ: how the run is evaluated, generated from or staged
+    check_resume_compatible(load_config("tiny-lora", [f"run.storage={tmp_path}", "eval.max_new_tokens=8",
+                                                      "generate.temperature=0.5", "e2e.latency_repeats=1"]),
+                            run_dir_of(first))
     with pytest.raises(ConfigError, match=r"lora.rank: 16 -> 4.*choose another run.name"):
         check_resume_compatible(load_config("tiny-lora", [f"run.storage={tmp_path}", "lora.rank=4"]),
                                 run_dir_of(first))
