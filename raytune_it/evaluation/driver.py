@@ -111,17 +111,21 @@ def user_plan(config: JobConfig, exclude: set, folder: Location) -> EvalPlan:
 
 def train_adapters(config: JobConfig, console: Any, given: dict[str, str], plan: EvalPlan) -> dict[str, str]:
     """The general and the domain adapter, trained with ``raytune-it train`` unless ``given`` names them."""
+    from raytune_it.cluster import ray_session
     from raytune_it.train.driver import run_dir_of, train
 
     models = dict(given)
-    wanted = {"general": plan.seen, config.eval.domain: plan.domain_families}
-    for name, families in wanted.items():
-        if name in models:
-            continue
-        job = _adapter_config(config, name, plan.adapter_data[name])
-        console.rule(f"eval: training the {name} adapter on {len(families)} families ({', '.join(families)})")
-        train(job, console=console)
-        models[name] = (run_dir_of(job) / "export").uri
+    wanted = {name: families for name, families in
+              {"general": plan.seen, config.eval.domain: plan.domain_families}.items() if name not in models}
+    if not wanted:
+        return models
+    # One local Ray for both: started once, not once an adapter (each start costs seconds and its own banner).
+    with ray_session(min_cpus=config.scaling.num_workers * config.scaling.cpus_per_worker):
+        for name, families in wanted.items():
+            job = _adapter_config(config, name, plan.adapter_data[name])
+            console.rule(f"eval: training the {name} adapter on {len(families)} families ({', '.join(families)})")
+            train(job, console=console)
+            models[name] = (run_dir_of(job) / "export").uri
     return models
 
 
