@@ -69,7 +69,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 def cmd_data_generate(args: argparse.Namespace) -> int:
     from raytune_it.config.paths import SUFFIX_TYPES
     from raytune_it.data.synthetic import FAMILIES, generate, write_jsonl
-    from raytune_it.storage import as_location, redact_uri, storage_cause
+    from raytune_it.storage import redact_uri
 
     families = None
     if args.families is not None:
@@ -79,18 +79,11 @@ def cmd_data_generate(args: argparse.Namespace) -> int:
         if unknown or not families:
             problem = f"unknown {', '.join(unknown)}" if unknown else "names no family"
             raise UserError(f"--families: {problem}; known: {', '.join(known)}")
-    output = as_location(args.output, key="output")
     jsonl = sorted(suffix for suffix, kind in SUFFIX_TYPES.items() if kind == "jsonl")
-    if not output.name.lower().endswith(tuple(jsonl)) or args.output.endswith("/"):
+    if not args.output.lower().endswith(tuple(jsonl)):
         raise UserError(f"output: {redact_uri(args.output)!r} is not a JSON Lines file name; end it with "
                         f"{' or '.join(jsonl)} so that data.path reads it back")
-    try:
-        if output.exists() and not output.is_file():
-            raise UserError(f"output: {redact_uri(output.uri)} is a folder; name the file to write inside it")
-        write_jsonl(generate(args.records, seed=args.seed, families=families), output)
-    except OSError as exc:
-        cause = exc.strerror if output.is_local and exc.strerror else storage_cause(exc)
-        raise UserError(f"output: cannot write {redact_uri(output.uri)}: {cause}") from None
+    output = write_jsonl(generate(args.records, seed=args.seed, families=families), args.output)
     print(f"wrote {args.records} records to {redact_uri(output.uri)}")
     return 0
 
@@ -165,7 +158,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from dataclasses import replace
-    from pathlib import Path
 
     from rich.console import Console
 
@@ -186,9 +178,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
         survey_markdown,
         survey_table,
     )
+    from raytune_it.storage import redact_uri, write_named_file
 
     # Piped output gets room for the wide table instead of rich's 80-column default.
     console = Console(width=None if sys.stdout.isatty() else 180)
+    if args.markdown and not args.table:
+        raise UserError("--markdown writes the survey table: add --table")
     if args.table:
         options = {key: value for key, value in (("seq_len", args.seq_len), ("epochs", args.epochs),
                                                  ("records", args.records), ("mean_tokens", args.mean_tokens),
@@ -201,8 +196,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         else:
             print_survey_table(plans, console)
         if args.markdown:
-            Path(args.markdown).write_text(survey_markdown(plans), encoding="utf-8")
-            console.print(f"wrote {args.markdown}", markup=False, highlight=False)
+            written = write_named_file(args.markdown, "--markdown", [survey_markdown(plans).encode("utf-8")])
+            console.print(f"wrote {redact_uri(written.uri)}", markup=False, highlight=False)
         return 0
     workload = resolve_workload(args.target, args.overrides, method=args.method, server_type=args.server_type,
                                 seq_len=args.seq_len, records=args.records, mean_tokens=args.mean_tokens,

@@ -254,6 +254,22 @@ def as_location(target: "str | Path | Location", key: str = "run.storage") -> Lo
     return open_location(target, key)
 
 
+def write_named_file(target: str, key: str, chunks: Iterable[bytes]) -> Location:
+    """Write a file a user named by a flag or argument (a local path or storage URI), whole or not at all: a
+    folder, or a place that cannot be written, is one UserError naming ``key``."""
+    location = as_location(target, key)
+    try:
+        if target.endswith("/") or (location.exists() and not location.is_file()):
+            raise UserError(f"{key}: {redact_uri(target)} is a folder; name the file to write inside it")
+        with location.writer() as handle:
+            for chunk in chunks:
+                handle.write(chunk)
+    except OSError as exc:
+        cause = exc.strerror if location.is_local and exc.strerror else storage_cause(exc)
+        raise UserError(f"{key}: cannot write {redact_uri(location.uri)}: {cause}") from None
+    return location
+
+
 def check_writable(location: Location, key: str = "run.storage") -> None:
     """Fail before any worker starts when storage cannot be written: unreachable, no bucket, no permission.
 

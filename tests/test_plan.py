@@ -234,3 +234,15 @@ def test_a_tokenizer_or_data_flag_that_cannot_load_is_named_not_a_traceback(tmp_
         data = () if "--data" in flags else ("--data", str(records))
         assert main(["plan", "7B", *flags, *data]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_markdown_output_that_cannot_be_written_is_named_not_a_traceback(tmp_path, capsys):
+    from raytune_it.cli import main
+
+    (tmp_path / "a-file").write_text("")
+    for argv, message in ((["--table", "--markdown", str(tmp_path)], "--markdown: {} is a folder".format(tmp_path)),
+                          (["--table", "--markdown", str(tmp_path / "a-file" / "t.md")], "--markdown: cannot write"),
+                          (["7B", "--markdown", str(tmp_path / "t.md")], "--markdown writes the survey table: add")):
+        assert main(["plan", *argv]) == 2
+        assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]

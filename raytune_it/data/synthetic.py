@@ -154,12 +154,9 @@ def generate(num_records: int, seed: int = 0, families: Iterable[str] | None = N
                "family": family.name, "domain": family.domain}
 
 
-def write_jsonl(records: Iterable[dict[str, str]], target: "str | Path | Location") -> "Location":
+def write_jsonl(records: Iterable[dict[str, str]], target: "str | Path", key: str = "output") -> "Location":
     """Write records as JSON Lines to a local path or storage URI, whole or not at all."""
-    from raytune_it.storage import as_location
+    from raytune_it.storage import write_named_file
 
-    location = as_location(target, key="output")
-    with location.writer() as handle:
-        for record in records:
-            handle.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
-    return location
+    lines = ((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8") for record in records)
+    return write_named_file(str(target), key, lines)
