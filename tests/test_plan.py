@@ -246,3 +246,21 @@ def test_markdown_output_that_cannot_be_written_is_named_not_a_traceback(tmp_pat
         assert main(["plan", *argv]) == 2
         assert message in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def test_calibrating_from_a_damaged_run_file_names_the_file(tmp_path, capsys):
+    from raytune_it.cli import main
+
+    save_config(load_config("tiny-lora", [f"run.storage={tmp_path}", "scaling.server_type=a800-80g"]), local(tmp_path))
+    for file, text, flag, message in (
+            ("summary.json", "{", "--calibrate", "summary.json: not valid JSON"),
+            ("summary.json", '{"tokens_per_second": "x", "num_workers": 2}', "--calibrate",
+             "summary.json: tokens_per_second is 'x', not a positive number"),
+            ("summary.json", '{"tokens_per_second": 10}', "--calibrate", "summary.json: no 'num_workers'"),
+            ("serve.json", "[1]", "--calibrate-inference", "serve.json: holds an array, not a JSON object"),
+            ("serve.json", '{"base": {"engine": "vllm", "tokens_per_second": -1}}', "--calibrate-inference",
+             "serve.json: tokens_per_second is -1, not a positive number")):
+        (tmp_path / file).write_text(text)
+        assert main(["plan", "7B", flag, str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and f"point {flag} at a finished run folder" in err, err

@@ -127,8 +127,8 @@ def test_a_damaged_run_file_is_named_not_a_traceback(finished_run, tmp_path):
             (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
             (tmp_path / name).write_bytes((run_dir / name).read_bytes())
     cases = [("serve.json", "{", "serve.json: not valid JSON"),
-             ("eval/eval.json", "[]", "eval/eval.json: holds an array, not the JSON object"),
-             ("stats.json", '{"a": 1}', "stats.json: no 'records', which the report needs"),
+             ("eval/eval.json", "[]", "eval/eval.json: holds an array, not a JSON object"),
+             ("stats.json", '{"a": 1}', "stats.json: no 'records'; the run folder was changed"),
              ("plan.json", '{"this_run": null}', "a file of the run holds a value the report cannot use"),
              ("sweep/results.csv", "x,y\n1,2\n", "results.csv: no 'trial' column"),
              ("sweep/best/best.json", '{"trial": 99}', "trial-099/summary.json: missing")]

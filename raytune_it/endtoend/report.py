@@ -12,13 +12,13 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 from typing import Any
 
 from raytune_it.errors import UserError
 from raytune_it.evaluation.driver import family_rows
 from raytune_it.plan.planner import Plan
 from raytune_it.plan.render import SURVEY_COLUMNS, markdown_table, survey_rows
+from raytune_it.run_files import read_json_object
 from raytune_it.storage import Location, as_location
 from raytune_it.train.summary import method_label
 from raytune_it.tune.layout import trial_dir
@@ -33,36 +33,8 @@ REQUIRED = ("stats.json", "plan.json", "sweep/results.csv", "sweep/best/best.jso
 DAMAGED = "the run folder was changed, or written by another version of raytune-it: run 'raytune-it run' again"
 
 
-class _FileObject(dict):
-    """A JSON object of a run file that, asked for a key it lacks, names the file and the key."""
-
-    source = ""
-
-    def __missing__(self, key: str) -> Any:
-        raise UserError(f"{self.source}: no {key!r}, which the report needs; {DAMAGED}")
-
-
 def _load(run_dir: Location, name: str) -> Any:
-    file = run_dir / name
-    source = file.uri
-
-    def as_object(pairs: list[tuple[str, Any]]) -> _FileObject:
-        value = _FileObject(pairs)
-        value.source = source
-        return value
-
-    try:
-        value = json.loads(file.read_text(), object_pairs_hook=as_object)
-    except FileNotFoundError:
-        raise UserError(f"{source}: missing; {DAMAGED}") from None
-    except OSError as exc:
-        raise UserError(f"{source}: cannot read it ({exc.strerror or exc}); {DAMAGED}") from None
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
-        raise UserError(f"{source}: not valid JSON ({exc}); {DAMAGED}") from None
-    if not isinstance(value, dict):
-        kind = {list: "an array", str: "a string", type(None): "null"}.get(type(value), "a number")
-        raise UserError(f"{source}: holds {kind}, not the JSON object the report needs; {DAMAGED}")
-    return value
+    return read_json_object(run_dir / name, DAMAGED)
 
 
 def collect(run_dir: Location) -> dict[str, Any]:
@@ -77,13 +49,20 @@ def collect(run_dir: Location) -> dict[str, Any]:
         "plan": _load(run_dir, "plan.json"),
         "sweep": _load_csv(run_dir / "sweep" / "results.csv"),
         "best": best,
-        "lora": _load(trial_dir(run_dir / "sweep", best["trial"]), "summary.json"),
+        "lora": _load(trial_dir(run_dir / "sweep", _trial_number(best)), "summary.json"),
         "full": _load(run_dir, "full/summary.json"),
         "serve": _load(run_dir, "serve.json"),
         "eval": _load(run_dir, "eval/eval.json"),
         "stages": _load(run_dir, "stages.json"),
         "plots": [name for name in (run_dir / "sweep").listdir() if name.endswith(".png")],
     }
+
+
+def _trial_number(best: Any) -> int:
+    trial = best["trial"]
+    if isinstance(trial, bool) or not isinstance(trial, int) or trial < 0:
+        raise UserError(f"{best.source}: trial is {trial!r}, not a trial number; {DAMAGED}")
+    return trial
 
 
 def _load_csv(file: Location) -> Any:

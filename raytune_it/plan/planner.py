@@ -25,7 +25,6 @@ Every number is derived, and every assumption is a named input:
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
@@ -294,23 +293,27 @@ def plan(workload: Workload) -> Plan:
     return result
 
 
+CALIBRATE_HINT = "point {flag} at a finished run folder whose files are whole"
+
+
 def measured_throughput(run_dir: str) -> tuple[float, str]:
     """The model FLOP/s per device a finished run sustained (its summary.json), and where it came from.
 
     ``run_dir`` is a local run folder or its storage URI."""
     from raytune_it.config.loading import load_run_config
     from raytune_it.plan.memory import shape_of_config
+    from raytune_it.run_files import read_json_object
     from raytune_it.storage import as_location
 
     folder = as_location(run_dir, "--calibrate")
     if not (folder / "summary.json").is_file():
         raise UserError(f"--calibrate {run_dir}: no summary.json there; point it at a finished run folder "
                                 "(run.storage/run.name)")
-    summary = json.loads((folder / "summary.json").read_text())
+    summary = read_json_object(folder / "summary.json", CALIBRATE_HINT.format(flag="--calibrate"))
     config = load_run_config(folder / "config.yaml")
     shape = shape_of_config(config)
     measured = (flops_per_token(shape, config.method, config.gradient_checkpointing)
-                * summary["tokens_per_second"] / summary["num_workers"])
+                * summary.positive_number("tokens_per_second") / summary.positive_number("num_workers"))
     return measured, (f"{run_dir} ({config.method} on {summary['num_workers']} {summary.get('device', '?')} "
                       f"worker(s), server type {summary.get('server_type')}: {measured / 1e12:.4g} TFLOP/s per device)")
 
@@ -321,6 +324,7 @@ def measured_engine_efficiency(run_dir: str) -> tuple[dict[str, float], str]:
     server type the run served on (its ``scaling.server_type``)."""
     from raytune_it.config.loading import load_run_config
     from raytune_it.plan.memory import shape_of_config
+    from raytune_it.run_files import RunFileObject, read_json_object
     from raytune_it.storage import as_location
 
     folder = as_location(run_dir, "--calibrate-inference")
@@ -335,11 +339,13 @@ def measured_engine_efficiency(run_dir: str) -> tuple[dict[str, float], str]:
     server = SERVER_TYPES[config.scaling.server_type]
     shape = shape_of_config(config)
     bound = server.memory_bandwidth / (2 * shape.parameters)  # the base model, 16-bit, one GPU
-    served = json.loads((folder / "serve.json").read_text())
+    served = read_json_object(folder / "serve.json", CALIBRATE_HINT.format(flag="--calibrate-inference"))
     shares: dict[str, list[float]] = {}
     for item in served.values():
-        if item.get("adapter") is None and item.get("engine") and item.get("tokens_per_second"):
-            shares.setdefault(item["engine"], []).append(item["tokens_per_second"] / bound)
+        if not isinstance(item, RunFileObject):
+            raise UserError(f"{served.source}: holds {item!r} where a model's measurement belongs; {served.hint}")
+        if item.get("adapter") is None and isinstance(item.get("engine"), str) and item.get("tokens_per_second"):
+            shares.setdefault(item["engine"], []).append(item.positive_number("tokens_per_second") / bound)
     if not shares:
         raise UserError(f"--calibrate-inference {run_dir}: serve.json has no base-model measurement")
     measured = {engine: float(f"{sum(values) / len(values):.4g}") for engine, values in shares.items()}
