@@ -363,3 +363,17 @@ def test_the_judge_asks_the_served_model_in_both_orders_and_counts_what_it_canno
     monkeypatch.setenv("JUDGE_KEY", "wrong")
     with pytest.raises(UserError, match="answered 401"):
         judge_effects(judge, outcome, answers, Console(file=io.StringIO()))
+    # eval checks all of it before it trains or scores anything, so that no judge problem comes after the work
+    from raytune_it.errors import ConfigError
+    from raytune_it.evaluation.judge import check_judge
+
+    monkeypatch.setenv("JUDGE_KEY", API_KEY)
+    check_judge(judge)
+    for problem, changed in (("is not served at", {"model": "gpt-4o"}),
+                             ("cannot reach http://127.0.0.1:1/v1", {"url": "http://127.0.0.1:1/v1"}),
+                             ("the environment variable NO_SUCH_KEY is not set", {"api_key_env": "NO_SUCH_KEY"})):
+        with pytest.raises(ConfigError, match=problem):
+            check_judge(judge.model_copy(update=changed))
+    monkeypatch.setenv("JUDGE_KEY", "wrong")
+    with pytest.raises(ConfigError, match="refused the key \\(401\\)"):
+        check_judge(judge)

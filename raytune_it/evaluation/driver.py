@@ -141,6 +141,10 @@ def evaluate(config: JobConfig, console: Any = None, models: dict[str, str] | No
     console = console or Console()
     folder = folder or run_dir_of(config) / "eval"
     check_writable(folder)  # unreachable, missing bucket, no permission: now, not after training adapters
+    if config.eval.judge is not None:
+        from raytune_it.evaluation.judge import check_judge
+
+        check_judge(config.eval.judge)  # its key, its endpoint and its model: now, not after the scores
     given = dict(config.eval.models, **(models or {}))
     # No model is scored on an example it was tuned on: the examples of every evaluated model's training
     # data are left out, so every model is scored on the same unseen examples.
@@ -183,11 +187,12 @@ def evaluate(config: JobConfig, console: Any = None, models: dict[str, str] | No
         "eval_set": sets,
         "effects": [e.to_dict() for e in effects],
     }
+    (folder / "eval.json").write_text(json.dumps(outcome, indent=2))  # kept, whatever the judge does next
     if config.eval.judge is not None:
         from raytune_it.evaluation.judge import judge_effects
 
         outcome["judge"] = judge_effects(config.eval.judge, outcome, answers, console)
-    (folder / "eval.json").write_text(json.dumps(outcome, indent=2))
+        (folder / "eval.json").write_text(json.dumps(outcome, indent=2))
     print_eval(outcome, console)
     console.print(f"eval results: {(folder / 'eval.json').uri}", markup=False, highlight=False)
     return outcome

@@ -27,16 +27,50 @@ def parse_verdict(text: str) -> str | None:
     return None if match is None else {"a": "A", "b": "B", "tie": "tie"}[match.group(1).lower()]
 
 
+def _headers(judge: Any) -> dict[str, str]:
+    from raytune_it.errors import ConfigError
+
+    if not judge.api_key_env:
+        return {}
+    key = os.environ.get(judge.api_key_env)
+    if not key:
+        raise ConfigError(f"eval.judge.api_key_env: the environment variable {judge.api_key_env} is not set; set it "
+                          "to the judge endpoint's API key, or leave api_key_env out for an endpoint without one")
+    return {"Authorization": f"Bearer {key}"}
+
+
+def check_judge(judge: Any) -> None:
+    """Before any adapter is trained or any answer scored: the judge's key is set, its endpoint answers and
+    accepts the key, and it serves ``judge.model`` (where it lists its models, as OpenAI's API does)."""
+    import httpx
+
+    from raytune_it.errors import ConfigError
+
+    try:
+        response = httpx.get(f"{judge.url}/models", headers=_headers(judge), timeout=judge.timeout_s)
+    except httpx.HTTPError as exc:
+        raise ConfigError(f"eval.judge.url: cannot reach {judge.url} ({type(exc).__name__}: {exc}); start the "
+                          "judge's endpoint, or fix the URL") from None
+    if response.status_code in (401, 403):
+        raise ConfigError(f"eval.judge: {judge.url} refused the key ({response.status_code}); check "
+                          "eval.judge.api_key_env")
+    try:
+        served = [item["id"] for item in response.json()["data"]] if response.status_code == 200 else None
+    except (ValueError, KeyError, TypeError):
+        served = None  # an endpoint without OpenAI's model list: the first verdict tells
+    if served is not None and judge.model not in served:
+        raise ConfigError(f"eval.judge.model: {judge.model!r} is not served at {judge.url}; it serves: "
+                          f"{', '.join(map(str, served)) or 'nothing'}")
+
+
 def judge_effects(judge: Any, outcome: dict[str, Any], answers: dict[str, dict[str, list[str]]],
                   console: Any) -> list[dict[str, Any]]:
     """For each effect: the judge's wins, losses, ties and unparseable verdicts for its model against its
     baseline, over up to ``judge.max_examples`` examples of its families, each judged in both orders."""
     import httpx
 
-    key = os.environ.get(judge.api_key_env) if judge.api_key_env else None
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
     results = []
-    with httpx.Client(base_url=judge.url, headers=headers, timeout=judge.timeout_s) as client:
+    with httpx.Client(base_url=judge.url, headers=_headers(judge), timeout=judge.timeout_s) as client:
         for item in outcome["effects"]:
             counts = {"wins": 0, "losses": 0, "ties": 0, "unparseable": 0}
             pairs = [(outcome["eval_set"][family][i], answers[item["model"]][family][i],
@@ -69,14 +103,24 @@ def _ask(client: Any, model: str, record: dict, a: str, b: str) -> str:
     context = f"Input: {question['input']}\n" if question["input"] else ""
     prompt = PROMPT.format(prompt=question["prompt"], context=context, reference=split_reference(record)[1] or "-",
                            a=a or "(empty)", b=b or "(empty)")
-    response = client.post("/chat/completions", json={
-        "model": model, "messages": [{"role": "user", "content": prompt}], "temperature": 0, "max_tokens": 4})
+    import httpx
+
+    try:
+        response = client.post("/chat/completions", json={
+            "model": model, "messages": [{"role": "user", "content": prompt}], "temperature": 0, "max_tokens": 4})
+    except httpx.TimeoutException:
+        return ""  # counted as unparseable: a judge too slow once has given no verdict
+    except httpx.HTTPError as exc:
+        raise UserError(f"eval.judge: lost {judge_url(client)} ({type(exc).__name__}: {exc})") from None
     if response.status_code in (401, 403, 404):
         raise UserError(f"eval.judge: {judge_url(client)} answered {response.status_code}: "
                         f"{response.text[:200]} (check eval.judge.model and eval.judge.api_key_env)")
     if response.status_code != 200:
         return ""  # counted as unparseable: a judge that failed once has given no verdict
-    return str(response.json()["choices"][0]["message"].get("content") or "")
+    try:
+        return str(response.json()["choices"][0]["message"].get("content") or "")
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return ""  # a reply that is not OpenAI's shape: no verdict either
 
 
 def judge_url(client: Any) -> str:
