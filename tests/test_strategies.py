@@ -197,11 +197,13 @@ def test_a_loss_the_run_cannot_use_is_refused_before_ray_starts(tmp_path, tiny_m
     from raytune_it.errors import ConfigError
     from raytune_it.train.preflight import preflight
 
-    gpt2 = tmp_path / "gpt2-shaped"
+    gpt2 = tmp_path / "gpt2-shaped"  # a config.json alone, all the meta model needs (no weights: no path check)
     GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64).save_pretrained(gpt2)
     with pytest.raises(ConfigError, match=r"train.loss_implementation=chunked: .*GPT2LMHeadModel.*auto or full"):
-        preflight(load_config("tiny-full", [f"model.name_or_path={gpt2}", "train.loss_implementation=chunked"]))
-    preflight(load_config("tiny-full", [f"model.name_or_path={gpt2}", "train.loss_implementation=auto"]))
+        preflight(load_config("tiny-full", [f"model.name_or_path={gpt2}", "train.loss_implementation=chunked"],
+                              check_paths=False))
+    preflight(load_config("tiny-full", [f"model.name_or_path={gpt2}", "train.loss_implementation=auto"],
+                          check_paths=False))
     with pytest.raises(ConfigError, match=r"loss_implementation=liger: .*method=lora, scaling.use_gpu=false"):
         preflight(load_config("tiny-lora", ["train.loss_implementation=liger"]))
     with pytest.raises(ConfigError, match=r"loss_implementation=liger: .*method=full, scaling.use_gpu=true"):
