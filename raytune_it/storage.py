@@ -21,6 +21,7 @@ fetch a folder into the local cache check the manifest's file sizes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -28,7 +29,6 @@ import re
 import shutil
 import time
 import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -183,13 +183,19 @@ class Location:
     def mkdir(self) -> None:
         self.filesystem.create_dir(self.path, recursive=True)
 
-    @contextmanager
+    @contextlib.contextmanager
     def writer(self) -> Iterator[Any]:
         """A binary stream that lands whole or not at all: a local file is written beside the target and
-        renamed into place (and removed if writing fails); an object store's upload lands on close."""
+        renamed into place (and removed if writing fails); an object store's upload lands on close (pyarrow
+        completes it even when the writing failed, so the object is then deleted)."""
         if not self.is_local:
-            with self.filesystem.open_output_stream(self.path) as handle:
-                yield handle
+            try:
+                with self.filesystem.open_output_stream(self.path) as handle:
+                    yield handle
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    self.filesystem.delete_file(self.path)
+                raise
             return
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         staging = f"{self.path}.partial-{uuid.uuid4().hex[:8]}"

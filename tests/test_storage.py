@@ -176,12 +176,12 @@ def test_storage_without_write_permission_is_refused_before_launch(monkeypatch):
         server.wait(timeout=30)
 
 
-def test_a_local_write_that_fails_midway_leaves_neither_the_target_nor_a_staging_file(tmp_path):
-    target = local(tmp_path / "out.jsonl")
-    with pytest.raises(RuntimeError, match="midway"):
-        with target.writer() as handle:
-            handle.write(b"half a record")
-            raise RuntimeError("midway")
-    assert list(tmp_path.iterdir()) == []
-    target.write_bytes(b"whole\n")
-    assert (tmp_path / "out.jsonl").read_bytes() == b"whole\n" and len(list(tmp_path.iterdir())) == 1
+def test_a_write_that_fails_midway_leaves_neither_the_target_nor_a_staging_file(tmp_path, s3_storage):
+    for target in (local(tmp_path / "out.jsonl"), open_location(s3_storage) / "out.jsonl"):
+        with pytest.raises(RuntimeError, match="midway"):
+            with target.writer() as handle:
+                handle.write(b"half a record")
+                raise RuntimeError("midway")
+        assert not target.exists() and not target.parent.listdir()
+        target.write_bytes(b"whole\n")
+        assert target.read_bytes() == b"whole\n" and target.parent.listdir() == ["out.jsonl"]

@@ -55,7 +55,8 @@ def _builtin_file(data: DataSection) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
         if not target.exists():
-            write_jsonl(generate(data.builtin_records, seed=0, families=families), target)
+            write_jsonl(generate(data.builtin_records, seed=0, families=families), target,
+                        key="the data cache (RAYTUNE_IT_CACHE)")
     return target
 
 

@@ -19,7 +19,7 @@ from raytune_it.evaluation.driver import family_rows
 from raytune_it.plan.planner import Plan
 from raytune_it.plan.render import SURVEY_COLUMNS, markdown_table, survey_rows
 from raytune_it.run_files import read_json_object
-from raytune_it.storage import Location, as_location
+from raytune_it.storage import Location, as_location, redact_uri
 from raytune_it.train.summary import method_label
 from raytune_it.tune.layout import trial_dir
 
@@ -71,9 +71,9 @@ def _load_csv(file: Location) -> Any:
     try:
         frame = pd.read_csv(io.StringIO(file.read_text()))
     except (OSError, ValueError) as exc:  # pandas' ParserError and EmptyDataError are ValueErrors
-        raise UserError(f"{file.uri}: not a readable CSV table ({exc}); {DAMAGED}") from None
+        raise UserError(f"{redact_uri(file.uri)}: not a readable CSV table ({exc}); {DAMAGED}") from None
     if "trial" not in frame.columns:
-        raise UserError(f"{file.uri}: no 'trial' column, which the report needs; {DAMAGED}")
+        raise UserError(f"{redact_uri(file.uri)}: no 'trial' column, which the report needs; {DAMAGED}")
     return frame
 
 
@@ -211,7 +211,7 @@ def write_report(run_dir: "str | Location") -> tuple[Location, Location]:
     try:
         texts = render_markdown(data), render_html(data)
     except (TypeError, ValueError, IndexError, AttributeError) as exc:  # a value of the wrong kind in a file
-        raise UserError(f"{run_dir.uri}: a file of the run holds a value the report cannot use "
+        raise UserError(f"{redact_uri(run_dir.uri)}: a file of the run holds a value the report cannot use "
                         f"({type(exc).__name__}: {exc}); {DAMAGED}") from None
     markdown, page = run_dir / "report.md", run_dir / "report.html"
     markdown.write_text(texts[0])

@@ -96,6 +96,8 @@ def judge_effects(judge: Any, outcome: dict[str, Any], answers: dict[str, dict[s
 
 
 def _ask(client: Any, model: str, record: dict, a: str, b: str) -> str:
+    import httpx
+
     from raytune_it.data.prompt_format import split_reference
     from raytune_it.errors import UserError
 
@@ -103,8 +105,6 @@ def _ask(client: Any, model: str, record: dict, a: str, b: str) -> str:
     context = f"Input: {question['input']}\n" if question["input"] else ""
     prompt = PROMPT.format(prompt=question["prompt"], context=context, reference=split_reference(record)[1] or "-",
                            a=a or "(empty)", b=b or "(empty)")
-    import httpx
-
     try:
         response = client.post("/chat/completions", json={
             "model": model, "messages": [{"role": "user", "content": prompt}], "temperature": 0, "max_tokens": 4})

@@ -164,13 +164,14 @@ def generate(config: JobConfig, console: Any = None) -> GenerateSummary:
     for block, records in input_blocks(config):  # read and checked before Ray starts
         blocks += 1
         input_rows += len(records)
-        payload = json.dumps(records, ensure_ascii=False)
-        for record in records:  # record by record: the same data cut into other blocks has the same digest
-            digest.update(json.dumps(record, ensure_ascii=False).encode() + b"\0")
+        texts = [json.dumps(record, ensure_ascii=False) for record in records]
+        payload = "[" + ", ".join(texts) + "]"  # json.dumps(records), each record encoded once
+        for text in texts:  # record by record: the same data cut into other blocks has the same digest
+            digest.update(text.encode() + b"\0")
         work += [{"block": block, "model": name, "records": payload, "rows": len(records)}
                  for name in models if block not in done[name]]
-    for name, path in models.items():  # refused now if the blocks there are another job's
-        check_same_job(output / name, job_inputs(config, path, digest.hexdigest()), len(done[name]))
+    for name, inputs in job_inputs(config, models, digest.hexdigest()).items():  # another job's blocks: refused
+        check_same_job(output / name, inputs, len(done[name]))
     skipped = blocks * len(models) - len(work)
     if skipped:
         console.print(f"generate: {skipped} of {blocks * len(models)} blocks already written in {output.uri}; "

@@ -19,25 +19,26 @@ from raytune_it.storage import Location, redact_uri
 JOB_FILE = "job.json"
 
 
-def job_inputs(config: JobConfig, model_path: str, records_digest: str) -> dict[str, Any]:
-    """Everything that decides the rows of one model's blocks, and nothing that does not (the output format
-    names the files; actors and batch sizes do not change an answer). The data is the digest of the records
-    as read (``records_digest``), so a file copied or touched again is the same data, and one with a record
-    changed, added, skipped or cut off by data.max_records is not."""
+def job_inputs(config: JobConfig, models: dict[str, str], records_digest: str) -> dict[str, dict[str, Any]]:
+    """For each model (name -> path): everything that decides the rows of its blocks, and nothing that does
+    not (the output format names the files; actors and batch sizes do not change an answer). The data is the
+    digest of the records as read (``records_digest``), so a file copied or touched again is the same data,
+    and one with a record changed, added, skipped or cut off by data.max_records is not."""
     from raytune_it.data.stamps import model_stamp
 
     data, section = config.data, config.generate
-    inputs: dict[str, Any] = {
+    shared: dict[str, Any] = {
         "data.records": records_digest,
         "data.format": data.format, "data.template": data.template,
         "generate.block_rows": section.block_rows, "generate.max_new_tokens": section.max_new_tokens,
         "generate.temperature": section.temperature, "generate.top_p": section.top_p, "generate.seed": section.seed,
         "serve.engine": config.serve.engine, "serve.max_model_len": config.serve.max_model_len,
-        "model": model_stamp(model_path, config.model.revision),
         # an adapter runs on the base model, and a model's prompt format may come from the run's tokenizer
         "model.name_or_path": model_stamp(config.model.name_or_path, config.model.revision),
     }
-    return json.loads(json.dumps(inputs))  # as read back from job.json: lists, not tuples
+    # as read back from job.json: lists, not tuples
+    return {name: json.loads(json.dumps({**shared, "model": model_stamp(path, config.model.revision)}))
+            for name, path in models.items()}
 
 
 def check_same_job(folder: Location, inputs: dict[str, Any], blocks_written: int) -> None:

@@ -36,6 +36,8 @@ from raytune_it.storage import (
 )
 
 ADAPTER_NAME = SAFE_NAME  # the names a config may give adapters: one rule for config and HTTP
+
+
 def check_adapter_dir(name: str, path: str) -> None:
     """On the driver, before any replica starts: the adapter folder exists, locally or in storage
     (listed, not downloaded), and holds safetensors weights."""
